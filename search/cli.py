@@ -1,0 +1,150 @@
+"""The ``ragsweep`` command line. Flags and environment variables are read here and nowhere else.
+
+Every command catches :class:`RagsweepError` once, prints one line saying what is wrong and how to
+fix it, and exits with code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from trainers.config import METHODS
+from trainers.errors import RagsweepError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Hyperparameter search for fine-tuning RAG pipelines.",
+)
+_console = Console()
+_errors = Console(stderr=True)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@app.callback()
+def _root() -> None:
+    """Hyperparameter search for fine-tuning RAG pipelines."""
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("RAGSWEEP_CACHE", Path.home() / ".cache" / "ragsweep"))
+
+
+def _one_line_errors(command: Callable[_P, _R]) -> Callable[_P, _R]:
+    @wraps(command)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return command(*args, **kwargs)
+        except RagsweepError as e:
+            if "--debug" in sys.argv:
+                raise
+            _errors.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    # Library progress bars and advice drown the one line a user needs; --debug keeps them.
+    if "--debug" in sys.argv:
+        return
+    import logging
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command()
+@_one_line_errors
+def train(
+    spec: Annotated[Path, typer.Option("--spec", help="Study spec YAML (studies/demo.yaml).")],
+    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")],
+    lr_embedder: Annotated[
+        float | None, typer.Option("--lr-embedder", help="Embedder learning rate.")
+    ] = None,
+    lr_generator: Annotated[
+        float | None, typer.Option("--lr-generator", help="Generator learning rate.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Trial seed (default: the spec's).")
+    ] = None,
+    data_path: Annotated[
+        str | None, typer.Option("--data-path", help="Override data.path (a local file).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Save trained models and trial.json here.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print metrics and record as JSON.")
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks and library logs.")
+    ] = False,
+) -> None:
+    """Run one trial in this process and print its metrics."""
+    from search.spec import load_spec, trial_config
+
+    if method not in METHODS:
+        raise _bad_choice("--method", method, METHODS)
+    study = load_spec(spec, {"data.path": data_path} if data_path else None)
+    config = trial_config(
+        study, method, lr_embedder=lr_embedder, lr_generator=lr_generator, seed=seed
+    )
+    _quiet_libraries()
+    from trainers import run_trial
+
+    result = run_trial(config, cache_dir=_cache_dir(), out_dir=out)
+    if as_json:
+        print(json.dumps({"metrics": result.metrics, "record": result.record}, indent=2))
+        return
+    _console.print(_metrics_table(method, result.metrics))
+
+
+def _bad_choice(option: str, value: str, choices: tuple[str, ...]) -> RagsweepError:
+    from trainers.errors import ConfigError
+
+    return ConfigError(f"{option} '{value}' is not one of: {', '.join(choices)}")
+
+
+def _metrics_table(method: str, metrics: dict[str, float]) -> Table:
+    table = Table(title=f"trial: {method}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    headline = [
+        "em",
+        "f1",
+        "recall_at_k",
+        "wall_s",
+        "train_wall_s",
+        "device_s",
+        "tokens",
+        "flops",
+        "peak_mem_mb",
+        "index_build_s",
+        "index_cache_hit",
+    ]
+    for key in headline + sorted(k for k in metrics if "." in k):
+        if key in metrics:
+            value = metrics[key]
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    return table
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

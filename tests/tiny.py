@@ -1,0 +1,35 @@
+"""Tiny trial configurations: random few-layer models and a small generated dataset, for fast tests."""
+
+from __future__ import annotations
+
+from trainers.config import (
+    DataConfig,
+    GeneratedDataConfig,
+    ModelsConfig,
+    TrainingConfig,
+    TrialConfig,
+)
+
+TINY_DATA = DataConfig(n_train=16, n_validation=8, generated=GeneratedDataConfig(n_entities=12))
+TINY_MODELS = ModelsConfig(embedder="tiny", generator="tiny")
+TINY_TRAINING = TrainingConfig(
+    batch_size_embedder=4,
+    batch_size_generator=4,
+    k=3,
+    max_doc_tokens=32,
+    max_new_tokens=4,
+    precision="fp32",  # exact comparisons; the real-model tests run with "auto"
+    eval_batch_size=8,
+)
+
+
+def tiny_config(method: str, **overrides) -> TrialConfig:
+    fields = dict(
+        method=method,
+        lr_embedder=1e-3,
+        lr_generator=1e-3,
+        data=TINY_DATA,
+        models=TINY_MODELS,
+        training=TINY_TRAINING,
+    )
+    return TrialConfig(**(fields | overrides))

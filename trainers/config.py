@@ -1,0 +1,122 @@
+"""The resolved configuration of one trial: data, models, training and the two learning rates.
+
+These models are the single source of truth for a trial. ``search`` builds them from a study spec;
+``TrialConfig.model_dump(mode="json")`` is what is stored with every trial and what ``reproduce``
+reads back.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+Method = Literal[
+    "none", "ft_embed", "ft_gen", "independent", "two_phase", "rag_token", "rag_sequence"
+]
+METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
+
+# The paper's prompt (section 4): an instruction, then Context / Question / Answer sections.
+PAPER_PROMPT = (
+    "You are a helpful general knowledge expert. Answer the question using the context. "
+    "Reply with the answer only.\n"
+    "### Context:\n{context}\n"
+    "### Question:\n{question}\n"
+    "### Answer:\n"
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GeneratedDataConfig(_Strict):
+    """Sizes of the built-in fictional encyclopedia (see ``trainers.data``)."""
+
+    n_entities: PositiveInt = 120
+    two_hop_fraction: float = Field(0.4, ge=0.0, le=1.0)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    """Where questions and the retrieval corpus come from, and how they are split."""
+
+    source: Literal["generated", "popqa", "hotpotqa", "jsonl"] = "generated"
+    path: str | None = None  # a local file; wins over hub_name
+    hub_name: str | None = None  # a Hugging Face hub dataset (needs the hub)
+    hub_split: str | None = None  # None: the source's usual split
+    corpus_path: str | None = None  # canonical corpus JSONL: required for jsonl; for popqa/hotpotqa
+    # it replaces the questions' own paragraphs (gold documents are then matched by title)
+    n_train: PositiveInt | None = 96  # None: all that remain after validation
+    n_validation: PositiveInt = 48
+    split_seed: int = 0
+    generated: GeneratedDataConfig = GeneratedDataConfig()
+
+    @model_validator(mode="after")
+    def _needs_a_location(self) -> DataConfig:
+        if self.source == "jsonl" and not (self.path and self.corpus_path):
+            raise ValueError("data.source 'jsonl' needs data.path and data.corpus_path")
+        if self.source in ("popqa", "hotpotqa") and not (self.path or self.hub_name):
+            raise ValueError(f"data.source '{self.source}' needs data.path or data.hub_name")
+        return self
+
+
+class ModelsConfig(_Strict):
+    """The embedder E and generator G: a built-in alias, a Hugging Face id or a local path."""
+
+    embedder: str = "minilm"
+    generator: str = "smollm2-135m"
+    generator_finetune: Literal["lora", "qlora", "full"] = "lora"
+    lora_rank: PositiveInt = 16  # the paper's QLoRA rank
+    lora_alpha: PositiveInt = 32
+    # 0 by default: peft materialises a dropped-out copy of every adapter input, which doubles a
+    # CPU training step (measured: 15 s -> 8 s for SmolLM2 at batch 8); raise it for large models.
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainingConfig(_Strict):
+    """Everything about how a phase trains and how a trial is evaluated."""
+
+    epochs: PositiveInt = 1  # the paper: 1 epoch per model (per phase for two_phase)
+    batch_size_embedder: PositiveInt = 8  # the paper's MNRL batch size
+    batch_size_generator: PositiveInt = 8
+    k: PositiveInt = 5  # documents retrieved per question
+    retrieval_temperature: PositiveFloat = 0.05  # unit-norm vectors: scores are cosines
+    mnrl_scale: PositiveFloat = 20.0
+    ft_gen_objective: Literal["nll_concat", "rag_token"] = "nll_concat"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: PositiveFloat = 1.0
+    max_question_tokens: PositiveInt = 64
+    max_doc_tokens: PositiveInt = 96  # per retrieved passage, in generator tokens
+    max_answer_tokens: PositiveInt = 24
+    max_new_tokens: PositiveInt = 16
+    embedder_max_length: PositiveInt = 128  # passage truncation when building the index
+    eval_batch_size: PositiveInt = 16
+    prompt_template: str = PAPER_PROMPT
+    precision: Literal["auto", "fp32", "bf16"] = (
+        "auto"  # auto: bf16 autocast where native, else fp32
+    )
+    device: str = "auto"  # auto: cuda when present, else cpu
+
+    @model_validator(mode="after")
+    def _template_has_fields(self) -> TrainingConfig:
+        for field in ("{context}", "{question}"):
+            if field not in self.prompt_template:
+                raise ValueError(f"training.prompt_template must contain {field}")
+        return self
+
+
+class TrialConfig(_Strict):
+    """One trial: a method, its two learning rates, a seed, and the settings above."""
+
+    method: Method
+    lr_embedder: PositiveFloat | None = None
+    lr_generator: PositiveFloat | None = None
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    models: ModelsConfig = ModelsConfig()
+    training: TrainingConfig = TrainingConfig()
+    # Phase name -> checkpoint folder of an earlier run: the phase is not run, its output is loaded
+    # (independent reuses ft_embed's and ft_gen's models; two_phase reuses ft_gen as phase 1).
+    reuse: dict[str, str] = Field(default_factory=dict)

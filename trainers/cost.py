@@ -1,0 +1,107 @@
+"""Compute cost of a trial, per phase and in total.
+
+FLOPs are analytic, from parameter counts (the usual 2·N per token forward):
+- a forward pass through a model of N parameters costs 2·N·tokens;
+- full training adds the backward pass, 4·N·tokens (gradients for activations and weights);
+- LoRA training backpropagates through every frozen layer to reach the adapters (2·N·tokens for
+  activation gradients) but computes weight gradients only for the N_trainable adapter weights;
+- a frozen model whose outputs carry no gradient costs its forward only.
+N counts all parameters, embeddings included; attention-score FLOPs (which grow with the square of
+the sequence length) are left out, so figures are a slight undercount for long prompts.
+
+Device-seconds are accelerator-seconds on GPU (wall time x devices used) and CPU-seconds of the
+process (all threads) on CPU. Peak memory is the CUDA allocator's peak during the phase on GPU and
+the process's peak resident set so far on CPU (the OS keeps one high-water mark per process).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+__all__ = ["PhaseCost", "CostMeter", "forward_flops", "training_flops"]
+
+
+def forward_flops(n_params: int, tokens: int) -> int:
+    """FLOPs of a forward pass over ``tokens`` tokens."""
+    return 2 * n_params * tokens
+
+
+def training_flops(n_params: int, n_trainable: int, tokens: int) -> int:
+    """FLOPs of forward + backward when ``n_trainable`` of ``n_params`` weights are trained."""
+    if n_trainable == 0:
+        return forward_flops(n_params, tokens)
+    activation_grads = 2 * n_params * tokens
+    weight_grads = 2 * n_trainable * tokens
+    return forward_flops(n_params, tokens) + activation_grads + weight_grads
+
+
+@dataclass
+class PhaseCost:
+    """What one phase (index build, a training phase, evaluation) cost."""
+
+    name: str
+    wall_s: float = 0.0
+    device_s: float = 0.0
+    tokens: int = 0
+    flops: int = 0
+    peak_mem_mb: float = 0.0
+    steps: int = 0
+
+
+@dataclass
+class CostMeter:
+    """Collects a :class:`PhaseCost` for each phase run inside :meth:`phase`."""
+
+    device: torch.device
+    phases: list[PhaseCost] = field(default_factory=list)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[PhaseCost]:
+        """Time a phase; the body adds tokens, FLOPs and steps to the yielded record."""
+        cost = PhaseCost(name)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
+        try:
+            yield cost
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            cost.wall_s = time.perf_counter() - wall_start
+            cost.device_s = (
+                cost.wall_s if self.device.type == "cuda" else time.process_time() - cpu_start
+            )
+            cost.peak_mem_mb = _peak_memory_mb(self.device)
+            self.phases.append(cost)
+
+    def metrics(self, training_phases: set[str]) -> dict[str, float]:
+        """Flat metrics: totals, training-only totals, and ``<phase>.<figure>`` for each phase."""
+        metrics: dict[str, float] = {}
+        for figure in ("wall_s", "device_s", "tokens", "flops", "steps"):
+            metrics[figure] = sum(getattr(cost, figure) for cost in self.phases)
+            metrics[f"train_{figure}"] = sum(
+                getattr(cost, figure) for cost in self.phases if cost.name in training_phases
+            )
+        metrics["peak_mem_mb"] = max((cost.peak_mem_mb for cost in self.phases), default=0.0)
+        for cost in self.phases:
+            for figure, value in asdict(cost).items():
+                if figure != "name":
+                    metrics[f"{cost.name}.{figure}"] = value
+        return metrics
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (
+        peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    )  # bytes on macOS, KiB on Linux

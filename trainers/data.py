@@ -1,0 +1,464 @@
+"""Questions and the retrieval corpus in one canonical schema, split and fingerprinted.
+
+Every source becomes the same three things: documents ``{id, title, text}``, questions ``{id,
+question, answers, gold_doc_ids}`` (the first answer is the training target, the rest aliases;
+``gold_doc_ids`` are the context labels, empty when a question has none), and a deterministic
+train/validation split. Sources:
+
+- ``generated``: the built-in fictional encyclopedia (:mod:`trainers._generated`);
+- ``popqa``: ``akariasai/PopQA`` from the hub or a local file with its columns; passages come from a
+  ``paragraphs`` column (local subsets such as HippoRAG's) or from ``data.corpus_path``, where the
+  gold documents are those titled like the question's ``s_wiki_title``;
+- ``hotpotqa``: ``hotpot_qa`` (config "distractor") from the hub or a local copy, or the flattened
+  IRCoT format (``question_text``, ``answers_objects``, ``contexts``); the corpus is every context
+  paragraph, or ``data.corpus_path`` with gold documents titled like a supporting fact;
+- ``jsonl``: the canonical schema itself, ``data.path`` (questions) and ``data.corpus_path``.
+
+Files and hub data sets are read through ``datasets``; every failure is a one-line ``DataError``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets.exceptions import DatasetNotFoundError
+
+from trainers._generated import generate_encyclopedia
+from trainers.config import DataConfig
+from trainers.errors import DataError
+
+__all__ = ["Document", "QARecord", "RagData", "load_data"]
+
+# The split each hub data set is usually evaluated on (data.hub_split overrides it): PopQA has only
+# "test"; HotPotQA's "validation" is the dev set, 7.4k questions, versus 90k in "train".
+_HUB_SPLITS = {"popqa": "test", "hotpotqa": "validation"}
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_Row = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Document:
+    """One retrievable passage."""
+
+    id: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class QARecord:
+    """One question; ``answers[0]`` is the training target, ``gold_doc_ids`` may be empty."""
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    gold_doc_ids: tuple[str, ...]  # () = no context label
+
+
+@dataclass(frozen=True)
+class RagData:
+    """The split questions, the whole corpus, and a fingerprint of both and of the split."""
+
+    train: tuple[QARecord, ...]
+    validation: tuple[QARecord, ...]
+    corpus: tuple[Document, ...]
+    fingerprint: str  # sha256 hex of the canonical content (corpus + all questions) and the split
+    has_context_labels: bool  # every train question has >= 1 gold document in the corpus
+
+    def split_record(self) -> dict[str, object]:
+        """The question ids of each split, stored with a trial so it can be rebuilt exactly."""
+        return {
+            "train_ids": [q.id for q in self.train],
+            "validation_ids": [q.id for q in self.validation],
+        }
+
+
+def load_data(config: DataConfig) -> RagData:
+    """Load ``config.source`` into the canonical schema and split it by ``config.split_seed``."""
+    questions, corpus = _LOADERS[config.source](config)
+    where = _where(config)
+    _check_ids(questions, corpus, where)
+    validation, train = _split(questions, config, where)
+    return RagData(
+        train=train,
+        validation=validation,
+        corpus=corpus,
+        fingerprint=_fingerprint(questions, corpus, train, validation),
+        has_context_labels=bool(train) and all(q.gold_doc_ids for q in train),
+    )
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+def _load_generated(config: DataConfig) -> tuple[list[QARecord], tuple[Document, ...]]:
+    document_rows, question_rows = generate_encyclopedia(config.generated)
+    corpus = tuple(_document(row, "the generated corpus") for row in document_rows)
+    return [_question(row, "the generated data") for row in question_rows], corpus
+
+
+def _load_jsonl(config: DataConfig) -> tuple[list[QARecord], tuple[Document, ...]]:
+    if not (config.path and config.corpus_path):
+        raise DataError("data.source 'jsonl' needs data.path and data.corpus_path: set both")
+    corpus = _read_corpus(config.corpus_path)
+    rows = _read_local(config.path, "data.path", ("id", "question", "answers", "gold_doc_ids"))
+    return [_question(row, f"data.path '{config.path}'") for row in rows], corpus
+
+
+def _load_popqa(config: DataConfig) -> tuple[list[QARecord], tuple[Document, ...]]:
+    rows, where = _read_source(config, ("id", "question", "possible_answers"))
+    has_paragraphs = "paragraphs" in rows.column_names
+    if config.corpus_path:
+        rows = _require(rows, ("s_wiki_title",), where)
+    elif not has_paragraphs:
+        raise DataError(
+            f"{where} has no 'paragraphs' column, so no passages: set data.corpus_path to a corpus "
+            "JSONL of {id, title, text} whose titles match the questions' s_wiki_title"
+        )
+    examples = []
+    for row in rows:
+        paragraphs = (
+            _popqa_paragraphs(row["paragraphs"], row["id"], where) if has_paragraphs else []
+        )
+        examples.append(
+            _Example(
+                id=row["id"],
+                question=row["question"],
+                answers=_popqa_answers(row["possible_answers"], row["id"], where),
+                paragraphs=[
+                    (p["title"], p["text"], bool(p.get("is_supporting"))) for p in paragraphs
+                ],
+                gold_titles=(row.get("s_wiki_title"),),
+            )
+        )
+    return _assemble(examples, config, where)
+
+
+def _load_hotpotqa(config: DataConfig) -> tuple[list[QARecord], tuple[Document, ...]]:
+    rows, where = _read_source(config, ())
+    examples = []
+    if "contexts" in rows.column_names:  # the flattened IRCoT format
+        for row in _require(rows, ("question_id", "question_text", "answers_objects"), where):
+            paragraphs = [
+                (c["title"], c["paragraph_text"], bool(c.get("is_supporting")))
+                for c in row["contexts"]
+            ]
+            examples.append(
+                _Example(
+                    id=row["question_id"],
+                    question=row["question_text"],
+                    answers=[span for answer in row["answers_objects"] for span in answer["spans"]],
+                    paragraphs=paragraphs,
+                    gold_titles=tuple(title for title, _, is_gold in paragraphs if is_gold),
+                )
+            )
+    else:  # the hub's columns
+        required = ("id", "question", "answer", "supporting_facts", "context")
+        for row in _require(rows, required, where):
+            gold_titles = tuple(row["supporting_facts"]["title"])
+            # HotPotQA keeps each sentence's leading space: joined, they read as written.
+            sentences = zip(row["context"]["title"], row["context"]["sentences"], strict=False)
+            examples.append(
+                _Example(
+                    id=row["id"],
+                    question=row["question"],
+                    answers=[row["answer"]],
+                    paragraphs=[
+                        (title, "".join(lines).strip(), title in gold_titles)
+                        for title, lines in sentences
+                    ],
+                    gold_titles=gold_titles,
+                )
+            )
+    return _assemble(examples, config, where)
+
+
+@dataclass(frozen=True)
+class _Example:
+    """A PopQA or HotPotQA question before its passages have ids."""
+
+    id: object
+    question: object
+    answers: object
+    paragraphs: list[tuple[str, str, bool]]  # (title, text, is_gold) shipped with the question
+    gold_titles: tuple[object, ...]  # the gold documents' titles, for a corpus from corpus_path
+
+
+def _assemble(
+    examples: Sequence[_Example], config: DataConfig, where: str
+) -> tuple[list[QARecord], tuple[Document, ...]]:
+    """Questions and corpus: ``data.corpus_path`` with gold documents found by title, else the
+    questions' own paragraphs, deduplicated, with the gold ones as labels."""
+    if config.corpus_path:
+        corpus = _read_corpus(config.corpus_path)
+        by_title: dict[str, list[str]] = {}
+        for document in corpus:
+            by_title.setdefault(document.title, []).append(document.id)
+        return [
+            _question(
+                {
+                    "id": e.id,
+                    "question": e.question,
+                    "answers": e.answers,
+                    "gold_doc_ids": [
+                        doc_id
+                        for title in e.gold_titles
+                        if title is not None
+                        for doc_id in by_title.get(str(title), [])
+                    ],
+                },
+                where,
+            )
+            for e in examples
+        ], corpus
+    documents: dict[tuple[str, str], Document] = {}
+    questions = []
+    for example in examples:
+        gold = []
+        for title, text, is_gold in example.paragraphs:
+            title, text = str(title or ""), str(text or "")
+            if not text.strip():  # an empty paragraph is nothing to retrieve
+                continue
+            if (title, text) not in documents:
+                documents[title, text] = Document(_content_id(title, text), title, text)
+            if is_gold:
+                gold.append(documents[title, text].id)
+        questions.append(
+            _question(
+                {
+                    "id": example.id,
+                    "question": example.question,
+                    "answers": example.answers,
+                    "gold_doc_ids": gold,
+                },
+                where,
+            )
+        )
+    return questions, tuple(documents.values())
+
+
+_LOADERS: dict[str, Callable[[DataConfig], tuple[list[QARecord], tuple[Document, ...]]]] = {
+    "generated": _load_generated,
+    "popqa": _load_popqa,
+    "hotpotqa": _load_hotpotqa,
+    "jsonl": _load_jsonl,
+}
+
+
+def _popqa_paragraphs(value: object, qid: object, where: str) -> list[dict[str, Any]]:
+    # Some PopQA exports store the paragraphs as a Python repr string: parse, never evaluate.
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as e:
+            raise DataError(
+                f"{where}: question {qid} has unreadable 'paragraphs': expected a list "
+                "of {title, text, is_supporting}"
+            ) from e
+    if not isinstance(value, list) or not all(
+        isinstance(p, dict) and {"title", "text"} <= p.keys() for p in value
+    ):
+        raise DataError(
+            f"{where}: question {qid} has malformed 'paragraphs': expected a list of "
+            "{title, text, is_supporting}"
+        )
+    return value
+
+
+def _popqa_answers(answers: object, qid: object, where: str) -> object:
+    if isinstance(answers, str):  # the hub and the HippoRAG subset store a JSON string
+        try:
+            return json.loads(answers)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{where}: question {qid} has 'possible_answers' that is not a JSON list of strings"
+            ) from e
+    return answers
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _where(config: DataConfig) -> str:
+    if config.source == "generated":
+        return "the generated data"
+    if config.path:
+        return f"data.path '{config.path}'"
+    return f"hub data set '{config.hub_name}'"
+
+
+def _read_source(config: DataConfig, required: Sequence[str]) -> tuple[datasets.Dataset, str]:
+    """The rows of ``data.path`` if set (it wins), else of ``data.hub_name``."""
+    if config.path:
+        return _read_local(config.path, "data.path", required), _where(config)
+    if not config.hub_name:
+        raise DataError(f"data.source '{config.source}' needs data.path or data.hub_name: set one")
+    split = config.hub_split or _HUB_SPLITS[config.source]
+    subset = "distractor" if config.source == "hotpotqa" else None
+    rows = _read_hub(config.hub_name, subset, split)
+    return _require(rows, required, _where(config)), _where(config)
+
+
+def _read_local(path: str, field: str, required: Sequence[str]) -> datasets.Dataset:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"{field} '{path}' does not exist or is not a file: fix the path")
+    builder = _LOCAL_BUILDERS.get(file.suffix.lower())
+    if builder is None:
+        raise DataError(
+            f"{field} '{path}' has an unknown format: use a {', '.join(_LOCAL_BUILDERS)} file"
+        )
+    try:
+        rows = datasets.load_dataset(builder, data_files=str(file), split="train")
+    except Exception as e:  # datasets and pyarrow raise many types for one cause: a bad file
+        raise DataError(
+            f"{field} '{path}' cannot be read as {builder} "
+            f"({_first_line(e)}): fix or re-export the file"
+        ) from e
+    return _require(rows, required, f"{field} '{path}'")
+
+
+def _read_hub(hub_name: str, subset: str | None, split: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(hub_name, subset, split=split)
+    except ConnectionError as e:  # offline mode (HF_HUB_OFFLINE=1) and no network both land here
+        raise DataError(
+            f"cannot load dataset '{hub_name}' from the Hugging Face hub (offline or unreachable): "
+            "download it where the hub is reachable, or point data.path at a local copy"
+        ) from e
+    except DatasetNotFoundError as e:
+        raise DataError(
+            f"dataset '{hub_name}' is not on the Hugging Face hub: check "
+            "data.hub_name, or point data.path at a local copy"
+        ) from e
+    except ValueError as e:  # an unknown split or subset name
+        raise DataError(
+            f"cannot load split '{split}' of '{hub_name}' ({_first_line(e)}): check data.hub_split"
+        ) from e
+
+
+def _read_corpus(path: str) -> tuple[Document, ...]:
+    rows = _read_local(path, "data.corpus_path", ("id", "title", "text"))
+    return tuple(_document(row, f"data.corpus_path '{path}'") for row in rows)
+
+
+def _require(rows: datasets.Dataset, required: Iterable[str], where: str) -> datasets.Dataset:
+    missing = [name for name in required if name not in rows.column_names]
+    if missing:
+        raise DataError(
+            f"{where} lacks the field(s) {', '.join(missing)}: add them, or pick the "
+            "data.source that matches the file's columns"
+        )
+    return rows
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
+
+
+# --- canonical records -----------------------------------------------------------------------
+
+
+def _document(row: _Row, where: str) -> Document:
+    if row["id"] is None or not isinstance(row["text"], str) or not row["text"].strip():
+        raise DataError(f"{where}: document {row['id']!r} has no id or empty text: fix the row")
+    return Document(id=str(row["id"]), title=str(row["title"] or ""), text=row["text"])
+
+
+def _question(row: _Row, where: str) -> QARecord:
+    qid, question, answers, gold = row["id"], row["question"], row["answers"], row["gold_doc_ids"]
+    if qid is None or not isinstance(question, str) or not question.strip():
+        raise DataError(f"{where}: question {qid!r} has no id or empty text: fix the row")
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise DataError(f"{where}: question {qid} needs 'answers' as a list of strings")
+    if not isinstance(gold, list):
+        raise DataError(f"{where}: question {qid} needs 'gold_doc_ids' as a list ([] for none)")
+    answers = [a.strip() for a in answers if a.strip()]
+    if not answers:
+        raise DataError(f"{where}: question {qid} has no answer: add one or drop the question")
+    # dict.fromkeys: deduplicate and keep the order (the first answer is the training target).
+    return QARecord(
+        id=str(qid),
+        question=question.strip(),
+        answers=tuple(dict.fromkeys(answers)),
+        gold_doc_ids=tuple(dict.fromkeys(str(g) for g in gold)),
+    )
+
+
+def _content_id(title: str, text: str) -> str:
+    # Ids from content, not position: the same passage keeps its id in any subset or order, so
+    # cached document vectors stay valid.
+    return hashlib.sha256(json.dumps([title, text]).encode()).hexdigest()[:16]
+
+
+def _check_ids(questions: Sequence[QARecord], corpus: Sequence[Document], where: str) -> None:
+    if not questions or not corpus:
+        raise DataError(
+            f"{where} holds {len(questions)} questions and {len(corpus)} documents: it needs both"
+        )
+    doc_ids: set[str] = set()
+    for document in corpus:
+        if document.id in doc_ids:
+            raise DataError(
+                f"the corpus of {where} has document id '{document.id}' twice: "
+                "make document ids unique"
+            )
+        doc_ids.add(document.id)
+    question_ids: set[str] = set()
+    for question in questions:
+        if question.id in question_ids:
+            raise DataError(f"{where} has question id '{question.id}' twice: make ids unique")
+        question_ids.add(question.id)
+        # A gold id outside the corpus would silently teach the embedder nothing: refuse it.
+        unknown = [g for g in question.gold_doc_ids if g not in doc_ids]
+        if unknown:
+            raise DataError(
+                f"{where}: question {question.id} names gold document '{unknown[0]}' "
+                "that the corpus lacks: fix gold_doc_ids or use the matching corpus"
+            )
+
+
+# --- split and fingerprint -------------------------------------------------------------------
+
+
+def _split(
+    questions: Sequence[QARecord], config: DataConfig, where: str
+) -> tuple[tuple[QARecord, ...], tuple[QARecord, ...]]:
+    """(validation, train): shuffled by ``split_seed``, validation first, then train."""
+    n_train = config.n_train if config.n_train is not None else len(questions) - config.n_validation
+    if n_train < 1 or config.n_validation + n_train > len(questions):
+        wanted = f"{config.n_validation} + {config.n_train or 'at least 1'}"
+        raise DataError(
+            f"data.n_validation + data.n_train ({wanted}) exceed the "
+            f"{len(questions)} questions of {where}: lower them"
+        )
+    # Sorted first so that the split depends on the ids only, not on the order of the file.
+    ordered = sorted(questions, key=lambda q: q.id)
+    random.Random(config.split_seed).shuffle(ordered)
+    validation = tuple(ordered[: config.n_validation])
+    return validation, tuple(ordered[config.n_validation : config.n_validation + n_train])
+
+
+def _fingerprint(
+    questions: Sequence[QARecord],
+    corpus: Sequence[Document],
+    train: Sequence[QARecord],
+    validation: Sequence[QARecord],
+) -> str:
+    digest = hashlib.sha256()
+    for document in sorted(corpus, key=lambda d: d.id):
+        digest.update(json.dumps(["doc", document.id, document.title, document.text]).encode())
+    for q in sorted(questions, key=lambda q: q.id):
+        digest.update(json.dumps(["q", q.id, q.question, q.answers, q.gold_doc_ids]).encode())
+    split = {"train": [q.id for q in train], "validation": [q.id for q in validation]}
+    digest.update(json.dumps(split).encode())
+    return digest.hexdigest()

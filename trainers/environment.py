@@ -1,0 +1,84 @@
+"""What a trial ran on: package versions, the git commit and the hardware, stored with each trial."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+__all__ = ["environment_record"]
+
+_PACKAGES = (
+    "ragsweep",
+    "torch",
+    "transformers",
+    "sentence-transformers",
+    "peft",
+    "datasets",
+    "numpy",
+    "faiss-gpu",
+    "faiss-cpu",
+)
+
+
+def environment_record() -> dict[str, object]:
+    """Versions, commit and hardware; ``reproduce`` compares these to report drift."""
+    return {
+        "python": platform.python_version(),
+        "packages": _versions(),
+        "git": _git_state(),
+        "hardware": _hardware(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in _PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _git_state() -> dict[str, object] | None:
+    # The source tree this code runs from; None when installed without a checkout.
+    source = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", source, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", source, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def _hardware() -> dict[str, object]:
+    hardware: dict[str, object] = {
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+    return hardware
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

@@ -1,0 +1,27 @@
+"""The one exception tree of ragsweep.
+
+Every error a user can cause derives from :class:`RagsweepError`; its message is one line that
+names the problem and the fix. The CLI catches it once, prints the line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+
+class RagsweepError(Exception):
+    """Base class: a problem the user can fix; the message says how."""
+
+
+class ConfigError(RagsweepError):
+    """A spec or configuration value is invalid."""
+
+
+class DataError(RagsweepError):
+    """A dataset cannot be found, read or used as configured."""
+
+
+class ModelError(RagsweepError):
+    """A model cannot be found, loaded or configured as asked."""
+
+
+class TrainingError(RagsweepError):
+    """Training diverged (NaN or infinite loss) or cannot proceed."""

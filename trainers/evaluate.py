@@ -1,0 +1,131 @@
+"""End-to-end evaluation: retrieve, generate greedily, and score EM, F1 and Recall@k.
+
+EM and F1 follow the SQuAD v1.1 evaluation script: answers are lower-cased, stripped of
+punctuation, of the articles a/an/the and of extra whitespace; the score of a prediction is the
+maximum over the gold aliases.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from trainers.cost import PhaseCost, forward_flops
+from trainers.data import QARecord
+from trainers.models import parameter_counts
+from trainers.pipeline import Pipeline
+
+__all__ = [
+    "Evaluation",
+    "evaluate_pipeline",
+    "normalize_answer",
+    "exact_match",
+    "f1_score",
+    "recall_at_k",
+    "answer_text",
+]
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals a normalised gold alias, else 0.0."""
+    return max(
+        float(normalize_answer(prediction) == normalize_answer(answer)) for answer in answers
+    )
+
+
+def f1_score(prediction: str, answers: Sequence[str]) -> float:
+    """Token-overlap F1 between prediction and the best-matching gold alias."""
+    return max(
+        _f1(normalize_answer(prediction).split(), normalize_answer(answer).split())
+        for answer in answers
+    )
+
+
+def _f1(predicted_tokens: list[str], gold_tokens: list[str]) -> float:
+    common = sum((Counter(predicted_tokens) & Counter(gold_tokens)).values())
+    if common == 0:
+        return 0.0
+    precision = common / len(predicted_tokens)
+    recall = common / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def recall_at_k(
+    retrieved_ids: Sequence[Sequence[str]], gold_ids: Sequence[Sequence[str]]
+) -> float | None:
+    """Mean over labelled questions of |gold ∩ top-k| / |gold|.
+
+    With several gold documents (two-hop questions) a question retrieving one of its two gold
+    documents counts 0.5. Questions without context labels are left out; None when none has any.
+    """
+    fractions = [
+        len(set(gold) & set(retrieved)) / len(set(gold))
+        for retrieved, gold in zip(retrieved_ids, gold_ids, strict=True)
+        if gold
+    ]
+    return sum(fractions) / len(fractions) if fractions else None
+
+
+def answer_text(generated: str) -> str:
+    """The answer a generation gives: the text before any new ``###`` section, on one line."""
+    return " ".join(generated.split("###", 1)[0].split())
+
+
+def evaluate_pipeline(
+    pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseCost
+) -> Evaluation:
+    """Retrieve top-k with E, generate greedily from the concatenated prompt, and score."""
+    batch_size = pipeline.training.eval_batch_size
+    n_embedder, _ = parameter_counts(pipeline.embedder)
+    n_generator, _ = parameter_counts(pipeline.generator.model)
+    predictions: list[str] = []
+    retrieved_ids: list[list[str]] = []
+    with torch.no_grad():
+        for start in range(0, len(records), batch_size):
+            batch = records[start : start + batch_size]
+            retrieved = pipeline.retrieve([record.question for record in batch])
+            documents = retrieved.documents(pipeline.index)
+            prompts = [
+                pipeline.prompts.prompt(record.question, docs)
+                for record, docs in zip(batch, documents, strict=True)
+            ]
+            generations, generator_tokens = pipeline.generate(prompts)
+            predictions += [answer_text(text) for text in generations]
+            retrieved_ids += [[document.id for document in docs] for docs in documents]
+            cost.tokens += retrieved.question_tokens + generator_tokens
+            cost.flops += forward_flops(n_embedder, retrieved.question_tokens) + forward_flops(
+                n_generator, generator_tokens
+            )
+            cost.steps += 1
+    return Evaluation(
+        em=sum(exact_match(p, r.answers) for p, r in zip(predictions, records, strict=True))
+        / len(records),
+        f1=sum(f1_score(p, r.answers) for p, r in zip(predictions, records, strict=True))
+        / len(records),
+        recall_at_k=recall_at_k(retrieved_ids, [record.gold_doc_ids for record in records]),
+        predictions=predictions,
+    )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Validation scores: EM and F1 in [0, 1], Recall@k (None without context labels)."""
+
+    em: float
+    f1: float
+    recall_at_k: float | None
+    predictions: list[str]

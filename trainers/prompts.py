@@ -1,0 +1,124 @@
+"""Prompts for the generator, and prompt+answer batches laid out for cheap answer scoring.
+
+Every row is ``[left padding][prompt][answer][answer padding]`` with the answer in the last
+``T`` positions, so a forward pass needs logits for only ``T + 1`` positions (``logits_to_keep``)
+instead of the whole (rows, length, vocabulary) tensor. Position ids are counted from the first
+real token, which makes a left-padded row score exactly like the same row unpadded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from trainers.data import Document
+
+__all__ = ["PromptBuilder", "AnswerBatch", "build_answer_batch", "left_padded", "position_ids"]
+
+
+class PromptBuilder:
+    """Fills the prompt template with a question and retrieved documents, each cut to a budget."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: str,
+        *,
+        max_doc_tokens: int,
+        max_question_tokens: int,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._template = template
+        self._max_doc_tokens = max_doc_tokens
+        self._max_question_tokens = max_question_tokens
+        self._passages: dict[str, str] = {}  # doc id -> "title: text", cut to max_doc_tokens
+
+    def prompt(self, question: str, documents: Sequence[Document]) -> str:
+        """The template with the documents concatenated in retrieval order."""
+        context = "\n".join(self._passage(document) for document in documents)
+        return self._template.format(
+            context=context, question=self._cut(question, self._max_question_tokens)
+        )
+
+    def _passage(self, document: Document) -> str:
+        if document.id not in self._passages:
+            self._passages[document.id] = self._cut(
+                f"{document.title}: {document.text}", self._max_doc_tokens
+            )
+        return self._passages[document.id]
+
+    def _cut(self, text: str, max_tokens: int) -> str:
+        token_ids = self._tokenizer(text, add_special_tokens=False).input_ids
+        if len(token_ids) <= max_tokens:
+            return text
+        return self._tokenizer.decode(token_ids[:max_tokens])
+
+
+@dataclass(frozen=True)
+class AnswerBatch:
+    """Prompt+answer rows; the answer fills the last ``T`` positions of every row."""
+
+    input_ids: torch.Tensor  # (R, L)
+    attention_mask: torch.Tensor  # (R, L)
+    position_ids: torch.Tensor  # (R, L)
+    answer_ids: torch.Tensor  # (R, T)
+    answer_mask: torch.Tensor  # (R, T)
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-padding) tokens in the batch."""
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device) -> AnswerBatch:
+        return AnswerBatch(*(tensor.to(device) for tensor in self.__dict__.values()))
+
+
+def build_answer_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    max_answer_tokens: int,
+) -> AnswerBatch:
+    """Tokenise prompts and answers (answer + end-of-sequence, so the model learns to stop)."""
+    pad_id = tokenizer.pad_token_id
+    prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
+    answer_ids = [
+        (tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])[
+            :max_answer_tokens
+        ]
+        for answer in answers
+    ]
+    answer_length = max(len(ids) for ids in answer_ids)
+    padded_answers = [ids + [pad_id] * (answer_length - len(ids)) for ids in answer_ids]
+    answer_mask = [[1] * len(ids) + [0] * (answer_length - len(ids)) for ids in answer_ids]
+    input_ids, attention_mask = left_padded(
+        [p + a for p, a in zip(prompt_ids, padded_answers, strict=True)],
+        [[1] * len(p) + m for p, m in zip(prompt_ids, answer_mask, strict=True)],
+        pad_id=pad_id,
+    )
+    return AnswerBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        answer_ids=torch.tensor(padded_answers),
+        answer_mask=torch.tensor(answer_mask),
+    )
+
+
+def left_padded(
+    rows: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], *, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows and their attention masks, padded on the left to one length."""
+    length = max(len(row) for row in rows)
+    input_ids = torch.tensor([[pad_id] * (length - len(row)) + list(row) for row in rows])
+    attention_mask = torch.tensor([[0] * (length - len(mask)) + list(mask) for mask in masks])
+    return input_ids, attention_mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token (padding gets 0)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)

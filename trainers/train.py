@@ -1,0 +1,204 @@
+"""One training phase: the whole step in one function, nanoGPT style.
+
+AdamW with one parameter group per trained model (two learning rates), a linear schedule with
+optional warm-up, gradient clipping, one shuffle per epoch derived from the trial seed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import torch
+
+from trainers.cost import PhaseCost, training_flops
+from trainers.data import QARecord
+from trainers.errors import TrainingError
+from trainers.losses import (
+    answer_nll_loss,
+    mnrl_loss,
+    rag_sequence_loss,
+    rag_token_loss,
+    retrieval_logprobs,
+)
+from trainers.methods import Phase
+from trainers.models import parameter_counts
+from trainers.pipeline import Pipeline
+
+__all__ = ["train_phase", "linear_lr_factor"]
+
+# A training item: a question, and for MNRL the one gold document it is paired with.
+_Item = tuple[QARecord, str | None]
+
+
+def linear_lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then linear decay to 0 (the paper)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def train_phase(
+    phase: Phase,
+    pipeline: Pipeline,
+    records: Sequence[QARecord],
+    *,
+    lr_embedder: float | None,
+    lr_generator: float | None,
+    seed: int,
+    cost: PhaseCost,
+) -> list[float]:
+    """Train what ``phase`` trains on ``records`` for the configured epochs; returns step losses."""
+    training = pipeline.training
+    embedder, generator = pipeline.embedder, pipeline.generator.model
+    groups = []
+    if phase.trains_embedder:
+        groups.append(
+            {"params": [p for p in embedder.parameters() if p.requires_grad], "lr": lr_embedder}
+        )
+    if phase.trains_generator:
+        groups.append(
+            {"params": [p for p in generator.parameters() if p.requires_grad], "lr": lr_generator}
+        )
+    trained = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=training.weight_decay)
+    items = _items(phase, records)
+    steps_per_epoch = math.ceil(len(items) / _batch_size(phase, pipeline))
+    total_steps = training.epochs * steps_per_epoch
+    warmup_steps = int(training.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: linear_lr_factor(step, total_steps, warmup_steps)
+    )
+    flops_per_token = _FlopCounter(phase, pipeline)
+
+    losses: list[float] = []
+    embedder.train(phase.trains_embedder)
+    generator.train(phase.trains_generator)
+    try:
+        for epoch in range(training.epochs):
+            for batch in _shuffled_batches(
+                items, _batch_size(phase, pipeline), f"{seed}/{phase.name}/{epoch}"
+            ):
+                loss, embedder_tokens, generator_tokens = _loss(phase, pipeline, batch)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"phase '{phase.name}' diverged: loss is {loss.item()} at step {cost.steps + 1}; "
+                        "lower the learning rate"
+                    )
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trained, training.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                cost.steps += 1
+                cost.tokens += embedder_tokens + generator_tokens
+                cost.flops += flops_per_token.embedder(embedder_tokens) + flops_per_token.generator(
+                    generator_tokens
+                )
+    finally:
+        embedder.eval()
+        generator.eval()
+    return losses
+
+
+def _loss(
+    phase: Phase, pipeline: Pipeline, batch: Sequence[_Item]
+) -> tuple[torch.Tensor, int, int]:
+    """The phase's objective on one batch: (loss, embedder tokens, generator tokens)."""
+    records = [record for record, _ in batch]
+    questions = [record.question for record in records]
+    if phase.objective == "mnrl":
+        question_vectors, question_tokens = pipeline.encode_questions(questions)
+        positives = pipeline.index.vectors(pipeline.device)[
+            [pipeline.index.position(doc_id) for _, doc_id in batch]
+        ]
+        ids = [record.id for record in records]
+        same_question = torch.tensor([[a == b for b in ids] for a in ids], device=pipeline.device)
+        return (
+            mnrl_loss(
+                question_vectors,
+                positives,
+                scale=pipeline.training.mnrl_scale,
+                same_question=same_question,
+            ),
+            question_tokens,
+            0,
+        )
+
+    with torch.set_grad_enabled(phase.trains_embedder):
+        retrieved = pipeline.retrieve(questions)
+    answers = [record.answers[0] for record in records]
+    documents = retrieved.documents(pipeline.index)
+    if phase.objective == "nll_concat":
+        prompts = [
+            pipeline.prompts.prompt(q, docs) for q, docs in zip(questions, documents, strict=True)
+        ]
+        answer_logprobs, answer_mask, generator_tokens = pipeline.answer_logprobs(prompts, answers)
+        return (
+            answer_nll_loss(answer_logprobs, answer_mask),
+            retrieved.question_tokens,
+            generator_tokens,
+        )
+
+    # RAG-Token / RAG-Sequence: k single-document prompts per question, all in one forward.
+    k = pipeline.training.k
+    prompts = [
+        pipeline.prompts.prompt(q, [doc])
+        for q, docs in zip(questions, documents, strict=True)
+        for doc in docs
+    ]
+    with torch.set_grad_enabled(phase.trains_generator):
+        answer_logprobs, answer_mask, generator_tokens = pipeline.answer_logprobs(
+            prompts, [answer for answer in answers for _ in range(k)]
+        )
+    answer_logprobs = answer_logprobs.view(len(records), k, -1)  # (B, k, T)
+    answer_mask = answer_mask.view(len(records), k, -1)[
+        :, 0
+    ]  # (B, T): the same answer in every row
+    doc_logprobs = retrieval_logprobs(
+        pipeline.doc_scores(retrieved), pipeline.training.retrieval_temperature
+    )
+    rag_loss = rag_token_loss if phase.objective == "rag_token" else rag_sequence_loss
+    return (
+        rag_loss(doc_logprobs, answer_logprobs, answer_mask),
+        retrieved.question_tokens,
+        generator_tokens,
+    )
+
+
+def _items(phase: Phase, records: Sequence[QARecord]) -> list[_Item]:
+    if phase.objective != "mnrl":
+        return [(record, None) for record in records]
+    # A question with two gold documents (two-hop) is one item per gold document (DESIGN.md (a)).
+    return [(record, doc_id) for record in records for doc_id in record.gold_doc_ids]
+
+
+def _batch_size(phase: Phase, pipeline: Pipeline) -> int:
+    training = pipeline.training
+    return (
+        training.batch_size_embedder if phase.objective == "mnrl" else training.batch_size_generator
+    )
+
+
+def _shuffled_batches(items: Sequence[_Item], batch_size: int, seed: str) -> list[list[_Item]]:
+    order = list(items)
+    random.Random(seed).shuffle(order)  # a str seed hashes the same in every process
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+class _FlopCounter:
+    """Training FLOPs per model and token for one phase (see trainers.cost for the counting)."""
+
+    def __init__(self, phase: Phase, pipeline: Pipeline) -> None:
+        embedder_total, embedder_trainable = parameter_counts(pipeline.embedder)
+        generator_total, generator_trainable = parameter_counts(pipeline.generator.model)
+        self._embedder = (embedder_total, embedder_trainable if phase.trains_embedder else 0)
+        self._generator = (generator_total, generator_trainable if phase.trains_generator else 0)
+
+    def embedder(self, tokens: int) -> int:
+        return training_flops(*self._embedder, tokens)
+
+    def generator(self, tokens: int) -> int:
+        return training_flops(*self._generator, tokens)

@@ -1,0 +1,281 @@
+"""One trial, end to end: load data and models, build the frozen index, run the method's phases,
+evaluate on validation, and return metrics with everything needed to reproduce them."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainers.config import TrialConfig
+from trainers.cost import CostMeter, forward_flops
+from trainers.data import RagData, load_data
+from trainers.environment import environment_record
+from trainers.errors import ConfigError
+from trainers.evaluate import evaluate_pipeline
+from trainers.index import build_index
+from trainers.methods import Phase, method_phases
+from trainers.models import (
+    load_embedder,
+    load_embedder_checkpoint,
+    load_generator,
+    load_generator_checkpoint,
+    parameter_counts,
+    save_embedder,
+    save_generator,
+)
+from trainers.pipeline import Pipeline
+from trainers.prompts import PromptBuilder
+from trainers.train import train_phase
+
+__all__ = ["TrialResult", "build_pipeline", "run_trial", "resolve_device"]
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """Flat numeric metrics (quality and cost), the record to store beside them, and predictions."""
+
+    metrics: dict[str, float]
+    record: dict[str, object]
+    predictions: list[str]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` means the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"training.device is '{name}' but no CUDA device is visible; use 'auto' or 'cpu'"
+        )
+    return torch.device(name)
+
+
+def run_trial(config: TrialConfig, *, cache_dir: Path, out_dir: Path | None = None) -> TrialResult:
+    """Run ``config.method`` with its learning rates and return validation metrics and cost.
+
+    ``cache_dir`` holds converted models and cached document vectors; with ``out_dir`` every
+    trained phase saves its models under ``out_dir/<phase>`` and the record goes to
+    ``out_dir/trial.json``.
+    """
+    phases = method_phases(config.method, config.training)
+    _check_learning_rates(config, phases)
+    _seed_everything(config.seed)
+    meter = CostMeter(resolve_device(config.training.device))
+    data, pipeline = build_pipeline(config, cache_dir=cache_dir, meter=meter)
+    index = pipeline.index
+
+    final_losses: dict[str, float | None] = {}
+    for phase in phases:
+        if phase.name in config.reuse:
+            _load_phase(phase, pipeline, Path(config.reuse[phase.name]), config, cache_dir)
+            continue
+        # Each phase draws from its own seed, so a phase trains the same whichever method runs it:
+        # independent's phases equal ft_gen's and ft_embed's, two_phase's first equals ft_gen's.
+        _seed_everything(_phase_seed(config.seed, phase.name))
+        with meter.phase(phase.name) as cost:
+            losses = train_phase(
+                phase,
+                pipeline,
+                data.train,
+                lr_embedder=config.lr_embedder,
+                lr_generator=config.lr_generator,
+                seed=config.seed,
+                cost=cost,
+            )
+        final_losses[phase.name] = losses[-1] if losses else None
+        if out_dir is not None:
+            _save_phase(phase, pipeline, out_dir / phase.name)
+
+    with meter.phase("eval") as cost:
+        evaluation = evaluate_pipeline(pipeline, data.validation, cost)
+
+    trained_phases = {phase.name for phase in phases if phase.name not in config.reuse}
+    metrics: dict[str, float] = {
+        "em": evaluation.em,
+        "f1": evaluation.f1,
+        "k": float(config.training.k),
+        "bf16": float(pipeline.autocast_dtype == torch.bfloat16),
+        "index_build_s": index.build_seconds,
+        "index_cache_hit": float(index.cache_hit),
+        **meter.metrics(trained_phases),
+    }
+    if evaluation.recall_at_k is not None:
+        metrics["recall_at_k"] = evaluation.recall_at_k
+    record: dict[str, object] = {
+        "config": config.model_dump(mode="json"),
+        "seed": config.seed,
+        "data_fingerprint": data.fingerprint,
+        "split": data.split_record(),
+        "has_context_labels": data.has_context_labels,
+        "phases": [phase.name for phase in phases],
+        "reused_phases": sorted(config.reuse),
+        "final_losses": final_losses,
+        "environment": environment_record(),
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "trial.json").write_text(
+            json.dumps({"metrics": metrics, "record": record}, indent=2)
+        )
+    return TrialResult(metrics=metrics, record=record, predictions=evaluation.predictions)
+
+
+def build_pipeline(
+    config: TrialConfig, *, cache_dir: Path, meter: CostMeter
+) -> tuple[RagData, Pipeline]:
+    """Load the data and both baseline models and build the frozen index (metered as two phases)."""
+    device = meter.device
+    with meter.phase("load"):
+        data = load_data(config.data)
+        _check_data(config, method_phases(config.method, config.training), data)
+        embedder = load_embedder(config.models.embedder, cache_dir=cache_dir, device=device)
+        generator = load_generator(
+            config.models.generator,
+            cache_dir=cache_dir,
+            device=device,
+            finetune=config.models.generator_finetune,
+            lora_rank=config.models.lora_rank,
+            lora_alpha=config.models.lora_alpha,
+            lora_dropout=config.models.lora_dropout,
+        )
+    with meter.phase("index") as cost:
+        # Built from the baseline E before any phase runs: document vectors never change.
+        index = build_index(
+            embedder,
+            data.corpus,
+            cache_dir=cache_dir,
+            max_length=config.training.embedder_max_length,
+        )
+        cost.tokens = index.encoded_tokens
+        cost.flops = forward_flops(parameter_counts(embedder)[0], index.encoded_tokens)
+    pipeline = Pipeline(
+        embedder=embedder,
+        generator=generator,
+        index=index,
+        prompts=PromptBuilder(
+            generator.tokenizer,
+            config.training.prompt_template,
+            max_doc_tokens=config.training.max_doc_tokens,
+            max_question_tokens=config.training.max_question_tokens,
+        ),
+        training=config.training,
+        device=device,
+        autocast_dtype=_autocast_dtype(config.training.precision, device),
+    )
+    return data, pipeline
+
+
+def _check_learning_rates(config: TrialConfig, phases: tuple[Phase, ...]) -> None:
+    unknown = set(config.reuse) - {phase.name for phase in phases}
+    if unknown:
+        names = ", ".join(phase.name for phase in phases) or "none"
+        raise ConfigError(
+            f"reuse names phase(s) {sorted(unknown)} that method '{config.method}' does not have; its phases: {names}"
+        )
+    trained = [phase for phase in phases if phase.name not in config.reuse]
+    if any(phase.trains_embedder for phase in trained) and config.lr_embedder is None:
+        raise ConfigError(
+            f"method '{config.method}' trains the embedder: set lr_embedder (--lr-embedder)"
+        )
+    if any(phase.trains_generator for phase in trained) and config.lr_generator is None:
+        raise ConfigError(
+            f"method '{config.method}' trains the generator: set lr_generator (--lr-generator)"
+        )
+
+
+def _check_data(config: TrialConfig, phases: tuple[Phase, ...], data: RagData) -> None:
+    needs_labels = any(
+        phase.objective == "mnrl" and phase.name not in config.reuse for phase in phases
+    )
+    if needs_labels and not data.has_context_labels:
+        raise ConfigError(
+            f"method '{config.method}' trains the embedder on context labels, but the training questions have "
+            "no gold documents; use two_phase, rag_token or rag_sequence, or provide gold_doc_ids"
+        )
+    if config.training.k > len(data.corpus):
+        raise ConfigError(
+            f"training.k is {config.training.k} but the corpus has only {len(data.corpus)} documents; lower k"
+        )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _phase_seed(seed: int, phase_name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{phase_name}".encode()).digest()[:4], "little")
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the device has native bf16 (CUDA, or CPUs with AVX512-BF16 / AMX)."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = (
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    if precision == "bf16" and not supported:
+        raise ConfigError(
+            f"training.precision is bf16 but device {device} has no native bf16; use 'auto' or 'fp32'"
+        )
+    return torch.bfloat16 if supported else None
+
+
+def _save_phase(phase: Phase, pipeline: Pipeline, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "phase.json").write_text(json.dumps(dataclasses.asdict(phase)))
+    if phase.trains_embedder:
+        save_embedder(pipeline.embedder, folder / "embedder")
+    if phase.trains_generator:
+        save_generator(pipeline.generator, folder / "generator")
+
+
+def _load_phase(
+    phase: Phase, pipeline: Pipeline, folder: Path, config: TrialConfig, cache_dir: Path
+) -> None:
+    """Take a phase's output from an earlier run's checkpoint instead of training it again."""
+    wanted = [
+        name
+        for name, trained in (
+            ("embedder", phase.trains_embedder),
+            ("generator", phase.trains_generator),
+        )
+        if trained
+    ]
+    missing = [name for name in wanted if not (folder / name).is_dir()]
+    if missing:
+        raise ConfigError(
+            f"reuse.{phase.name}: {folder} has no {' or '.join(missing)} folder; point it at the phase folder of an earlier run"
+        )
+    saved = (
+        json.loads((folder / "phase.json").read_text()) if (folder / "phase.json").exists() else {}
+    )
+    if saved.get("objective") != phase.objective:
+        raise ConfigError(
+            f"reuse.{phase.name}: {folder} was trained with objective {saved.get('objective')!r}, "
+            f"but method '{config.method}' needs {phase.objective!r} there; reuse a run trained with it"
+        )
+    if phase.trains_embedder:
+        pipeline.embedder = load_embedder_checkpoint(folder / "embedder", device=pipeline.device)
+    if phase.trains_generator:
+        pipeline.generator = load_generator_checkpoint(
+            folder / "generator",
+            base_name=config.models.generator,
+            cache_dir=cache_dir,
+            device=pipeline.device,
+            finetune=config.models.generator_finetune,
+            lora_rank=config.models.lora_rank,
+            lora_alpha=config.models.lora_alpha,
+            lora_dropout=config.models.lora_dropout,
+        )
