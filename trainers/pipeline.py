@@ -65,10 +65,13 @@ class Pipeline:
             question_vectors = self.embedder(features)["sentence_embedding"].float()
         return question_vectors, int(features["attention_mask"].sum())
 
-    def retrieve(self, questions: Sequence[str]) -> Retrieved:
-        """Encode questions with E and search the index; scores can carry a gradient to E."""
+    def retrieve(self, questions: Sequence[str], *, k: int | None = None) -> Retrieved:
+        """Encode questions with E and search the top-k (default training.k); scores can carry a
+        gradient to E."""
         question_vectors, question_tokens = self.encode_questions(questions)
-        _, positions = self.index.search(question_vectors.detach().cpu().numpy(), self.training.k)
+        _, positions = self.index.search(
+            question_vectors.detach().cpu().numpy(), k or self.training.k
+        )
         return Retrieved(positions, question_vectors, question_tokens)
 
     def doc_scores(self, retrieved: Retrieved) -> torch.Tensor:

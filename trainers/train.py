@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
-from trainers.cost import PhaseCost, training_flops
+from trainers.cost import PhaseCost, forward_flops, training_flops
 from trainers.data import QARecord
 from trainers.errors import TrainingError
 from trainers.losses import (
@@ -28,8 +29,13 @@ from trainers.pipeline import Pipeline
 
 __all__ = ["train_phase", "linear_lr_factor"]
 
-# A training item: a question, and for MNRL the one gold document it is paired with.
-_Item = tuple[QARecord, str | None]
+
+class _Item(NamedTuple):
+    """A training question; for MNRL also the gold document it is paired with and hard negatives."""
+
+    record: QARecord
+    doc_id: str | None = None
+    negative_ids: tuple[str, ...] = ()
 
 
 def linear_lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -63,7 +69,7 @@ def train_phase(
         )
     trained = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=training.weight_decay)
-    items = _items(phase, records)
+    items = _items(phase, pipeline, records, cost)
     steps_per_epoch = math.ceil(len(items) / _batch_size(phase, pipeline))
     total_steps = training.epochs * steps_per_epoch
     warmup_steps = int(training.warmup_ratio * total_steps)
@@ -107,25 +113,29 @@ def _loss(
     phase: Phase, pipeline: Pipeline, batch: Sequence[_Item]
 ) -> tuple[torch.Tensor, int, int]:
     """The phase's objective on one batch: (loss, embedder tokens, generator tokens)."""
-    records = [record for record, _ in batch]
+    records = [item.record for item in batch]
     questions = [record.question for record in records]
     if phase.objective == "mnrl":
         question_vectors, question_tokens = pipeline.encode_questions(questions)
-        positives = pipeline.index.vectors(pipeline.device)[
-            [pipeline.index.position(doc_id) for _, doc_id in batch]
+        candidate_ids = [item.doc_id for item in batch] + [
+            n for item in batch for n in item.negative_ids
         ]
-        ids = [record.id for record in records]
-        same_question = torch.tensor([[a == b for b in ids] for a in ids], device=pipeline.device)
-        return (
-            mnrl_loss(
-                question_vectors,
-                positives,
-                scale=pipeline.training.mnrl_scale,
-                same_question=same_question,
-            ),
-            question_tokens,
-            0,
+        positions = [pipeline.index.position(doc_id) for doc_id in candidate_ids]
+        candidates = pipeline.index.vectors(pipeline.device)[positions]  # (M, D)
+        masked = torch.tensor(
+            [
+                [
+                    doc_id in record.gold_doc_ids and column != row
+                    for column, doc_id in enumerate(candidate_ids)
+                ]
+                for row, record in enumerate(records)
+            ],
+            device=pipeline.device,
         )
+        loss = mnrl_loss(
+            question_vectors, candidates, scale=pipeline.training.mnrl_scale, masked=masked
+        )
+        return loss, question_tokens, 0
 
     with torch.set_grad_enabled(phase.trains_embedder):
         retrieved = pipeline.retrieve(questions)
@@ -168,11 +178,44 @@ def _loss(
     )
 
 
-def _items(phase: Phase, records: Sequence[QARecord]) -> list[_Item]:
+def _items(
+    phase: Phase, pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseCost
+) -> list[_Item]:
     if phase.objective != "mnrl":
-        return [(record, None) for record in records]
+        return [_Item(record) for record in records]
+    negatives = _hard_negatives(pipeline, records, pipeline.training.mnrl_hard_negatives, cost)
     # A question with two gold documents (two-hop) is one item per gold document (DESIGN.md (a)).
-    return [(record, doc_id) for record in records for doc_id in record.gold_doc_ids]
+    return [
+        _Item(record, doc_id, negatives[record.id])
+        for record in records
+        for doc_id in record.gold_doc_ids
+    ]
+
+
+def _hard_negatives(
+    pipeline: Pipeline, records: Sequence[QARecord], per_question: int, cost: PhaseCost
+) -> dict[str, tuple[str, ...]]:
+    """The top-ranked non-gold documents of each question under E as the phase starts.
+
+    In-batch negatives are mostly other entities, which a name match already tells apart; mined
+    negatives add the confusable passages that retrieval actually gets wrong (as DPR does with BM25).
+    """
+    if per_question == 0:
+        return {record.id: () for record in records}
+    mined = {}
+    with torch.no_grad():
+        for start in range(0, len(records), pipeline.training.eval_batch_size):
+            batch = records[start : start + pipeline.training.eval_batch_size]
+            depth = per_question + max(len(record.gold_doc_ids) for record in batch)
+            retrieved = pipeline.retrieve([record.question for record in batch], k=depth)
+            cost.tokens += retrieved.question_tokens
+            cost.flops += forward_flops(
+                parameter_counts(pipeline.embedder)[0], retrieved.question_tokens
+            )
+            for record, documents in zip(batch, retrieved.documents(pipeline.index), strict=True):
+                non_gold = [doc.id for doc in documents if doc.id not in record.gold_doc_ids]
+                mined[record.id] = tuple(non_gold[:per_question])
+    return mined
 
 
 def _batch_size(phase: Phase, pipeline: Pipeline) -> int:

@@ -96,54 +96,45 @@ def test_answer_nll_ignores_padding():
     assert answer_nll_loss(answer_logprobs, answer_mask).item() == pytest.approx(2.0)
 
 
+def _brute_force_mnrl(questions, candidates, scale, masked):
+    total = 0.0
+    for i in range(len(questions)):
+        columns = [j for j in range(len(candidates)) if not masked[i][j]]
+        cosines = {
+            j: torch.nn.functional.cosine_similarity(questions[i], candidates[j], dim=0).item()
+            for j in columns
+        }
+        total += -math.log(
+            math.exp(scale * cosines[i]) / sum(math.exp(scale * c) for c in cosines.values())
+        )
+    return total / len(questions)
+
+
 def test_mnrl_equals_per_row_cross_entropy():
     generator = torch.Generator().manual_seed(2)
     questions, positives = (
         torch.randn(B, D, generator=generator),
         torch.randn(B, D, generator=generator),
     )
-    scale = 20.0
-    expected = 0.0
-    for i in range(B):
-        cosines = [
-            torch.nn.functional.cosine_similarity(questions[i], positives[j], dim=0).item()
-            for j in range(B)
-        ]
-        expected += -math.log(
-            math.exp(scale * cosines[i]) / sum(math.exp(scale * c) for c in cosines)
-        )
-    assert mnrl_loss(questions, positives, scale=scale).item() == pytest.approx(
-        expected / B, abs=1e-4
-    )
+    expected = _brute_force_mnrl(questions, positives, 20.0, [[False] * B] * B)
+    assert mnrl_loss(questions, positives, scale=20.0).item() == pytest.approx(expected, abs=1e-4)
 
 
-def test_mnrl_does_not_count_a_questions_other_gold_document_as_negative():
+def test_mnrl_with_hard_negatives_and_a_question_with_two_gold_documents():
     generator = torch.Generator().manual_seed(3)
-    questions, positives = (
-        torch.randn(B, D, generator=generator),
-        torch.randn(B, D, generator=generator),
-    )
+    questions = torch.randn(B, D, generator=generator)
+    candidates = torch.randn(B + 3, D, generator=generator)  # B positives, then 3 mined negatives
     questions[1] = questions[
         0
     ]  # rows 0 and 1: one two-hop question, paired with each gold document
-    same_question = torch.zeros(B, B, dtype=torch.bool)
-    same_question[:2, :2] = True
-    masked = mnrl_loss(questions, positives, scale=20.0, same_question=same_question)
-    # Brute force: row 0 leaves out column 1 and row 1 leaves out column 0.
-    expected = 0.0
-    for i in range(B):
-        columns = [j for j in range(B) if not (same_question[i, j] and i != j)]
-        logits = torch.stack(
-            [
-                20.0 * torch.nn.functional.cosine_similarity(questions[i], positives[j], dim=0)
-                for j in columns
-            ]
-        )
-        expected += -torch.log_softmax(logits, 0)[columns.index(i)].item()
-    assert masked.item() == pytest.approx(expected / B, abs=1e-4)
-    assert masked.item() != pytest.approx(
-        mnrl_loss(questions, positives, scale=20.0).item(), abs=1e-4
+    masked = torch.zeros(B, B + 3, dtype=torch.bool)
+    masked[0, 1] = masked[1, 0] = True  # each row leaves out its question's other gold document
+    batched = mnrl_loss(questions, candidates, scale=20.0, masked=masked)
+    assert batched.item() == pytest.approx(
+        _brute_force_mnrl(questions, candidates, 20.0, masked.tolist()), abs=1e-4
     )
+    unmasked = mnrl_loss(questions, candidates, scale=20.0)
+    assert batched.item() < unmasked.item()  # counting a gold document as negative only adds loss
 
 
 def test_gradient_reaches_only_the_side_left_attached(rag_inputs):

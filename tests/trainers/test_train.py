@@ -8,7 +8,7 @@ import torch
 from tests.tiny import TINY_TRAINING, tiny_config
 from trainers.cost import CostMeter
 from trainers.methods import Phase, method_phases
-from trainers.train import _loss, linear_lr_factor
+from trainers.train import _Item, _loss, linear_lr_factor
 from trainers.trial import build_pipeline
 
 
@@ -44,7 +44,7 @@ def test_gradients_reach_exactly_what_the_phase_trains(tiny_pipeline, phase: Pha
     embedder, generator = pipeline.embedder, pipeline.generator.model
     for parameter in [*embedder.parameters(), *generator.parameters()]:
         parameter.grad = None
-    batch = [(record, doc_id) for record in data.train[:4] for doc_id in record.gold_doc_ids[:1]]
+    batch = [_Item(record, record.gold_doc_ids[0]) for record in data.train[:4]]
     loss, _, _ = _loss(phase, pipeline, batch)
     loss.backward()
     lora = [p for name, p in generator.named_parameters() if "lora_" in name]

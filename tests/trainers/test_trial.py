@@ -7,7 +7,6 @@ import math
 import pytest
 
 from tests.tiny import TINY_DATA, TINY_TRAINING, tiny_config
-from trainers.config import GeneratedDataConfig
 from trainers.data import load_data
 from trainers.errors import ConfigError
 from trainers.methods import method_phases
@@ -51,10 +50,9 @@ def test_a_different_seed_trains_differently(cache_dir):
     assert first.record["final_losses"] != second.record["final_losses"]
 
 
-def test_the_index_is_encoded_once_and_then_read_from_cache(cache_dir):
-    config = tiny_config(
-        "none", data=TINY_DATA.model_copy(update={"generated": GeneratedDataConfig(n_entities=13)})
-    )
+def test_the_index_is_encoded_once_and_then_read_from_cache(tmp_path):
+    cache_dir = tmp_path  # empty: the first trial must encode the corpus
+    config = tiny_config("none")
     first = run_trial(config, cache_dir=cache_dir)
     second = run_trial(config, cache_dir=cache_dir)
     assert first.metrics["index_cache_hit"] == 0.0 and second.metrics["index_cache_hit"] == 1.0

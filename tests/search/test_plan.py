@@ -1,0 +1,232 @@
+"""The search plan: separable methods cost n + m, joint grids n x m, shared runs run once."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from search.plan import Plan, grid_points, make_plan, render_plan
+from search.spec import PAPER_GRID, StudySpec, load_spec
+from trainers.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+PAPER_HOTPOTQA = REPO / "studies" / "paper-hotpotqa.yaml"
+
+
+def _paper(**overrides: object) -> StudySpec:
+    """The paper's HotPotQA spec with dotted overrides, e.g. ``{"search.joint": "cartesian"}``."""
+    return load_spec(PAPER_HOTPOTQA, {key.replace("__", "."): v for key, v in overrides.items()})
+
+
+def _text(plan: Plan, spec: StudySpec) -> str:
+    console = Console(record=True, width=200)
+    console.print(render_plan(plan, spec))
+    return console.export_text()
+
+
+@pytest.mark.parametrize("name", ["paper-hotpotqa.yaml", "paper-popqa.yaml"])
+def test_paper_specs_search_separable_methods_in_n_plus_m_trials(name):
+    spec = load_spec(REPO / "studies" / name)
+    plan = make_plan(spec)
+    for method in ("independent", "two_phase"):
+        cost = plan.search_cost(method)
+        assert cost["search"] == "separable"
+        assert cost["searched_trials"] == 9 + 9 == 18
+        assert cost["cartesian_trials"] == 81
+    assert plan.search_cost("independent")["stages"] == {
+        "ft_embed": 9,
+        "ft_gen": 9,
+        "independent": 1,
+    }
+
+
+def test_paper_spec_follows_the_paper_protocol():
+    spec = load_spec(PAPER_HOTPOTQA)
+    assert spec.search.sampler == "grid"
+    assert tuple(spec.search.lr_embedder) == tuple(spec.search.lr_generator) == PAPER_GRID
+    assert (spec.search.joint, spec.search.joint_reuse_from) == ("reuse", "two_phase")
+    assert (spec.training.epochs, spec.training.k) == (1, 5)
+    assert (spec.models.generator_finetune, spec.models.lora_rank) == ("qlora", 16)
+    assert spec.resources.gpus == 1 and spec.concurrency == 8
+    popqa = load_spec(REPO / "studies" / "paper-popqa.yaml")
+    assert popqa.data.source == "popqa" and popqa.data.corpus_path
+
+
+def test_render_shows_separable_against_cartesian_counts_for_the_paper_spec():
+    spec = load_spec(PAPER_HOTPOTQA)
+    text = _text(make_plan(spec), spec)
+    assert "18 = 9 + 9" in text and "81" in text
+    assert "ft_gen is two_phase's phase 1" in text
+    assert "forecast" in text and "FLOP/s per GPU" in text
+
+
+def test_joint_cartesian_searches_the_product_of_both_grids():
+    spec = _paper(search__joint="cartesian")
+    plan = make_plan(spec)
+    stage = plan.stage("rag_token")
+    assert stage.searched == ("lr_embedder", "lr_generator") and stage.n_trials == 81
+    points = grid_points(stage, spec)
+    assert len(points) == 81
+    assert {(p["lr_embedder"], p["lr_generator"]) for p in points} == set(
+        itertools.product(PAPER_GRID, PAPER_GRID)
+    )
+    assert plan.search_cost("rag_token")["search"] == "cartesian"
+    assert plan.search_cost("rag_token")["searched_trials"] == 81
+
+
+def test_ft_gen_with_rag_token_is_two_phase_phase_one_and_runs_once():
+    shared = make_plan(_paper(training__ft_gen_objective="rag_token"))
+    separate = make_plan(_paper(training__ft_gen_objective="nll_concat"))
+
+    assert "two_phase.generator" not in {stage.name for stage in shared.stages}
+    assert shared.stage("two_phase").reuse_from == {"generator": "ft_gen"}
+    assert shared.stage("two_phase").fixed_from == {"lr_generator": "ft_gen"}
+    assert "two_phase" in shared.stage("ft_gen").serves
+
+    phase_one = separate.stage("two_phase.generator")
+    assert phase_one.method == "ft_gen" and phase_one.searched == ("lr_generator",)
+    assert phase_one.training_overrides == {"ft_gen_objective": "rag_token"}
+    assert separate.stage("two_phase").reuse_from == {"generator": "two_phase.generator"}
+    assert "two_phase" not in separate.stage("ft_gen").serves
+    assert separate.total_trials - shared.total_trials == 9  # m, the generator grid
+
+
+def test_independent_alone_pulls_in_ft_embed_and_ft_gen():
+    plan = make_plan(_paper(methods=["independent"]))
+    assert [stage.name for stage in plan.stages] == ["ft_embed", "ft_gen", "independent"]
+    assert plan.stage("ft_embed").serves == plan.stage("ft_gen").serves == ("independent",)
+    independent = plan.stage("independent")
+    assert independent.n_trials == 1 and independent.searched == ()
+    assert independent.fixed_from == {"lr_embedder": "ft_embed", "lr_generator": "ft_gen"}
+    assert independent.reuse_from == {"embedder": "ft_embed", "generator": "ft_gen"}
+    assert plan.total_trials == 19
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"search__joint": "cartesian"},
+        {"training__ft_gen_objective": "nll_concat"},
+        {"methods": ["rag_sequence", "independent", "two_phase", "none"]},
+        {"methods": ["rag_token"], "search__joint_reuse_from": "independent"},
+    ],
+)
+def test_stages_come_after_the_stages_they_depend_on(overrides):
+    plan = make_plan(_paper(**overrides))
+    position = {stage.name: i for i, stage in enumerate(plan.stages)}
+    assert len(position) == len(plan.stages)  # names are unique
+    for stage in plan.stages:
+        sources = {*stage.fixed_from.values(), *stage.reuse_from.values()}
+        assert set(stage.depends_on) == sources
+        assert all(position[dependency] < position[stage.name] for dependency in sources)
+
+
+def test_tpe_searches_n_trials_per_stage():
+    spec = _paper(search__sampler="tpe", search__n_trials=5, search__joint="cartesian")
+    plan = make_plan(spec)
+    assert plan.stage("ft_embed").n_trials == plan.stage("ft_gen").n_trials == 5
+    assert plan.stage("two_phase").n_trials == 5
+    assert plan.stage("rag_token").n_trials == 5
+    assert plan.search_cost("independent")["searched_trials"] == 10
+    with pytest.raises(ValueError, match="tpe"):
+        grid_points(plan.stage("ft_embed"), spec)
+
+
+def test_joint_reuse_from_two_phase_is_one_trial_with_both_rates_fixed():
+    plan = make_plan(_paper(methods=["rag_token"]))
+    stage = plan.stage("rag_token")
+    assert stage.n_trials == 1 and stage.searched == ()
+    assert stage.fixed_from == {"lr_embedder": "two_phase", "lr_generator": "ft_gen"}
+    # two_phase was not asked for, but its stages are what rag_token's pair comes from.
+    assert plan.stage("two_phase").serves == ("rag_token",)
+    assert [stage.name for stage in plan.stages] == ["ft_gen", "two_phase", "rag_token"]
+    assert plan.search_cost("rag_token")["trials"] == 9 + 9 + 1
+
+
+def test_joint_reuse_from_independent_takes_ft_embed_and_ft_gen_rates():
+    plan = make_plan(_paper(methods=["rag_sequence"], search__joint_reuse_from="independent"))
+    assert plan.stage("rag_sequence").fixed_from == {
+        "lr_embedder": "ft_embed",
+        "lr_generator": "ft_gen",
+    }
+
+
+@pytest.mark.parametrize("source", ["rag_token", "rag_sequence", "none", "ft_embed"])
+def test_joint_reuse_from_a_method_without_a_rate_pair_is_rejected(source):
+    with pytest.raises(ConfigError, match="joint_reuse_from") as error:
+        make_plan(_paper(search__joint_reuse_from=source))
+    assert "\n" not in str(error.value) and "cartesian" in str(error.value)
+
+
+def test_grid_points_list_one_dict_per_trial():
+    spec = _paper(search__lr_embedder=[1e-5, 3e-5])
+    plan = make_plan(spec)
+    assert grid_points(plan.stage("ft_embed"), spec) == [
+        {"lr_embedder": 1e-5},
+        {"lr_embedder": 3e-5},
+    ]
+    assert plan.stage("ft_embed").n_trials == 2
+    assert grid_points(plan.stage("independent"), spec) == [{}]
+    assert plan.search_cost("two_phase")["searched_trials"] == 2 + 9
+
+
+def test_forecast_is_positive_for_known_models_and_scales_with_concurrency():
+    demo = load_spec(REPO / "studies" / "demo.yaml")
+    plan = make_plan(demo)
+    assert all(stage.forecast_s and stage.forecast_s > 0 for stage in plan.stages)
+    assert plan.forecast_s == pytest.approx(sum(stage.forecast_s for stage in plan.stages))
+    # Generator training dominates: ft_gen costs more than ft_embed, and more data costs more.
+    assert plan.stage("ft_gen").forecast_s > plan.stage("ft_embed").forecast_s
+    bigger = make_plan(
+        demo.model_copy(
+            update={"data": demo.data.model_copy(update={"n_train": 10 * demo.data.n_train})}
+        )
+    )
+    assert bigger.stage("ft_gen").forecast_s > 3 * plan.stage("ft_gen").forecast_s
+
+    one = make_plan(_paper(concurrency=1)).stage("ft_embed").forecast_s
+    eight = make_plan(_paper(concurrency=8)).stage("ft_embed").forecast_s
+    assert one == pytest.approx(8 * eight)  # 9 trials: 9 waves against 9/8
+
+
+def test_unknown_model_forecasts_nothing_and_says_unknown():
+    spec = _paper(models__generator="acme/not-a-real-model-7b")
+    plan = make_plan(spec)
+    assert all(stage.forecast_s is None for stage in plan.stages)
+    assert plan.forecast_s is None
+    text = _text(plan, spec)
+    assert "unknown" in text and "acme/not-a-real-model-7b" in text
+
+
+def test_unknown_training_size_forecasts_only_untrained_stages():
+    spec = _paper(data__hub_name="someone/private-hotpotqa")
+    plan = make_plan(spec)
+    assert plan.stage("ft_gen").forecast_s is None
+    assert plan.stage("none").forecast_s is not None  # evaluation only: n_validation is known
+    assert "data.n_train" in _text(plan, spec)
+
+
+def test_make_plan_loads_no_model(monkeypatch):
+    import trainers.models
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("make_plan loaded a model")
+
+    for loader in ("load_embedder", "load_generator"):
+        monkeypatch.setattr(trainers.models, loader, refuse)
+    spec = _paper(models__embedder="/nonexistent/embedder", models__generator="no/such-generator")
+    plan = make_plan(spec)
+    assert plan.total_trials == 31
+    assert "unknown" in _text(plan, spec)
+
+
+def test_search_cost_of_a_method_outside_the_study_is_a_config_error():
+    plan = make_plan(_paper(methods=["ft_embed"]))
+    with pytest.raises(ConfigError, match="not in this study"):
+        plan.search_cost("two_phase")
+    with pytest.raises(KeyError):
+        plan.stage("two_phase")
