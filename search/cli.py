@@ -62,8 +62,10 @@ def _quiet_libraries() -> None:
     import logging
 
     import datasets
+    import optuna
     import transformers
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
@@ -130,6 +132,97 @@ def plan(
 
     study = load_spec(spec)
     _console.print(render_plan(make_plan(study), study))
+
+
+@app.command()
+@_one_line_errors
+def launch(
+    spec: Annotated[Path, typer.Argument(help="Study spec YAML.")],
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Optuna storage URL (default: RAGSWEEP_STORAGE, the spec's, or studies/<name>.db).",
+        ),
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="An existing Ray cluster (default: local Ray).")
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", min=1, help="Trials at once (default: the spec's)."),
+    ] = None,
+    data_path: Annotated[
+        str | None, typer.Option("--data-path", help="Override data.path (a local file).")
+    ] = None,
+    runs_dir: Annotated[
+        Path | None,
+        typer.Option("--runs-dir", help="Checkpoints later stages reuse (default: studies/runs)."),
+    ] = None,
+    max_retries: Annotated[
+        int, typer.Option("--max-retries", min=0, help="Retries of a trial whose worker died.")
+    ] = 1,
+    ray_logs: Annotated[
+        bool, typer.Option("--ray-logs", help="Show Ray's and the workers' own output.")
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks and library logs.")
+    ] = False,
+) -> None:
+    """Run every stage of the study's plan on Ray; trials already complete are not re-run."""
+    from search.dispatch import launch as run_launch
+    from search.plan import make_plan
+    from search.progress import LaunchProgress
+    from search.spec import load_spec
+    from search.store import mask_url
+
+    overrides: dict[str, object] = {}
+    if data_path:
+        overrides["data.path"] = data_path
+    if concurrency:
+        overrides["concurrency"] = concurrency
+    study = load_spec(spec, overrides)
+    storage_url = _storage_url(storage, study.storage, spec.parent / f"{study.name}.db")
+    _quiet_libraries()
+    os.environ.setdefault(
+        "RAY_TMPDIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "ragsweep-ray")
+    )
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    plan = make_plan(study)
+    first = study.objectives[0]
+    _console.print(
+        f"study [bold]{study.name}[/] -> {mask_url(storage_url)}  ({plan.total_trials} trials planned)"
+    )
+    with LaunchProgress(plan, first.metric, first.direction == "maximize", _console) as progress:
+        summary = run_launch(
+            study,
+            storage_url=storage_url,
+            runs_dir=runs_dir or spec.parent / "runs",
+            cache_dir=_cache_dir(),
+            address=address,
+            on_event=progress,
+            max_retries=max_retries,
+            log_to_driver=ray_logs,
+        )
+    ran, failed, skipped = (
+        sum(summary.ran.values()),
+        sum(summary.failed.values()),
+        sum(summary.skipped.values()),
+    )
+    _console.print(
+        f"ran {ran} trials ({failed} failed), {skipped} already complete, in {summary.wall_s / 60:.1f} min"
+    )
+
+
+def _storage_url(explicit: str | None, from_spec: str | None, default_file: Path) -> str:
+    """--storage, else RAGSWEEP_STORAGE, else the spec's storage, else a SQLite file beside the spec."""
+    return (
+        explicit
+        or os.environ.get("RAGSWEEP_STORAGE")
+        or from_spec
+        or f"sqlite:///{default_file.resolve()}"
+    )
 
 
 def _bad_choice(option: str, value: str, choices: tuple[str, ...]) -> RagsweepError:

@@ -1,0 +1,396 @@
+"""Run a study's plan stage by stage through Ray Tune, with Optuna as the searcher.
+
+This module translates: a plan stage becomes one ``tune.Tuner`` run whose searcher is an
+``OptunaSearch`` bound to the stage's study; a trial's metrics and record become Optuna user
+attributes. Decisions (which stages, which grid points, what is reused) come from ``search.plan``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from search.plan import Plan, Stage, grid_points, make_plan
+from search.spec import StudySpec, trial_config
+from search.store import (
+    best_trial,
+    completed_params,
+    objective_values,
+    open_stage_study,
+    open_storage,
+    record_trial,
+    stage_study_name,
+)
+from trainers.errors import ConfigError, RagsweepError, one_line
+
+__all__ = ["LaunchSummary", "StageEvent", "launch"]
+
+_PAYLOAD = "ragsweep_payload"  # the result key carrying a trial's metrics and record as JSON
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """What the progress view is told: a stage started, a trial started or ended, a stage ended."""
+
+    kind: str  # "stage", "trial_start", "trial_end", "stage_end"
+    stage: Stage
+    n_trials: int = 0  # trials this launch runs in the stage ("stage" events)
+    failed: bool = False
+    objective: float | None = None
+
+
+@dataclass
+class LaunchSummary:
+    """Trials run, skipped (already complete) and failed per stage, and wall time."""
+
+    ran: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def launch(
+    spec: StudySpec,
+    *,
+    storage_url: str,
+    runs_dir: Path,
+    cache_dir: Path,
+    address: str | None = None,
+    on_event: Callable[[StageEvent], None] | None = None,
+    max_retries: int = 0,
+    log_to_driver: bool = False,
+) -> LaunchSummary:
+    """Run every stage of ``spec``'s plan that still has work; completed trials are kept."""
+    started = time.perf_counter()
+    plan = make_plan(spec)
+    storage = open_storage(storage_url)
+    studies = {stage.name: open_stage_study(storage, spec, stage.name) for stage in plan.stages}
+    notify = on_event or _ignore
+    _prepare_shared(spec, cache_dir)
+    _start_ray(address, log_to_driver)
+    summary = LaunchSummary()
+    try:
+        for stage in plan.stages:
+            points = _remaining_points(stage, spec, studies[stage.name])
+            summary.skipped[stage.name] = stage.n_trials - len(points)
+            notify(StageEvent("stage", stage, n_trials=len(points)))
+            if points:
+                job = _stage_job(stage, plan, spec, studies, runs_dir, cache_dir)
+                summary.ran[stage.name] = len(points)
+                summary.failed[stage.name] = _run_stage(
+                    stage, spec, storage, points, job, notify, max_retries, runs_dir
+                )
+                _prune_checkpoints(stage, plan, studies[stage.name])
+            notify(StageEvent("stage_end", stage))
+    finally:
+        if address is None:
+            ray.shutdown()
+    summary.wall_s = time.perf_counter() - started
+    return summary
+
+
+def _remaining_points(stage: Stage, spec: StudySpec, study: optuna.Study) -> list[dict[str, float]]:
+    """Grid points (or sampler budget) of the stage that have no completed trial yet."""
+    done = completed_params(study)
+    if spec.search.sampler == "grid" or not stage.searched:
+        return [point for point in grid_points(stage, spec) if point not in done]
+    return [{} for _ in range(max(0, stage.n_trials - len(done)))]  # the sampler picks the points
+
+
+def _stage_job(
+    stage: Stage,
+    plan: Plan,
+    spec: StudySpec,
+    studies: dict[str, optuna.Study],
+    runs_dir: Path,
+    cache_dir: Path,
+) -> dict[str, Any]:
+    """Everything a trial of this stage needs besides its searched rates, as plain data."""
+    fixed: dict[str, float] = {}
+    for rate, source in stage.fixed_from.items():
+        fixed[rate] = _best_record(studies[source], source)["config"][rate]
+    reuse = {
+        phase: str(Path(_best(studies[source], source).user_attrs["checkpoint"]) / phase)
+        for phase, source in stage.reuse_from.items()
+    }
+    keeps_checkpoints = any(stage.name in later.reuse_from.values() for later in plan.stages)
+    return {
+        "spec": spec.model_dump(mode="json"),
+        "stage": stage.name,
+        "method": stage.method,
+        "training_overrides": stage.training_overrides,
+        "fixed": fixed,
+        "reuse": reuse,
+        "cache_dir": str(cache_dir),
+        "out_dir": str(runs_dir / stage_study_name(spec, stage.name))
+        if keeps_checkpoints
+        else None,
+        "cpus": spec.resources.cpus,
+    }
+
+
+def _best(study: optuna.Study, stage_name: str) -> optuna.trial.FrozenTrial:
+    best = best_trial(study)
+    if best is None:
+        raise ConfigError(
+            f"stage '{stage_name}' has no completed trial to build on (all failed); see `ragsweep trials` "
+            "for the reasons, fix them and launch again"
+        )
+    return best
+
+
+def _best_record(study: optuna.Study, stage_name: str) -> dict[str, Any]:
+    return _best(study, stage_name).user_attrs["record"]
+
+
+def _run_stage(
+    stage: Stage,
+    spec: StudySpec,
+    storage: optuna.storages.RDBStorage,
+    points: list[dict[str, float]],
+    job: dict[str, Any],
+    notify: Callable[[StageEvent], None],
+    max_retries: int,
+    runs_dir: Path,
+) -> int:
+    """One Tune run over the stage's remaining points; returns how many trials failed."""
+    study_name = stage_study_name(spec, stage.name)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    if spec.search.sampler == "grid":
+        for point in points:
+            if point:
+                study.enqueue_trial(point, skip_if_exists=True)
+    ranges = {
+        "lr_embedder": spec.search.lr_embedder_range,
+        "lr_generator": spec.search.lr_generator_range,
+    }
+    if spec.search.sampler == "grid":
+        ranges = {
+            rate: (min(getattr(spec.search, rate)), max(getattr(spec.search, rate)))
+            for rate in stage.searched
+        }
+
+    objectives = [objective.metric for objective in spec.objectives]
+    searcher = _RecordingOptunaSearch(
+        space=_Space(stage.searched, ranges, job["fixed"]),
+        metric=objectives,
+        mode=["max" if o.direction == "maximize" else "min" for o in spec.objectives],
+        sampler=_sampler(spec),
+        study_name=study_name,
+        storage=storage,
+    )
+    progress = _ProgressCallback(stage, notify, objectives[0])
+    resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_run_trial, job=job), resources),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=len(points),
+            max_concurrent_trials=spec.concurrency,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=study_name.replace("/", "__"),
+            storage_path=str((runs_dir / "ray").resolve()),
+            verbose=0,
+            callbacks=[progress],
+            failure_config=tune.FailureConfig(max_failures=max_retries),
+        ),
+    )
+    tuner.fit()
+    return progress.failed
+
+
+def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    if spec.search.sampler == "tpe" and len(spec.objectives) == 1:
+        return optuna.samplers.TPESampler(seed=spec.seed)
+    if spec.search.sampler == "tpe":
+        return optuna.samplers.NSGAIISampler(seed=spec.seed)
+    # grid: every point is enqueued, so the sampler only fills parameters nobody enqueued (none).
+    return optuna.samplers.RandomSampler(seed=spec.seed)
+
+
+@dataclass(frozen=True)
+class _Space:
+    """Define-by-run space: the searched rates on a log scale, plus the fixed ones as constants."""
+
+    searched: tuple[str, ...]
+    ranges: dict[str, tuple[float, float]]
+    fixed: dict[str, float]
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, float]:
+        for rate in self.searched:
+            trial.suggest_float(rate, *self.ranges[rate], log=True)
+        return dict(self.fixed)
+
+
+class _RecordingOptunaSearch(OptunaSearch):
+    """OptunaSearch that stores each trial's metrics and record, and failures with their reason.
+
+    Tune's OptunaSearch keeps only objective values and logs (then drops) a failing ``tell``;
+    here every reported figure becomes a user attribute and nothing is swallowed.
+    """
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        if trial_id in self._completed_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        payload = json.loads(result[_PAYLOAD]) if result and _PAYLOAD in result else {}
+        record_trial(ot_trial, payload)
+        values = (
+            None
+            if payload.get("fail_reason")
+            else objective_values(payload.get("metrics", {}), self._metric)
+        )
+        if values is None:
+            reason = payload.get("fail_reason") or (
+                "the trial worker died before reporting (killed, out of memory or a lost node)"
+                if error
+                else f"the trial reported no finite value for {', '.join(self._metric)}"
+            )
+            ot_trial.set_user_attr("fail_reason", reason)
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            self._ot_study.tell(ot_trial, values)
+        self._completed_trials.add(trial_id)
+
+
+class _ProgressCallback(tune.Callback):
+    """Turns Tune's trial events into :class:`StageEvent` for the progress view."""
+
+    def __init__(self, stage: Stage, notify: Callable[[StageEvent], None], objective: str) -> None:
+        self._stage, self._notify, self._objective = stage, notify, objective
+        self.failed = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment state; the live view stays in the driver.
+        return {**self.__dict__, "_notify": _ignore}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._notify(StageEvent("trial_start", self._stage))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        payload = json.loads(trial.last_result.get(_PAYLOAD, "{}"))
+        failed = bool(payload.get("fail_reason"))
+        self.failed += failed
+        value = None if failed else payload.get("metrics", {}).get(self._objective)
+        self._notify(StageEvent("trial_end", self._stage, failed=failed, objective=value))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.failed += 1
+        self._notify(StageEvent("trial_end", self._stage, failed=True))
+
+
+def _ignore(event: StageEvent) -> None:
+    """The progress sink of an unpickled callback: no live view there."""
+
+
+def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
+    """The Tune trainable: one trainers trial; failures are reported with their reason, not raised."""
+    import torch
+
+    from trainers import run_trial
+
+    torch.set_num_threads(max(1, int(job["cpus"])))  # one thread per requested CPU
+    payload: dict[str, Any] = {
+        "method": job["method"],
+        "stage": job["stage"],
+        "node": ray.get_runtime_context().get_node_id(),
+    }
+    try:
+        spec = StudySpec.model_validate(job["spec"])
+        if job["training_overrides"]:
+            spec = spec.model_copy(
+                update={"training": spec.training.model_copy(update=job["training_overrides"])}
+            )
+        rates = {**job["fixed"], **config}
+        trial = trial_config(
+            spec,
+            job["method"],
+            lr_embedder=rates.get("lr_embedder"),
+            lr_generator=rates.get("lr_generator"),
+            reuse=job["reuse"],
+        )
+        out_dir = (
+            Path(job["out_dir"]) / tune.get_context().get_trial_id() if job["out_dir"] else None
+        )
+        result = run_trial(trial, cache_dir=Path(job["cache_dir"]), out_dir=out_dir)
+        payload |= {
+            "metrics": result.metrics,
+            "record": result.record,
+            "checkpoint": str(out_dir) if out_dir else None,
+        }
+    except RagsweepError as e:
+        payload["fail_reason"] = str(e)
+    except (
+        Exception
+    ) as e:  # a bug or a library error: recorded as the trial's failure, study goes on
+        payload["fail_reason"] = one_line(e)
+    tune.report(
+        {
+            _PAYLOAD: json.dumps(payload),
+            **{k: v for k, v in payload.get("metrics", {}).items() if "." not in k},
+        }
+    )
+
+
+def _prepare_shared(spec: StudySpec, cache_dir: Path) -> None:
+    """Convert built-in models and build the frozen index once, before trials race to do it."""
+    import torch
+
+    from trainers.data import load_data
+    from trainers.index import build_index
+    from trainers.models import load_embedder, load_generator
+
+    device = torch.device("cpu")
+    data = load_data(spec.data)
+    embedder = load_embedder(spec.models.embedder, cache_dir=cache_dir, device=device)
+    build_index(
+        embedder, data.corpus, cache_dir=cache_dir, max_length=spec.training.embedder_max_length
+    )
+    if spec.models.generator_finetune != "qlora":
+        load_generator(spec.models.generator, cache_dir=cache_dir, device=device, finetune="full")
+
+
+def _start_ray(address: str | None, log_to_driver: bool) -> None:
+    if ray.is_initialized():
+        return
+    try:
+        if address is None:
+            # Local Ray stays on loopback and keeps its dashboard off.
+            ray.init(
+                include_dashboard=False,
+                log_to_driver=log_to_driver,
+                logging_level=logging.ERROR,
+                _node_ip_address="127.0.0.1",
+            )
+        else:
+            ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.ERROR)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ConfigError(
+            f"cannot connect to the Ray cluster at '{address}': {one_line(e)}; start it with `ray start --head` or drop --address"
+        ) from e
+
+
+def _prune_checkpoints(stage: Stage, plan: Plan, study: optuna.Study) -> None:
+    """Keep only the best trial's models of a stage that later stages reuse."""
+    if not any(stage.name in later.reuse_from.values() for later in plan.stages):
+        return
+    best = best_trial(study)
+    for trial in study.get_trials(deepcopy=False):
+        checkpoint = trial.user_attrs.get("checkpoint")
+        if checkpoint and (best is None or trial.number != best.number):
+            shutil.rmtree(checkpoint, ignore_errors=True)

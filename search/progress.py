@@ -1,0 +1,107 @@
+"""A live view of a launch: the stage, trials done / running / failed, best so far, time left."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from search.dispatch import StageEvent
+from search.plan import Plan
+
+__all__ = ["LaunchProgress"]
+
+
+@dataclass
+class _StageState:
+    total: int = 0
+    done: int = 0
+    running: int = 0
+    failed: int = 0
+    best: float | None = None
+    status: str = "waiting"
+
+
+@dataclass
+class LaunchProgress:
+    """Receives :class:`StageEvent` from ``launch`` and redraws a table with rich."""
+
+    plan: Plan
+    objective: str
+    maximize: bool
+    console: Console
+    _states: dict[str, _StageState] = field(default_factory=dict)
+    _started: float = field(default_factory=time.perf_counter)
+    _live: Live | None = None
+
+    def __enter__(self) -> LaunchProgress:
+        self._states = {stage.name: _StageState(total=stage.n_trials) for stage in self.plan.stages}
+        self._live = Live(
+            self._table(), console=self.console, refresh_per_second=2, transient=False
+        )
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.update(self._table())
+            self._live.__exit__(*exc)
+
+    def __call__(self, event: StageEvent) -> None:
+        state = self._states[event.stage.name]
+        if event.kind == "stage":
+            state.status = "running" if event.n_trials else "complete already"
+            state.total = event.n_trials
+        elif event.kind == "trial_start":
+            state.running += 1
+        elif event.kind == "trial_end":
+            state.running = max(0, state.running - 1)
+            state.done += 1
+            state.failed += event.failed
+            if event.objective is not None and (
+                state.best is None or (event.objective > state.best) == self.maximize
+            ):
+                state.best = event.objective
+        elif event.kind == "stage_end" and state.status == "running":
+            state.status = "done"
+        if self._live is not None:
+            self._live.update(self._table())
+
+    def _table(self) -> Table:
+        elapsed = time.perf_counter() - self._started
+        table = Table(
+            title=f"ragsweep launch  elapsed {elapsed / 60:.1f} min  {self._remaining()}",
+            title_justify="left",
+        )
+        for column in ("stage", "status", "done", "running", "failed", f"best {self.objective}"):
+            table.add_column(column, justify="left" if column in ("stage", "status") else "right")
+        for name, state in self._states.items():
+            best = "-" if state.best is None else f"{state.best:.4g}"
+            table.add_row(
+                name,
+                state.status,
+                f"{state.done}/{state.total}",
+                str(state.running),
+                str(state.failed),
+                best,
+            )
+        return table
+
+    def _remaining(self) -> str:
+        # Forecast remaining = the plan's forecast for trials not yet finished, scaled by how far the
+        # trials so far ran over or under their forecast.
+        forecast = {stage.name: stage.forecast_s for stage in self.plan.stages}
+        if any(value is None for value in forecast.values()):
+            return ""
+        per_trial = {
+            stage.name: (stage.forecast_s or 0) / max(1, stage.n_trials)
+            for stage in self.plan.stages
+        }
+        left = sum(per_trial[name] * max(0, s.total - s.done) for name, s in self._states.items())
+        done_forecast = sum(per_trial[name] * s.done for name, s in self._states.items())
+        elapsed = time.perf_counter() - self._started
+        scale = elapsed / done_forecast if done_forecast > 0 else 1.0
+        return f"remaining ~{left * scale / 60:.1f} min (forecast)"
