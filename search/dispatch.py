@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from search.plan import Plan, Stage, grid_points, make_plan
 from search.spec import StudySpec, trial_config
 from search.store import (
     best_trial,
-    completed_params,
+    finished_params,
     objective_values,
     open_stage_study,
     open_storage,
@@ -77,9 +78,13 @@ def launch(
     storage = open_storage(storage_url)
     studies = {stage.name: open_stage_study(storage, spec, stage.name) for stage in plan.stages}
     notify = on_event or _ignore
+    summary = LaunchSummary()
+    if not any(_remaining_points(stage, spec, studies[stage.name]) for stage in plan.stages):
+        summary.skipped = {stage.name: stage.n_trials for stage in plan.stages}
+        summary.wall_s = time.perf_counter() - started
+        return summary
     _prepare_shared(spec, cache_dir)
     _start_ray(address, log_to_driver)
-    summary = LaunchSummary()
     try:
         for stage in plan.stages:
             points = _remaining_points(stage, spec, studies[stage.name])
@@ -101,8 +106,8 @@ def launch(
 
 
 def _remaining_points(stage: Stage, spec: StudySpec, study: optuna.Study) -> list[dict[str, float]]:
-    """Grid points (or sampler budget) of the stage that have no completed trial yet."""
-    done = completed_params(study)
+    """Grid points (or sampler budget) of the stage that no finished trial covers yet."""
+    done = finished_params(study)
     if spec.search.sampler == "grid" or not stage.searched:
         return [point for point in grid_points(stage, spec) if point not in done]
     return [{} for _ in range(max(0, stage.n_trials - len(done)))]  # the sampler picks the points
@@ -262,6 +267,8 @@ class _RecordingOptunaSearch(OptunaSearch):
                 else f"the trial reported no finite value for {', '.join(self._metric)}"
             )
             ot_trial.set_user_attr("fail_reason", reason)
+            # A failure the trial reported recurs on a re-run; a dead worker may not.
+            ot_trial.set_user_attr("retryable", not payload.get("fail_reason"))
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
         else:
             self._ot_study.tell(ot_trial, values)
@@ -366,6 +373,9 @@ def _prepare_shared(spec: StudySpec, cache_dir: Path) -> None:
 
 
 def _start_ray(address: str | None, log_to_driver: bool) -> None:
+    # A failed trial reports its reason and no objective; Tune must pass that on to the searcher,
+    # which records it as FAIL, instead of rejecting the result.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if ray.is_initialized():
         return
     try:

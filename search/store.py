@@ -31,7 +31,7 @@ __all__ = [
     "mask_url",
     "open_storage",
     "open_stage_study",
-    "completed_params",
+    "finished_params",
     "objective_values",
     "record_trial",
     "spec_hash",
@@ -152,11 +152,20 @@ def best_trial(study: optuna.Study, objective_index: int = 0) -> optuna.trial.Fr
     return max(completed, key=lambda t: (sign * t.values[objective_index], -t.number))
 
 
-def completed_params(study: optuna.Study) -> list[dict[str, float]]:
-    """Parameters of the study's completed trials."""
+def finished_params(study: optuna.Study) -> list[dict[str, float]]:
+    """Parameters of trials that need no re-run: completed ones, and failures that would recur.
+
+    A trial that failed by itself (diverged, bad config) fails again the same way, so a relaunch
+    skips it; one whose worker died or whose driver was killed is ``retryable`` and runs again.
+    """
     return [
-        t.params
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        trial.params
+        for trial in study.get_trials(deepcopy=False)
+        if trial.state == optuna.trial.TrialState.COMPLETE
+        or (
+            trial.state == optuna.trial.TrialState.FAIL
+            and not trial.user_attrs.get("retryable", False)
+        )
     ]
 
 

@@ -1,0 +1,168 @@
+"""``launch`` on a real local Ray and a real database: stages, records, reuse, relaunch, failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from search.dispatch import launch
+from search.spec import StudySpec, load_spec
+from search.store import open_storage
+from trainers.errors import ConfigError
+
+TINY_STUDY = {
+    "name": "tiny",
+    "methods": ["none", "ft_embed", "ft_gen", "independent", "two_phase", "rag_token"],
+    "data": {"n_train": 16, "n_validation": 8, "generated": {"n_entities": 12}},
+    "models": {"embedder": "tiny", "generator": "tiny"},
+    "training": {
+        "batch_size_embedder": 4,
+        "batch_size_generator": 4,
+        "k": 3,
+        "max_doc_tokens": 32,
+        "max_new_tokens": 4,
+        "precision": "fp32",
+        "ft_gen_objective": "rag_token",  # ft_gen is two_phase's phase 1
+    },
+    # 1e30 diverges: a trial that fails by itself, which the study must survive.
+    "search": {"lr_embedder": [1e-4, 1e-3], "lr_generator": [1e-3, 1e30], "joint": "reuse"},
+    "concurrency": 2,
+}
+
+
+def tiny_spec(tmp_path: Path, **changes) -> StudySpec:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_STUDY | changes))
+    return load_spec(path)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path_factory) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'studies.db'}"
+    url = os.environ.get("RAGSWEEP_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("RAGSWEEP_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
+    return url
+
+
+@pytest.fixture(scope="module")
+def launched(storage_url, tmp_path_factory, cache_dir):
+    tmp_path = tmp_path_factory.mktemp("study")
+    spec = tiny_spec(tmp_path, name=f"tiny-{tmp_path.name}")
+    runs_dir = tmp_path / "runs"
+    summary = launch(spec, storage_url=storage_url, runs_dir=runs_dir, cache_dir=cache_dir)
+    storage = open_storage(storage_url)
+    studies = {
+        name.split("/", 1)[1]: optuna.load_study(study_name=name, storage=storage)
+        for name in optuna.get_all_study_names(storage)
+        if name.startswith(spec.name + "/")
+    }
+    return spec, summary, studies, storage_url, runs_dir
+
+
+def test_every_stage_ran_its_trials(launched):
+    spec, summary, studies, _, _ = launched
+    assert set(studies) == {"none", "ft_embed", "ft_gen", "independent", "two_phase", "rag_token"}
+    counts = {name: len(study.trials) for name, study in studies.items()}
+    assert counts == {
+        "none": 1,
+        "ft_embed": 2,
+        "ft_gen": 2,
+        "independent": 1,
+        "two_phase": 2,
+        "rag_token": 1,
+    }
+    assert summary.ran == counts
+
+
+def test_trials_carry_metrics_record_and_method(launched):
+    _, _, studies, _, _ = launched
+    trial = studies["ft_embed"].best_trial
+    assert trial.user_attrs["method"] == "ft_embed" and trial.user_attrs["stage"] == "ft_embed"
+    assert trial.values[0] == trial.user_attrs["metrics"]["f1"]
+    assert (
+        trial.user_attrs["metrics"]["recall_at_k"] >= 0
+        and trial.user_attrs["metrics"]["train_flops"] > 0
+    )
+    record = trial.user_attrs["record"]
+    assert record["config"]["lr_embedder"] == trial.params["lr_embedder"]
+    assert record["data_fingerprint"] and record["environment"]["packages"]["torch"]
+    assert studies["ft_embed"].user_attrs["ragsweep.group"] == launched[0].name
+
+
+def test_a_diverging_trial_is_failed_with_its_reason_and_the_study_goes_on(launched):
+    _, _, studies, _, _ = launched
+    by_rate = {t.params["lr_generator"]: t for t in studies["ft_gen"].trials}
+    assert by_rate[1e30].state == optuna.trial.TrialState.FAIL
+    assert "diverged" in by_rate[1e30].user_attrs["fail_reason"]
+    assert by_rate[1e-3].state == optuna.trial.TrialState.COMPLETE
+    assert studies["two_phase"].best_trial.user_attrs["record"]["config"]["lr_generator"] == 1e-3
+
+
+def test_independent_and_two_phase_reuse_the_best_checkpoints(launched):
+    _, _, studies, _, runs_dir = launched
+    independent = studies["independent"].trials[0]
+    assert independent.user_attrs["metrics"]["train_steps"] == 0
+    assert independent.user_attrs["record"]["reused_phases"] == ["embedder", "generator"]
+    assert (
+        studies["independent"].trials[0].user_attrs["metrics"]["recall_at_k"]
+        == studies["ft_embed"].best_trial.user_attrs["metrics"]["recall_at_k"]
+    )
+    two_phase = studies["two_phase"].best_trial.user_attrs["record"]
+    assert two_phase["reused_phases"] == ["generator"]  # phase 1 is ft_gen's best run
+    # Only the best checkpoint of a reused stage is kept.
+    kept = [
+        t
+        for t in studies["ft_embed"].trials
+        if Path(t.user_attrs.get("checkpoint", "/nonexistent")).exists()
+    ]
+    assert [t.number for t in kept] == [studies["ft_embed"].best_trial.number]
+
+
+def test_joint_method_reuses_two_phase_learning_rates(launched):
+    _, _, studies, _, _ = launched
+    joint = studies["rag_token"].trials[0].user_attrs["record"]["config"]
+    best_two_phase = studies["two_phase"].best_trial.user_attrs["record"]["config"]
+    assert (joint["lr_embedder"], joint["lr_generator"]) == (
+        best_two_phase["lr_embedder"],
+        best_two_phase["lr_generator"],
+    )
+
+
+def test_relaunching_a_finished_study_adds_no_trials(launched, tmp_path, cache_dir):
+    spec, _, studies, storage_url, runs_dir = launched
+    summary = launch(spec, storage_url=storage_url, runs_dir=runs_dir, cache_dir=cache_dir)
+    assert sum(summary.ran.values()) == 0
+    storage = open_storage(storage_url)
+    assert {
+        name: len(optuna.load_study(study_name=f"{spec.name}/{name}", storage=storage).trials)
+        for name in studies
+    } == {name: len(study.trials) for name, study in studies.items()}
+
+
+def test_a_different_spec_under_the_same_name_is_refused(launched, cache_dir):
+    spec, _, _, storage_url, runs_dir = launched
+    changed = spec.model_copy(update={"seed": spec.seed + 1})
+    with pytest.raises(ConfigError, match="different spec"):
+        launch(changed, storage_url=storage_url, runs_dir=runs_dir, cache_dir=cache_dir)
+
+
+def test_optuna_cli_lists_the_studies(launched):
+    spec, _, studies, storage_url, _ = launched
+    optuna_cli = Path(sys.executable).parent / "optuna"
+    listed = subprocess.run(
+        [str(optuna_cli), "studies", "--storage", storage_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    for name in studies:
+        assert f"{spec.name}/{name}" in listed.stdout
