@@ -99,8 +99,7 @@ def launch(
                 _prune_checkpoints(stage, plan, studies[stage.name])
             notify(StageEvent("stage_end", stage))
     finally:
-        if address is None:
-            ray.shutdown()
+        ray.shutdown()  # stops a local Ray; only disconnects from a cluster given by address
     summary.wall_s = time.perf_counter() - started
     return summary
 
