@@ -18,8 +18,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(VENV)/bin/ragsweep train --spec studies/demo.yaml --method none
-	$(VENV)/bin/ragsweep train --spec studies/demo.yaml --method independent --lr-embedder 3e-5 --lr-generator 3e-4
+	$(VENV)/bin/ragsweep launch studies/demo.yaml
+	$(VENV)/bin/optuna studies --storage sqlite:///studies/demo.db
 
 test: setup
 	$(VENV)/bin/pytest -q

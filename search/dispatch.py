@@ -74,6 +74,8 @@ def launch(
 ) -> LaunchSummary:
     """Run every stage of ``spec``'s plan that still has work; completed trials are kept."""
     started = time.perf_counter()
+    # Tune runs each trial in its own working directory: relative paths would land there.
+    runs_dir, cache_dir = runs_dir.resolve(), cache_dir.resolve()
     plan = make_plan(spec)
     storage = open_storage(storage_url)
     studies = {stage.name: open_stage_study(storage, spec, stage.name) for stage in plan.stages}

@@ -56,7 +56,7 @@ def storage_url(request, tmp_path_factory) -> str:
 def launched(storage_url, tmp_path_factory, cache_dir):
     tmp_path = tmp_path_factory.mktemp("study")
     spec = tiny_spec(tmp_path, name=f"tiny-{tmp_path.name}")
-    runs_dir = tmp_path / "runs"
+    runs_dir = Path(os.path.relpath(tmp_path / "runs"))  # relative, as a user's --runs-dir often is
     summary = launch(spec, storage_url=storage_url, runs_dir=runs_dir, cache_dir=cache_dir)
     storage = open_storage(storage_url)
     studies = {
