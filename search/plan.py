@@ -568,7 +568,9 @@ def _hardware_text(spec: StudySpec) -> str:
 def _throughput_text(spec: StudySpec) -> str:
     if spec.resources.gpus > 0:
         return f"{_GPU_FLOPS_PER_GPU:.0e} FLOP/s per GPU (A10-class at ~25% of bf16 peak)"
-    return f"{_CPU_FLOPS_PER_CPU:.0e} FLOP/s per CPU (SmolLM2 LoRA in bf16, measured on a 2-core CPU)"
+    return (
+        f"{_CPU_FLOPS_PER_CPU:.0e} FLOP/s per CPU (SmolLM2 LoRA in bf16, measured on a 2-core CPU)"
+    )
 
 
 def _duration(seconds: float | None) -> str:

@@ -2,7 +2,8 @@
 
 Layout (readable by ``optuna studies`` and optuna-dashboard): the trials of a launch live in one
 study per plan stage, named ``<spec name>/<stage>``; every such study carries the user attributes
-``ragsweep.group`` (the spec name), ``ragsweep.stage``, ``ragsweep.spec_hash`` and ``ragsweep.spec``.
+``ragsweep.group`` (the spec name), ``ragsweep.stage`` and ``ragsweep.spec_hash`` (the full resolved
+configuration is in every trial's ``record``, so the study listing stays readable).
 Each trial carries ``metrics`` (every figure the trial reported), ``method``, ``stage``, ``record``
 (resolved config, seed, data fingerprint, split, versions, commit, hardware), ``checkpoint`` where
 later stages reuse it, and ``fail_reason`` when it failed.
@@ -41,7 +42,6 @@ __all__ = [
 GROUP_ATTR = "ragsweep.group"
 STAGE_ATTR = "ragsweep.stage"
 _HASH_ATTR = "ragsweep.spec_hash"
-_SPEC_ATTR = "ragsweep.spec"
 # What decides a trial's result; changing anything else (methods, storage, concurrency,
 # resources) keeps the existing trials valid.
 _RESULT_FIELDS = ("seed", "data", "models", "training", "search", "objectives")
@@ -119,7 +119,6 @@ def open_stage_study(
         study.set_user_attr(GROUP_ATTR, spec.name)
         study.set_user_attr(STAGE_ATTR, stage)
         study.set_user_attr(_HASH_ATTR, spec_hash(spec))
-        study.set_user_attr(_SPEC_ATTR, spec.model_dump(mode="json"))
     return study
 
 

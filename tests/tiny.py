@@ -33,3 +33,12 @@ def tiny_config(method: str, **overrides) -> TrialConfig:
         training=TINY_TRAINING,
     )
     return TrialConfig(**(fields | overrides))
+
+
+# The same settings as a study spec (YAML-shaped), for tests of the CLI and of launches.
+TINY_SPEC: dict[str, object] = {
+    "name": "tiny",
+    "data": TINY_DATA.model_dump(mode="json", exclude_unset=True),
+    "models": TINY_MODELS.model_dump(mode="json", exclude_unset=True),
+    "training": TINY_TRAINING.model_dump(mode="json", exclude_unset=True),
+}

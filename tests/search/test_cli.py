@@ -11,19 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-TINY_SPEC = {
-    "name": "tiny",
-    "data": {"n_train": 16, "n_validation": 8, "generated": {"n_entities": 12}},
-    "models": {"embedder": "tiny", "generator": "tiny"},
-    "training": {
-        "batch_size_embedder": 4,
-        "batch_size_generator": 4,
-        "k": 3,
-        "max_doc_tokens": 32,
-        "max_new_tokens": 4,
-        "precision": "fp32",
-    },
-}
+from tests.tiny import TINY_SPEC
 
 
 def ragsweep(*args: str, cache_dir: Path) -> subprocess.CompletedProcess[str]:

@@ -14,22 +14,12 @@ import yaml
 from search.dispatch import launch
 from search.spec import StudySpec, load_spec
 from search.store import open_storage
+from tests.tiny import TINY_SPEC
 from trainers.errors import ConfigError
 
-TINY_STUDY = {
-    "name": "tiny",
+TINY_STUDY = TINY_SPEC | {
     "methods": ["none", "ft_embed", "ft_gen", "independent", "two_phase", "rag_token"],
-    "data": {"n_train": 16, "n_validation": 8, "generated": {"n_entities": 12}},
-    "models": {"embedder": "tiny", "generator": "tiny"},
-    "training": {
-        "batch_size_embedder": 4,
-        "batch_size_generator": 4,
-        "k": 3,
-        "max_doc_tokens": 32,
-        "max_new_tokens": 4,
-        "precision": "fp32",
-        "ft_gen_objective": "rag_token",  # ft_gen is two_phase's phase 1
-    },
+    "training": TINY_SPEC["training"] | {"ft_gen_objective": "rag_token"},  # two_phase's phase 1
     # 1e30 diverges: a trial that fails by itself, which the study must survive.
     "search": {"lr_embedder": [1e-4, 1e-3], "lr_generator": [1e-3, 1e30], "joint": "reuse"},
     "concurrency": 2,
