@@ -148,6 +148,9 @@ def launch(
     address: Annotated[
         str | None, typer.Option("--address", help="An existing Ray cluster (default: local Ray).")
     ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Study name (default: the spec's).")
+    ] = None,
     concurrency: Annotated[
         int | None,
         typer.Option("--concurrency", min=1, help="Trials at once (default: the spec's)."),
@@ -177,6 +180,8 @@ def launch(
     from search.store import mask_url
 
     overrides: dict[str, object] = {}
+    if name:
+        overrides["name"] = name
     if data_path:
         overrides["data.path"] = data_path
     if concurrency:

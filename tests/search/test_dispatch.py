@@ -156,3 +156,23 @@ def test_optuna_cli_lists_the_studies(launched):
     assert listed.returncode == 0, listed.stderr
     for name in studies:
         assert f"{spec.name}/{name}" in listed.stdout
+
+
+def test_quality_and_cost_as_two_objectives(tmp_path, cache_dir):
+    objectives = [
+        {"metric": "f1", "direction": "maximize"},
+        {"metric": "train_flops", "direction": "minimize"},
+    ]
+    spec = tiny_spec(
+        tmp_path,
+        name="pareto",
+        methods=["ft_gen"],
+        search={"lr_generator": [1e-4, 1e-3]},
+        objectives=objectives,
+    )
+    storage_url = f"sqlite:///{tmp_path / 'pareto.db'}"
+    launch(spec, storage_url=storage_url, runs_dir=tmp_path / "runs", cache_dir=cache_dir)
+    study = optuna.load_study(study_name="pareto/ft_gen", storage=open_storage(storage_url))
+    assert [len(t.values) for t in study.trials] == [2, 2]
+    assert study.trials[0].values[1] == study.trials[0].user_attrs["metrics"]["train_flops"] > 0
+    assert 1 <= len(study.best_trials) <= 2  # the Pareto front
