@@ -26,6 +26,7 @@ from search.plan import Plan, Stage, grid_points, make_plan
 from search.spec import StudySpec, trial_config
 from search.store import (
     best_trial,
+    existing_stage_study,
     finished_params,
     objective_values,
     open_stage_study,
@@ -78,14 +79,18 @@ def launch(
     runs_dir, cache_dir = runs_dir.resolve(), cache_dir.resolve()
     plan = make_plan(spec)
     storage = open_storage(storage_url)
-    studies = {stage.name: open_stage_study(storage, spec, stage.name) for stage in plan.stages}
+    existing = {
+        stage.name: existing_stage_study(storage, spec, stage.name) for stage in plan.stages
+    }
     notify = on_event or _ignore
     summary = LaunchSummary()
-    if not any(_remaining_points(stage, spec, studies[stage.name]) for stage in plan.stages):
+    if not any(_remaining_points(stage, spec, existing[stage.name]) for stage in plan.stages):
         summary.skipped = {stage.name: stage.n_trials for stage in plan.stages}
         summary.wall_s = time.perf_counter() - started
         return summary
+    # Data and models are checked before anything is written, so bad input leaves no study behind.
     _prepare_shared(spec, cache_dir)
+    studies = {stage.name: open_stage_study(storage, spec, stage.name) for stage in plan.stages}
     _start_ray(address, log_to_driver)
     try:
         for stage in plan.stages:
@@ -106,9 +111,11 @@ def launch(
     return summary
 
 
-def _remaining_points(stage: Stage, spec: StudySpec, study: optuna.Study) -> list[dict[str, float]]:
+def _remaining_points(
+    stage: Stage, spec: StudySpec, study: optuna.Study | None
+) -> list[dict[str, float]]:
     """Grid points (or sampler budget) of the stage that no finished trial covers yet."""
-    done = finished_params(study)
+    done = finished_params(study) if study is not None else []
     if spec.search.sampler == "grid" or not stage.searched:
         return [point for point in grid_points(stage, spec) if point not in done]
     return [{} for _ in range(max(0, stage.n_trials - len(done)))]  # the sampler picks the points

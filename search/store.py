@@ -32,6 +32,8 @@ __all__ = [
     "mask_url",
     "open_storage",
     "open_stage_study",
+    "check_spec_matches",
+    "existing_stage_study",
     "finished_params",
     "objective_values",
     "record_trial",
@@ -103,7 +105,7 @@ def open_stage_study(
     """Create or load the study of one stage; refuse one created from a different spec."""
     name = stage_study_name(spec, stage)
     directions = [objective.direction for objective in spec.objectives]
-    _check_spec_matches(storage, spec)
+    check_spec_matches(storage, spec)
     study = optuna.create_study(
         storage=storage,
         study_name=name,
@@ -122,7 +124,19 @@ def open_stage_study(
     return study
 
 
-def _check_spec_matches(storage: optuna.storages.RDBStorage, spec: StudySpec) -> None:
+def existing_stage_study(
+    storage: optuna.storages.RDBStorage, spec: StudySpec, stage: str
+) -> optuna.Study | None:
+    """The stage's study if an earlier launch made it (nothing is written), else None."""
+    check_spec_matches(storage, spec)
+    try:
+        return optuna.load_study(study_name=stage_study_name(spec, stage), storage=storage)
+    except KeyError:
+        return None
+
+
+def check_spec_matches(storage: optuna.storages.RDBStorage, spec: StudySpec) -> None:
+    """Refuse a spec whose name is already used in this database by a different spec."""
     expected = spec_hash(spec)
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         if summary.user_attrs.get(GROUP_ATTR) == spec.name and summary.user_attrs.get(

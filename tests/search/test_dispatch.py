@@ -176,3 +176,14 @@ def test_quality_and_cost_as_two_objectives(tmp_path, cache_dir):
     assert [len(t.values) for t in study.trials] == [2, 2]
     assert study.trials[0].values[1] == study.trials[0].user_attrs["metrics"]["train_flops"] > 0
     assert 1 <= len(study.best_trials) <= 2  # the Pareto front
+
+
+def test_bad_data_fails_before_any_study_is_written(tmp_path, cache_dir):
+    from trainers.errors import DataError
+
+    data = {"source": "hotpotqa", "path": str(tmp_path / "missing.jsonl")}
+    spec = tiny_spec(tmp_path, name="bad-data", data=data)
+    storage_url = f"sqlite:///{tmp_path / 'bad.db'}"
+    with pytest.raises(DataError, match="missing.jsonl"):
+        launch(spec, storage_url=storage_url, runs_dir=tmp_path / "runs", cache_dir=cache_dir)
+    assert optuna.get_all_study_names(open_storage(storage_url)) == []
