@@ -37,6 +37,7 @@ class DocumentIndex:
     encoded_tokens: int  # passage tokens encoded; 0 on a cache hit
     _faiss_index: faiss.Index
     _positions: dict[str, int] = field(init=False)
+    _device_vectors: dict[torch.device, torch.Tensor] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._positions = {document.id: row for row, document in enumerate(self.documents)}
@@ -53,8 +54,14 @@ class DocumentIndex:
         return self._positions[doc_id]
 
     def vectors(self, device: torch.device) -> torch.Tensor:
-        """The document vectors as a frozen tensor (N, D), for scores that carry a gradient to E."""
-        return torch.from_numpy(self.doc_vectors).to(device)
+        """The document vectors as a frozen tensor (N, D), for scores that carry a gradient to E.
+
+        Kept per device: every training step gathers from it, and a GPU copy per step would move
+        the whole matrix each time.
+        """
+        if device not in self._device_vectors:
+            self._device_vectors[device] = torch.from_numpy(self.doc_vectors).to(device)
+        return self._device_vectors[device]
 
 
 def passage_text(document: Document) -> str:

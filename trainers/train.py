@@ -203,6 +203,7 @@ def _hard_negatives(
     if per_question == 0:
         return {record.id: () for record in records}
     mined = {}
+    n_embedder, _ = parameter_counts(pipeline.embedder)
     with torch.no_grad():
         for start in range(0, len(records), pipeline.training.eval_batch_size):
             batch = records[start : start + pipeline.training.eval_batch_size]
