@@ -26,6 +26,7 @@ from search.plan import Plan, Stage, grid_points, make_plan
 from search.spec import StudySpec, trial_config
 from search.store import (
     best_trial,
+    check_spec_matches,
     existing_stage_study,
     finished_params,
     objective_values,
@@ -79,6 +80,7 @@ def launch(
     runs_dir, cache_dir = runs_dir.resolve(), cache_dir.resolve()
     plan = make_plan(spec)
     storage = open_storage(storage_url)
+    check_spec_matches(storage, spec)  # once: it reads every study summary in the database
     existing = {
         stage.name: existing_stage_study(storage, spec, stage.name) for stage in plan.stages
     }
@@ -101,7 +103,15 @@ def launch(
                 job = _stage_job(stage, plan, spec, studies, runs_dir, cache_dir)
                 summary.ran[stage.name] = len(points)
                 summary.failed[stage.name] = _run_stage(
-                    stage, spec, storage, points, job, notify, max_retries, runs_dir
+                    stage,
+                    spec,
+                    storage,
+                    studies[stage.name],
+                    points,
+                    job,
+                    notify,
+                    max_retries,
+                    runs_dir,
                 )
                 _prune_checkpoints(stage, plan, studies[stage.name])
             notify(StageEvent("stage_end", stage))
@@ -171,6 +181,7 @@ def _run_stage(
     stage: Stage,
     spec: StudySpec,
     storage: optuna.storages.RDBStorage,
+    study: optuna.Study,
     points: list[dict[str, float]],
     job: dict[str, Any],
     notify: Callable[[StageEvent], None],
@@ -178,8 +189,7 @@ def _run_stage(
     runs_dir: Path,
 ) -> int:
     """One Tune run over the stage's remaining points; returns how many trials failed."""
-    study_name = stage_study_name(spec, stage.name)
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study_name = study.study_name
     if spec.search.sampler == "grid":
         for point in points:
             if point:

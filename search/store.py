@@ -102,10 +102,9 @@ def open_stage_study(
     stage: str,
     sampler: optuna.samplers.BaseSampler | None = None,
 ) -> optuna.Study:
-    """Create or load the study of one stage; refuse one created from a different spec."""
+    """Create or load the study of one stage (call :func:`check_spec_matches` first)."""
     name = stage_study_name(spec, stage)
     directions = [objective.direction for objective in spec.objectives]
-    check_spec_matches(storage, spec)
     study = optuna.create_study(
         storage=storage,
         study_name=name,
@@ -128,7 +127,6 @@ def existing_stage_study(
     storage: optuna.storages.RDBStorage, spec: StudySpec, stage: str
 ) -> optuna.Study | None:
     """The stage's study if an earlier launch made it (nothing is written), else None."""
-    check_spec_matches(storage, spec)
     try:
         return optuna.load_study(study_name=stage_study_name(spec, stage), storage=storage)
     except KeyError:
