@@ -26,6 +26,7 @@ from trainers.errors import ConfigError, RagsweepError, one_line
 
 __all__ = [
     "GROUP_ATTR",
+    "SPEC_ATTR",
     "STAGE_ATTR",
     "StorageError",
     "best_trial",
@@ -43,6 +44,7 @@ __all__ = [
 
 GROUP_ATTR = "ragsweep.group"
 STAGE_ATTR = "ragsweep.stage"
+SPEC_ATTR = "ragsweep.spec"
 _HASH_ATTR = "ragsweep.spec_hash"
 # What decides a trial's result; changing anything else (methods, storage, concurrency,
 # resources) keeps the existing trials valid.
@@ -120,6 +122,11 @@ def open_stage_study(
         study.set_user_attr(GROUP_ATTR, spec.name)
         study.set_user_attr(STAGE_ATTR, stage)
         study.set_user_attr(_HASH_ATTR, spec_hash(spec))
+        # The whole spec, so reports can rebuild the plan; a system attribute keeps it out of
+        # the study listings of `optuna studies` and the dashboard.
+        storage.set_study_system_attr(
+            storage.get_study_id_from_name(name), SPEC_ATTR, spec.model_dump(mode="json")
+        )
     return study
 
 
