@@ -57,12 +57,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_trial(config: TrialConfig, *, cache_dir: Path, out_dir: Path | None = None) -> TrialResult:
+def run_trial(
+    config: TrialConfig,
+    *,
+    cache_dir: Path,
+    out_dir: Path | None = None,
+    merge_generator: bool = False,
+) -> TrialResult:
     """Run ``config.method`` with its learning rates and return validation metrics and cost.
 
     ``cache_dir`` holds converted models and cached document vectors; with ``out_dir`` every
     trained phase saves its models under ``out_dir/<phase>`` and the record goes to
-    ``out_dir/trial.json``.
+    ``out_dir/trial.json``; ``merge_generator`` also saves each trained generator with its adapter
+    merged in (``<phase>/generator/merged``).
     """
     phases = method_phases(config.method, config.training)
     _check_learning_rates(config, phases)
@@ -91,7 +98,7 @@ def run_trial(config: TrialConfig, *, cache_dir: Path, out_dir: Path | None = No
             )
         final_losses[phase.name] = losses[-1] if losses else None
         if out_dir is not None:
-            _save_phase(phase, pipeline, out_dir / phase.name)
+            _save_phase(phase, pipeline, out_dir / phase.name, merge_generator)
 
     with meter.phase("eval") as cost:
         evaluation = evaluate_pipeline(pipeline, data.validation, cost)
@@ -232,13 +239,13 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if supported else None
 
 
-def _save_phase(phase: Phase, pipeline: Pipeline, folder: Path) -> None:
+def _save_phase(phase: Phase, pipeline: Pipeline, folder: Path, merge_generator: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "phase.json").write_text(json.dumps(dataclasses.asdict(phase)))
     if phase.trains_embedder:
         save_embedder(pipeline.embedder, folder / "embedder")
     if phase.trains_generator:
-        save_generator(pipeline.generator, folder / "generator")
+        save_generator(pipeline.generator, folder / "generator", merged=merge_generator)
 
 
 def _load_phase(

@@ -1,0 +1,175 @@
+"""How the query commands print: rich tables for people, JSON and CSV for programs.
+
+Every command builds plain records (lists of dicts) first; the table, JSON and CSV are three
+renderings of the same records, so the formats never disagree.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from rich.table import Table
+
+from search.report import Comparison, StudyReport, StudySummary, TrialRow, run_cost
+from search.reproduce import Reproduction
+
+
+def studies_records(summaries: Sequence[StudySummary]) -> list[dict[str, Any]]:
+    return [
+        {
+            "study": s.name,
+            "methods": ",".join(s.methods),
+            "complete": s.states.get("COMPLETE", 0),
+            "failed": s.states.get("FAIL", 0),
+            "running": s.states.get("RUNNING", 0) + s.states.get("WAITING", 0),
+            "best_f1": s.best_f1,
+            "train_flops": s.train_flops,
+            "train_device_s": s.train_device_s,
+        }
+        for s in summaries
+    ]
+
+
+def trial_record(report: StudyReport, row: TrialRow) -> dict[str, Any]:
+    """The columns of ``ragsweep trials`` for one trial."""
+    return {
+        "trial": row.id,
+        "method": row.method,
+        "state": row.state.lower(),
+        "lr_embedder": row.lr_embedder,
+        "lr_generator": row.lr_generator,
+        "em": row.metrics.get("em"),
+        "f1": row.metrics.get("f1"),
+        "recall_at_k": row.metrics.get("recall_at_k"),
+        "train_flops": row.metrics.get("train_flops"),
+        "train_device_s": row.metrics.get("train_device_s"),
+        "run_flops": run_cost(report, row, "train_flops"),
+        "wall_s": row.metrics.get("wall_s"),
+        "fail_reason": row.fail_reason,
+    }
+
+
+def compare_records(comparison: Comparison) -> list[dict[str, Any]]:
+    records = []
+    for result in comparison.rows:
+        chosen = result.chosen
+        records.append(
+            {
+                "method": result.method,
+                "trial": chosen.id if chosen else None,
+                "lr_embedder": chosen.lr_embedder if chosen else None,
+                "lr_generator": chosen.lr_generator if chosen else None,
+                "em": chosen.metrics.get("em") if chosen else None,
+                "f1": chosen.metrics.get("f1") if chosen else None,
+                "recall_at_k": chosen.metrics.get("recall_at_k") if chosen else None,
+                "run_flops": result.run_flops,
+                "run_device_s": result.run_device_s,
+                "search_trials": sum(result.search_stages.values()),
+                "search_stages": dict(result.search_stages),
+                "search_flops": result.search_flops,
+                "search_device_s": result.search_device_s,
+            }
+        )
+    return records
+
+
+def reproduction_record(reproduction: Reproduction) -> dict[str, Any]:
+    return {
+        "trial": reproduction.trial.id,
+        "recorded": reproduction.recorded,
+        "reproduced": reproduction.reproduced,
+        "differences": reproduction.differences,
+        "tolerance": reproduction.tolerance,
+        "matches": reproduction.matches,
+        "drift": [
+            {"field": field, "recorded": before, "now": after}
+            for field, before, after in reproduction.drift
+        ],
+        "saved": {name: str(path) for name, path in reproduction.saved.items()},
+    }
+
+
+def as_json(records: Any) -> str:
+    return json.dumps(records, indent=2, default=str)
+
+
+def as_csv(records: Sequence[dict[str, Any]]) -> str:
+    """Flat CSV: nested values (metrics, records) become JSON text in their cell."""
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow(
+            {
+                key: json.dumps(value, default=str) if isinstance(value, dict | list) else value
+                for key, value in record.items()
+            }
+        )
+    return buffer.getvalue()
+
+
+def as_table(title: str, records: Sequence[dict[str, Any]], columns: Sequence[str]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        numeric = any(isinstance(r.get(column), int | float) for r in records)
+        table.add_column(_HEADERS.get(column, column), justify="right" if numeric else "left")
+    for record in records:
+        table.add_row(*(cell(column, record.get(column)) for column in columns))
+    return table
+
+
+def cell(column: str, value: Any) -> str:
+    """One value as a person reads it: rates in e-notation, FLOPs and seconds with units."""
+    if value is None:
+        return "-"
+    if column.startswith("lr_"):
+        return f"{value:.1e}"
+    if column.endswith("flops"):
+        return _flops(float(value))
+    if column.endswith("_s"):
+        return _seconds(float(value))
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, dict):
+        return " + ".join(f"{k} {v}" for k, v in value.items())
+    return str(value)
+
+
+_HEADERS = {
+    "lr_embedder": "lr E",
+    "lr_generator": "lr G",
+    "recall_at_k": "Recall@k",
+    "em": "EM",
+    "f1": "F1",
+    "train_flops": "train FLOPs",
+    "train_device_s": "train time",
+    "run_flops": "run FLOPs",
+    "run_device_s": "run time",
+    "search_trials": "search trials",
+    "search_stages": "search stages (trials)",
+    "search_flops": "search FLOPs",
+    "search_device_s": "search time",
+    "wall_s": "wall",
+    "best_f1": "best F1",
+    "fail_reason": "failure",
+}
+
+
+def _flops(value: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.3g}"
+
+
+def _seconds(value: float) -> str:
+    if value >= 3600:
+        return f"{value / 3600:.2f} h"
+    if value >= 120:
+        return f"{value / 60:.1f} min"
+    return f"{value:.1f} s"

@@ -1,0 +1,140 @@
+"""Pictures of a study: quality against cost for every trial, and learning-rate heat maps.
+
+Drawn with matplotlib (Agg, no display needed); the file type follows the suffix (png, svg, pdf).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from search.report import QUALITY, StudyReport, TrialRow, pareto_front
+from trainers.errors import ConfigError
+
+__all__ = ["plot_study"]
+
+_COST_LABELS = {
+    "train_flops": "training compute of the run (FLOPs, reused phases included)",
+    "train_device_s": "training time of the run (device-seconds, reused phases included)",
+    "train_wall_s": "training wall time of the run (s, reused phases included)",
+}
+_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def plot_study(
+    report: StudyReport, out: Path, *, metric: str = "f1", cost: str = "train_flops"
+) -> Path:
+    """Write the picture to ``out``; one panel of quality against cost, plus one heat map for each
+    stage that searched both learning rates together (a coupled grid)."""
+    if out.suffix.lower() not in _SUFFIXES:
+        raise ConfigError(
+            f"plot file '{out}' must end in {', '.join(_SUFFIXES)}; pick one, e.g. -o {out.with_suffix('.png')}"
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, front = pareto_front(report, metric=metric, cost=cost)
+    if not points:
+        raise ConfigError(
+            f"study '{report.name}' has no completed trial with {metric} and {cost} to plot; "
+            f"see `ragsweep trials {report.name}`"
+        )
+    grids = _coupled_grids(report)
+    figure, axes = plt.subplots(
+        1, 1 + len(grids), figsize=(7.5 + 4.5 * len(grids), 5), squeeze=False
+    )
+    _quality_cost(axes[0][0], points, front, metric, cost)
+    for axis, (stage, rows) in zip(axes[0][1:], grids.items(), strict=True):
+        _heat_map(figure, axis, stage, rows, metric)
+    figure.suptitle(f"ragsweep study '{report.name}': {len(points)} completed trials")
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out
+
+
+def _quality_cost(axis, points, front, metric: str, cost: str) -> None:
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(row.method for row, _, _ in points))
+    colours = plt.get_cmap("tab10")
+    for index, method in enumerate(methods):
+        mine = [(value, price) for row, value, price in points if row.method == method]
+        axis.scatter(
+            [price for _, price in mine],
+            [value for value, _ in mine],
+            s=60,
+            color=colours(index % 10),
+            label=method,
+            edgecolor="black",
+            linewidth=0.5,
+            zorder=3,
+        )
+    axis.step(
+        [price for _, _, price in front],
+        [value for _, value, _ in front],
+        where="post",
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        zorder=2,
+        label="front (no run both better and cheaper)",
+    )
+    axis.scatter(
+        [price for _, _, price in front],
+        [value for _, value, _ in front],
+        s=160,
+        facecolor="none",
+        edgecolor="black",
+        zorder=4,
+    )
+    if min(price for _, _, price in points) > 0:
+        axis.set_xscale("log")
+    axis.set_xlabel(_COST_LABELS.get(cost, cost))
+    axis.set_ylabel(f"validation {metric.upper()}")
+    axis.set_title(f"{metric.upper()} against cost, one point per trial (circled: front)")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+
+
+def _coupled_grids(report: StudyReport) -> dict[str, list[TrialRow]]:
+    """Stages whose completed trials vary both learning rates (a joint Cartesian grid)."""
+    grids = {}
+    for stage in report.stages:
+        rows = [
+            r
+            for r in report.trials
+            if r.stage == stage
+            and r.state == "COMPLETE"
+            and r.lr_embedder is not None
+            and r.lr_generator is not None
+        ]
+        if len({r.lr_embedder for r in rows}) > 1 and len({r.lr_generator for r in rows}) > 1:
+            grids[stage] = rows
+    return grids
+
+
+def _heat_map(figure, axis, stage: str, rows: list[TrialRow], metric: str) -> None:
+    import numpy as np
+
+    key = QUALITY[metric]
+    embedder_rates = sorted({r.lr_embedder for r in rows})
+    generator_rates = sorted({r.lr_generator for r in rows})
+    values = np.full((len(generator_rates), len(embedder_rates)), np.nan)
+    for row in rows:
+        if key in row.metrics:
+            values[
+                generator_rates.index(row.lr_generator), embedder_rates.index(row.lr_embedder)
+            ] = row.metrics[key]
+    image = axis.imshow(values, origin="lower", cmap="viridis", aspect="auto")
+    for (i, j), value in np.ndenumerate(values):
+        if not np.isnan(value):
+            axis.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=8)
+    axis.set_xticks(range(len(embedder_rates)), [f"{r:.0e}" for r in embedder_rates])
+    axis.set_yticks(range(len(generator_rates)), [f"{r:.0e}" for r in generator_rates])
+    axis.set_xlabel("embedder learning rate")
+    axis.set_ylabel("generator learning rate")
+    axis.set_title(f"{stage}: validation {metric.upper()} over the joint grid")
+    figure.colorbar(image, ax=axis, shrink=0.8)

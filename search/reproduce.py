@@ -1,0 +1,137 @@
+"""Re-run a stored trial from its record alone and say whether the metrics came back.
+
+The record (resolved config, seed, data fingerprint, environment) is all that is read: phases an
+earlier stage trained and this trial loaded from a checkpoint are trained again from the same
+per-phase seed, so a reproduction needs no file from the original run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search.report import TrialRow
+from trainers.config import TrialConfig
+from trainers.errors import ConfigError
+from trainers.methods import method_phases
+
+__all__ = ["QUALITY_METRICS", "Reproduction", "reproduce_trial"]
+
+QUALITY_METRICS = ("em", "f1", "recall_at_k")
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """Recorded against reproduced metrics, the environment drift and where models were saved."""
+
+    trial: TrialRow
+    recorded: dict[str, float]
+    reproduced: dict[str, float]
+    tolerance: float
+    drift: list[tuple[str, str, str]]  # (field, recorded, now)
+    saved: dict[str, Path]  # "embedder", "generator", "merged generator" -> folder
+
+    @property
+    def differences(self) -> dict[str, float]:
+        """Absolute differences of the quality metrics both runs reported."""
+        return {
+            key: abs(self.reproduced[key] - self.recorded[key])
+            for key in QUALITY_METRICS
+            if key in self.recorded and key in self.reproduced
+        }
+
+    @property
+    def matches(self) -> bool:
+        return all(diff <= self.tolerance for diff in self.differences.values())
+
+
+def reproduce_trial(
+    trial: TrialRow,
+    *,
+    cache_dir: Path,
+    out_dir: Path | None = None,
+    merged: bool = False,
+    tolerance: float = 1e-6,
+    data_path: str | None = None,
+) -> Reproduction:
+    """Train and evaluate ``trial`` again; models go to ``out_dir`` when given."""
+    import torch
+
+    from trainers import run_trial
+    from trainers.data import load_data
+    from trainers.environment import environment_record
+
+    record = trial.attrs.get("record")
+    if not record:
+        reason = f" (it failed: {trial.fail_reason})" if trial.fail_reason else ""
+        raise ConfigError(
+            f"trial {trial.id} has no stored record{reason}; reproduce a completed trial (`ragsweep trials --state complete`)"
+        )
+    config = _config(record, data_path)
+    fingerprint = load_data(config.data).fingerprint
+    if fingerprint != record["data_fingerprint"]:
+        raise ConfigError(
+            f"the data now reads differently from trial {trial.id}'s (fingerprint {fingerprint[:12]} "
+            f"!= recorded {record['data_fingerprint'][:12]}); pass --data-path with the file it used"
+        )
+    environment = record.get("environment") or {}
+    # Float sums depend on how work is split over threads: use the trial's thread count.
+    threads = (environment.get("hardware") or {}).get("torch_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    result = run_trial(config, cache_dir=cache_dir, out_dir=out_dir, merge_generator=merged)
+    return Reproduction(
+        trial=trial,
+        recorded={k: float(trial.metrics[k]) for k in QUALITY_METRICS if k in trial.metrics},
+        reproduced={k: float(result.metrics[k]) for k in QUALITY_METRICS if k in result.metrics},
+        tolerance=tolerance,
+        drift=_drift(environment, environment_record()),
+        saved=_saved_models(config, out_dir, merged) if out_dir else {},
+    )
+
+
+def _config(record: dict[str, Any], data_path: str | None) -> TrialConfig:
+    stored = dict(record["config"])
+    stored["reuse"] = {}  # train every phase here; see the module docstring
+    if data_path:
+        stored["data"] = {**stored["data"], "path": data_path}
+    try:
+        return TrialConfig.model_validate(stored)
+    except ValueError as e:
+        raise ConfigError(
+            f"the stored config no longer validates ({str(e).splitlines()[0]}); reproduce it with the "
+            "ragsweep version recorded with the trial"
+        ) from e
+
+
+def _drift(recorded: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Fields of the environment record that differ, flattened to dotted names."""
+    before, after = _flatten(recorded), _flatten(now)
+    return [
+        (key, str(before.get(key, "-")), str(after.get(key, "-")))
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, inner in value.items():
+        flat |= _flatten(inner, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def _saved_models(config: TrialConfig, out_dir: Path, merged: bool) -> dict[str, Path]:
+    """The folders holding the final embedder and generator: the last phase that trained each."""
+    saved: dict[str, Path] = {}
+    for phase in method_phases(config.method, config.training):
+        if phase.trains_embedder:
+            saved["embedder"] = out_dir / phase.name / "embedder"
+        if phase.trains_generator:
+            saved["generator"] = out_dir / phase.name / "generator"
+            if merged:
+                saved["merged generator"] = out_dir / phase.name / "generator" / "merged"
+    return saved
