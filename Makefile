@@ -26,3 +26,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check search trainers tests benchmarks
+
+# Every script in benchmarks/ (helpers start with _), one after another: run it on an idle machine.
+bench: setup
+	@for script in benchmarks/[!_]*.py; do echo "== $$script"; HF_HUB_OFFLINE=1 $(PY) $$script || exit 1; done

@@ -95,6 +95,10 @@ class TrainingConfig(_Strict):
     max_answer_tokens: PositiveInt = 24
     max_new_tokens: PositiveInt = 16
     embedder_max_length: PositiveInt = 128  # passage truncation when building the index
+    # False re-encodes the corpus in every trial instead of reading the cached vectors (what
+    # benchmarks/index_cache.py compares). Left out of dumps while on, so the hashes and records of
+    # specs that never set it stay as they were.
+    index_cache: bool = Field(True, exclude_if=lambda on: on)
     eval_batch_size: PositiveInt = 16
     prompt_template: str = PAPER_PROMPT
     precision: Literal["auto", "fp32", "bf16"] = (

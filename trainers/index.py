@@ -76,17 +76,22 @@ def build_index(
     cache_dir: Path,
     max_length: int,
     batch_size: int = 64,
+    use_cache: bool = True,
 ) -> DocumentIndex:
-    """Encode the corpus with the (frozen) embedder, or load the vectors cached for the same key."""
+    """Encode the corpus with the (frozen) embedder, or load the vectors cached for the same key.
+
+    ``use_cache=False`` encodes the corpus and neither reads nor writes the cache.
+    """
     start = time.perf_counter()
     cache_path = cache_dir / "index" / f"{_cache_key(embedder, documents, max_length)}.npy"
-    cache_hit = cache_path.exists()
+    cache_hit = use_cache and cache_path.exists()
     encoded_tokens = 0
     if cache_hit:
         doc_vectors = np.load(cache_path, allow_pickle=False)
     else:
         doc_vectors, encoded_tokens = _encode(embedder, documents, max_length, batch_size)
-        _save_atomically(cache_path, doc_vectors)
+        if use_cache:
+            _save_atomically(cache_path, doc_vectors)
     return DocumentIndex(
         documents=tuple(documents),
         doc_vectors=doc_vectors,

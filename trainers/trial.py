@@ -159,6 +159,7 @@ def build_pipeline(
             data.corpus,
             cache_dir=cache_dir,
             max_length=config.training.embedder_max_length,
+            use_cache=config.training.index_cache,
         )
         cost.tokens = index.encoded_tokens
         cost.flops = forward_flops(parameter_counts(embedder)[0], index.encoded_tokens)

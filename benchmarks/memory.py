@@ -1,0 +1,97 @@
+"""Benchmark 7: peak memory of one demo trial for each method.
+
+Each method's trial runs in a fresh Python process (`benchmarks/memory.py --child METHOD`), so no
+trial inherits another's high-water mark. The demo spec runs with its batch sizes (8 for training,
+16 for evaluation) on 8 training questions (one training step per phase: later steps reuse the
+same buffers and optimizer state) and 16 validation questions (one full evaluation batch), one
+torch thread as under dispatch, learning rates from the demo grid (lr_embedder 2e-5,
+lr_generator 1e-3). `independent` runs without reuse, so it trains both of its phases. Printed per
+method: the child's peak resident set as the kernel reports it to the parent (`os.wait4`), the
+trial's own `peak_mem_mb` metric, and its growth over the peak after loading both models.
+Run: .venv/bin/python benchmarks/memory.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from _common import load_average, reduced_spec, setup_environment
+
+from trainers.config import METHODS
+
+_OVERRIDES: dict[str, object] = {"data.n_train": 8, "data.n_validation": 16}
+_RATES = {"lr_embedder": 2e-5, "lr_generator": 1e-3}
+
+
+def _child(method: str) -> None:
+    """Run one trial in this process and print its metrics as JSON on the last line."""
+    import torch
+
+    from search.spec import trial_config
+    from trainers import run_trial
+    from trainers.methods import trains
+
+    cache_dir = setup_environment()
+    torch.set_num_threads(1)  # as dispatch runs a trial of 1 CPU
+    spec = reduced_spec(_OVERRIDES)
+    trains_embedder, trains_generator = trains(method, spec.training)
+    config = trial_config(
+        spec,
+        method,
+        lr_embedder=_RATES["lr_embedder"] if trains_embedder else None,
+        lr_generator=_RATES["lr_generator"] if trains_generator else None,
+    )
+    print(json.dumps(run_trial(config, cache_dir=cache_dir).metrics))
+
+
+def _measure(method: str) -> tuple[float, dict[str, float]]:
+    """(peak RSS in MiB from the kernel's accounting of the child, the trial's metrics)."""
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--child", method],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # model-loading progress bars and warnings
+        text=True,
+    )
+    assert child.stdout is not None
+    output = child.stdout.read()
+    # wait4 gives this child's own rusage; RUSAGE_CHILDREN would be the maximum over all children.
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"the {method} trial exited with {child.returncode}")
+    metrics = json.loads(output.strip().splitlines()[-1])
+    return usage.ru_maxrss / 1024, metrics  # KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child)
+        return
+    setup_environment()
+    before = load_average()
+    results = {method: _measure(method) for method in METHODS}
+    after = load_average()
+
+    print(
+        "workload: one trial per method, demo spec, 8 train / 16 validation questions, "
+        "1 torch thread, each in a fresh process"
+    )
+    print(f"load average: before {before}; after {after}")
+    print("method        peak RSS (wait4)  trial peak_mem_mb  after load  growth in trial")
+    for method, (rss_mb, metrics) in results.items():
+        loaded = metrics["load.peak_mem_mb"]
+        print(
+            f"{method:<13} {rss_mb:>11.0f} MiB {metrics['peak_mem_mb']:>13.0f} MiB "
+            f"{loaded:>7.0f} MiB {metrics['peak_mem_mb'] - loaded:>11.0f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
