@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from pydantic import ValidationError
@@ -23,6 +23,9 @@ from search.plan import Plan, make_plan
 from search.spec import StudySpec
 from search.store import GROUP_ATTR, SPEC_ATTR, STAGE_ATTR, mask_url
 from trainers.errors import ConfigError
+
+if TYPE_CHECKING:
+    from optuna.study._frozen import FrozenStudy  # what storage.get_all_studies returns
 
 __all__ = [
     "COSTS",
@@ -156,9 +159,9 @@ class Comparison:
 
 def summarize_studies(storage: optuna.storages.BaseStorage) -> list[StudySummary]:
     """Every study in the database, launches grouped: methods, trials by state, best F1, compute."""
-    groups: dict[str, list[optuna.study.StudySummary]] = {}
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        groups.setdefault(_group_name(summary), []).append(summary)
+    groups: dict[str, list[FrozenStudy]] = {}
+    for study in storage.get_all_studies():
+        groups.setdefault(_group_name(study), []).append(study)
     return [
         _summarize(name, _report(storage, name, summaries)) for name, summaries in groups.items()
     ]
@@ -166,7 +169,8 @@ def summarize_studies(storage: optuna.storages.BaseStorage) -> list[StudySummary
 
 def load_study(storage: optuna.storages.BaseStorage, name: str, url: str) -> StudyReport:
     """The study ``name`` (a launch, or one stage study by its full name) with all its trials."""
-    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    # get_all_studies reads no trials (get_all_study_summaries reads them all to count them).
+    summaries = storage.get_all_studies()
     chosen = [s for s in summaries if _group_name(s) == name] or [
         s for s in summaries if s.study_name == name
     ]
@@ -224,7 +228,8 @@ def best_of(report: StudyReport, metric: str = "f1", method: str | None = None) 
             f"study '{report.name}' has no completed trial{which} with {key}; "
             f"see `ragsweep trials {report.name}` for what ran and why trials failed"
         )
-    return max(rows, key=lambda row: (row.metrics[key], -_order(report, row)))
+    # max keeps the first of equal rows: ties go to the earliest trial, in stage order.
+    return max(rows, key=lambda row: row.metrics[key])
 
 
 def pareto_front(
@@ -344,16 +349,16 @@ def export_rows(report: StudyReport) -> list[dict[str, Any]]:
 # --- loading ---------------------------------------------------------------------------------------
 
 
-def _group_name(summary: optuna.study.StudySummary) -> str:
+def _group_name(summary: FrozenStudy) -> str:
     return summary.user_attrs.get(GROUP_ATTR) or summary.study_name
 
 
 def _report(
     storage: optuna.storages.BaseStorage,
     name: str,
-    summaries: Sequence[optuna.study.StudySummary],
+    summaries: Sequence[FrozenStudy],
 ) -> StudyReport:
-    spec = _stored_spec(storage, summaries)
+    spec = _stored_spec(summaries)
     plan = _plan_of(spec)
     order = [stage.name for stage in plan.stages] if plan else []
     by_stage = {s.user_attrs.get(STAGE_ATTR) or s.study_name: s for s in summaries}
@@ -367,14 +372,11 @@ def _report(
     return StudyReport(name=name, stages=stages, trials=tuple(trials), spec=spec, plan=plan)
 
 
-def _stored_spec(
-    storage: optuna.storages.BaseStorage, summaries: Sequence[optuna.study.StudySummary]
-) -> StudySpec | None:
+def _stored_spec(summaries: Sequence[FrozenStudy]) -> StudySpec | None:
     for summary in summaries:
-        stored = storage.get_study_system_attrs(storage.get_study_id_from_name(summary.study_name))
-        if SPEC_ATTR in stored:
+        if SPEC_ATTR in summary.system_attrs:
             try:
-                return StudySpec.model_validate(stored[SPEC_ATTR])
+                return StudySpec.model_validate(summary.system_attrs[SPEC_ATTR])
             except ValidationError:
                 return None  # written by another ragsweep version: report without the plan
     return None
@@ -539,10 +541,6 @@ def _quality_key(metric: str) -> str:
 def _check_cost(cost: str) -> None:
     if cost not in COSTS:
         _unknown("cost", cost, list(COSTS))
-
-
-def _order(report: StudyReport, row: TrialRow) -> int:
-    return report.trials.index(row)
 
 
 def _rate(value: float | None) -> str:
