@@ -14,7 +14,8 @@ from typing import Any
 
 from rich.table import Table
 
-from search.report import Comparison, StudyReport, StudySummary, TrialRow, run_cost
+from search.compare import Comparison
+from search.report import StudyReport, StudySummary, TrialRow, run_cost
 from search.reproduce import Reproduction
 
 

@@ -414,7 +414,7 @@ def compare(
 ) -> None:
     """The paper's table: each method's chosen run, its cost and its search's cost, and advice."""
     from search._views import compare_records
-    from search.report import compare as compare_methods
+    from search.compare import compare as compare_methods
 
     _check_format(fmt, _FORMATS)
     report = _load_report(study, storage)

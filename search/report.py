@@ -8,7 +8,6 @@ ragsweep did not write is read as one stage. Trials are named ``<stage>/<number>
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,15 +29,13 @@ if TYPE_CHECKING:
 __all__ = [
     "COSTS",
     "QUALITY",
-    "Comparison",
-    "MethodResult",
     "StudyReport",
     "StudySummary",
     "TrialRow",
     "best_of",
-    "compare",
     "export_rows",
     "load_study",
+    "quality_key",
     "pareto_front",
     "run_cost",
     "select_trials",
@@ -98,6 +95,42 @@ class StudyReport:
     spec: StudySpec | None
     plan: Plan | None
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The spec's methods in its order; without a stored spec, those that have trials."""
+        if self.plan is not None:
+            return self.plan.methods
+        return tuple(dict.fromkeys(row.method for row in self.trials))
+
+    def reuse_sources(self, row: TrialRow) -> dict[str, TrialRow]:
+        """Phase -> the trial whose saved checkpoint ``row`` loaded for that phase."""
+        reuse = ((row.attrs.get("record") or {}).get("config") or {}).get("reuse") or {}
+        if not reuse:
+            return {}
+        by_checkpoint = {
+            str(Path(other.attrs["checkpoint"])): other
+            for other in self.trials
+            if other.attrs.get("checkpoint")
+        }
+        sources = {}
+        for phase, folder in reuse.items():
+            source = by_checkpoint.get(str(Path(folder).parent))
+            if source is not None:
+                sources[phase] = source
+        return sources
+
+    def finished(self, stage: str) -> int:
+        """Trials of ``stage`` that ran to an end (complete or failed)."""
+        return sum(
+            1 for row in self.trials if row.stage == stage and row.state in ("COMPLETE", "FAIL")
+        )
+
+    def spent(self, stages: Iterable[str], cost: str) -> float:
+        """A cost figure summed over every trial of ``stages``, each trial's own part only: a
+        reused phase was paid for once, in the stage that trained it."""
+        wanted = set(stages)
+        return sum(float(row.metrics.get(cost, 0.0)) for row in self.trials if row.stage in wanted)
+
     def trial(self, ref: str) -> TrialRow:
         """The trial named ``<stage>/<number>``, or ``<number>`` when only one stage has it."""
         stage, _, number = ref.rpartition("/")
@@ -130,31 +163,6 @@ class StudySummary:
     best_f1: float | None
     train_flops: float
     train_device_s: float
-
-
-@dataclass(frozen=True)
-class MethodResult:
-    """One row of the paper's table: a method's chosen run and what its search cost."""
-
-    method: str
-    chosen: TrialRow | None  # None when no trial of the method completed
-    run_flops: float | None  # the chosen run, reused phases included
-    run_device_s: float | None
-    search_stages: Mapping[str, int]  # stage -> trials, every stage the result depends on
-    search_flops: float
-    search_device_s: float
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """``ragsweep compare``: rows per method, the whole study's cost, notes and the advice."""
-
-    rows: tuple[MethodResult, ...]
-    total_trials: int
-    total_flops: float
-    total_device_s: float
-    notes: tuple[str, ...]
-    recommendation: tuple[str, ...]
 
 
 def summarize_studies(storage: optuna.storages.BaseStorage) -> list[StudySummary]:
@@ -218,7 +226,7 @@ def select_trials(
 
 def best_of(report: StudyReport, metric: str = "f1", method: str | None = None) -> TrialRow:
     """The completed trial with the highest ``metric`` (f1, em or recall); ties go to the earliest."""
-    key = _quality_key(metric)
+    key = quality_key(metric)
     rows = [
         row for row in select_trials(report, method=method, state="complete") if key in row.metrics
     ]
@@ -240,11 +248,11 @@ def pareto_front(
     A trial is on the front when no other trial is at least as good on quality and at least as
     cheap, and strictly better on one. Cost is :func:`run_cost`, reused phases included.
     """
-    quality_key = _quality_key(metric)
+    metric_key = quality_key(metric)
     _check_cost(cost)
     points = []
     for row in select_trials(report, state="complete"):
-        value, price = row.metrics.get(quality_key), run_cost(report, row, cost)
+        value, price = row.metrics.get(metric_key), run_cost(report, row, cost)
         if value is not None and price is not None:
             points.append((row, float(value), price))
     front = [
@@ -273,52 +281,12 @@ def run_cost(report: StudyReport, row: TrialRow, cost: str = "train_flops") -> f
         return None
     total = float(own)
     figure = cost.removeprefix("train_")
-    for phase, source in _reuse_sources(report, row).items():
+    for phase, source in report.reuse_sources(row).items():
         borrowed = source.metrics.get(f"{phase}.{figure}")
         if borrowed is None:
             return None
         total = max(total, borrowed) if cost == "peak_mem_mb" else total + borrowed
     return total
-
-
-def compare(report: StudyReport, metric: str | None = None) -> Comparison:
-    """The paper's table: each method's best run on validation, its cost and its search's cost."""
-    quality_key = _quality_key(metric or _first_objective(report))
-    methods = (
-        report.plan.methods
-        if report.plan
-        else tuple(dict.fromkeys(r.method for r in report.trials))
-    )
-    rows = []
-    for method in methods:
-        own = [row for row in report.trials if row.method == method and row.stage == method]
-        completed = [row for row in own if row.state == "COMPLETE" and quality_key in row.metrics]
-        chosen = (
-            max(completed, key=lambda row: (row.metrics[quality_key], -row.number))
-            if completed
-            else None
-        )
-        stages = _search_stages(report, method)
-        rows.append(
-            MethodResult(
-                method=method,
-                chosen=chosen,
-                run_flops=run_cost(report, chosen, "train_flops") if chosen else None,
-                run_device_s=run_cost(report, chosen, "train_device_s") if chosen else None,
-                search_stages=stages,
-                search_flops=_stages_cost(report, stages, "train_flops"),
-                search_device_s=_stages_cost(report, stages, "train_device_s"),
-            )
-        )
-    every_stage = {stage: _trial_count(report, stage) for stage in report.stages}
-    return Comparison(
-        rows=tuple(rows),
-        total_trials=sum(every_stage.values()),
-        total_flops=_stages_cost(report, every_stage, "train_flops"),
-        total_device_s=_stages_cost(report, every_stage, "train_device_s"),
-        notes=tuple(_sharing_notes(report, rows)),
-        recommendation=tuple(_recommendation(report, rows, quality_key)),
-    )
 
 
 def export_rows(report: StudyReport) -> list[dict[str, Any]]:
@@ -413,103 +381,6 @@ def _row(stage: str, trial: optuna.trial.FrozenTrial) -> TrialRow:
     )
 
 
-# --- costs and sharing -----------------------------------------------------------------------------
-
-
-def _reuse_sources(report: StudyReport, row: TrialRow) -> dict[str, TrialRow]:
-    """Phase -> the trial whose saved checkpoint this trial loaded for that phase."""
-    reuse = ((row.attrs.get("record") or {}).get("config") or {}).get("reuse") or {}
-    if not reuse:
-        return {}
-    by_checkpoint = {
-        str(Path(other.attrs["checkpoint"])): other
-        for other in report.trials
-        if other.attrs.get("checkpoint")
-    }
-    sources = {}
-    for phase, folder in reuse.items():
-        source = by_checkpoint.get(str(Path(folder).parent))
-        if source is not None:
-            sources[phase] = source
-    return sources
-
-
-def _search_stages(report: StudyReport, method: str) -> dict[str, int]:
-    if report.plan is not None and method in report.plan.methods:
-        needed = report.plan.search_cost(method)["stages"]
-        return {stage: _trial_count(report, stage) for stage in needed}  # type: ignore[union-attr]
-    return {method: _trial_count(report, method)}
-
-
-def _trial_count(report: StudyReport, stage: str) -> int:
-    return sum(
-        1 for row in report.trials if row.stage == stage and row.state in ("COMPLETE", "FAIL")
-    )
-
-
-def _stages_cost(report: StudyReport, stages: Mapping[str, int], cost: str) -> float:
-    # Each trial's own figure only: a reused phase was paid for once, in the stage that trained it.
-    return sum(float(row.metrics.get(cost, 0.0)) for row in report.trials if row.stage in stages)
-
-
-def _sharing_notes(report: StudyReport, rows: Sequence[MethodResult]) -> Iterable[str]:
-    users: dict[str, list[str]] = {}
-    for result in rows:
-        for stage in result.search_stages:
-            users.setdefault(stage, []).append(result.method)
-    for stage, methods in users.items():
-        if len(methods) > 1:
-            yield (
-                f"stage {stage} ({_trial_count(report, stage)} trials) serves {', '.join(methods)}: "
-                "each method's search cost includes it, the study total counts it once"
-            )
-    for result in rows:
-        if result.chosen is not None and _reuse_sources(report, result.chosen):
-            phases = ", ".join(
-                f"{phase} <- {source.id}"
-                for phase, source in _reuse_sources(report, result.chosen).items()
-            )
-            yield f"{result.method}'s run cost includes the phases it loaded ({phases})"
-
-
-def _recommendation(
-    report: StudyReport, rows: Sequence[MethodResult], quality_key: str
-) -> Iterable[str]:
-    """The paper's advice (section 5), applied to what this study's data and results show."""
-    done = {r.method: r for r in rows if r.chosen is not None}
-    if not done:
-        return
-    best = max(done.values(), key=lambda r: r.chosen.metrics[quality_key])  # type: ignore[union-attr]
-    labels = any((row.attrs.get("record") or {}).get("has_context_labels") for row in report.trials)
-    yield (
-        f"best on validation {quality_key}: {best.method} "
-        f"({best.chosen.metrics[quality_key]:.3f}, lr_embedder {_rate(best.chosen.lr_embedder)}, "  # type: ignore[union-attr]
-        f"lr_generator {_rate(best.chosen.lr_generator)})"  # type: ignore[union-attr]
-    )
-    pick = "independent" if labels else "two_phase"
-    why = (
-        "the data has context labels (gold passages), so the paper recommends independent: "
-        "two separate searches and no joint training"
-        if labels
-        else "the data has no context labels, so the paper recommends two_phase with separate "
-        "learning-rate grids (n + m runs)"
-    )
-    if pick in done:
-        gap = best.chosen.metrics[quality_key] - done[pick].chosen.metrics[quality_key]  # type: ignore[union-attr]
-        cost = done[pick].run_device_s
-        why += f"; here it reached {done[pick].chosen.metrics[quality_key]:.3f} ({gap:+.3f} behind the best)"  # type: ignore[union-attr]
-        if cost is not None and best.run_device_s:
-            why += f" at {cost / best.run_device_s:.2f}x the best run's training time"
-    yield why
-    pair = done.get("two_phase") or done.get("independent")
-    if pair is not None:
-        yield (
-            f"with the learning rates now known (lr_embedder {_rate(pair.chosen.lr_embedder)}, "  # type: ignore[union-attr]
-            f"lr_generator {_rate(pair.chosen.lr_generator)}), the paper's advice for new data of "  # type: ignore[union-attr]
-            "this kind is one joint run (rag_token) instead of an n x m grid"
-        )
-
-
 # --- small helpers ---------------------------------------------------------------------------------
 
 
@@ -517,22 +388,16 @@ def _summarize(name: str, report: StudyReport) -> StudySummary:
     completed = [row for row in report.trials if row.state == "COMPLETE" and "f1" in row.metrics]
     return StudySummary(
         name=name,
-        methods=report.plan.methods
-        if report.plan
-        else tuple(dict.fromkeys(r.method for r in report.trials)),
+        methods=report.methods,
         states=Counter(row.state for row in report.trials),
         best_f1=max((row.metrics["f1"] for row in completed), default=None),
-        train_flops=_stages_cost(report, dict.fromkeys(report.stages, 0), "train_flops"),
-        train_device_s=_stages_cost(report, dict.fromkeys(report.stages, 0), "train_device_s"),
+        train_flops=report.spent(report.stages, "train_flops"),
+        train_device_s=report.spent(report.stages, "train_device_s"),
     )
 
 
-def _first_objective(report: StudyReport) -> str:
-    metric = report.spec.objectives[0].metric if report.spec else "f1"
-    return metric if metric in QUALITY.values() else "f1"
-
-
-def _quality_key(metric: str) -> str:
+def quality_key(metric: str) -> str:
+    """The metric key trials report for a --metric name (f1, em, recall)."""
     if metric not in QUALITY:
         _unknown("metric", metric, list(QUALITY))
     return QUALITY[metric]
@@ -541,16 +406,6 @@ def _quality_key(metric: str) -> str:
 def _check_cost(cost: str) -> None:
     if cost not in COSTS:
         _unknown("cost", cost, list(COSTS))
-
-
-def _rate(value: float | None) -> str:
-    return (
-        "-"
-        if value is None
-        else f"{value:.0e}"
-        if value >= 1e-3 or math.isclose(value, 0)
-        else f"{value:.1e}"
-    )
 
 
 def _unknown(what: str, value: str, choices: Sequence[str]) -> None:

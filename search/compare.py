@@ -1,0 +1,150 @@
+"""The paper's comparison of methods for one study: each method's chosen run, what it cost,
+what its search cost with shared stages, and the advice that follows (``ragsweep compare``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from search.report import QUALITY, StudyReport, TrialRow, quality_key, run_cost
+
+__all__ = ["Comparison", "MethodResult", "compare"]
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One row of the paper's table: a method's chosen run and what its search cost."""
+
+    method: str
+    chosen: TrialRow | None  # None when no trial of the method completed
+    run_flops: float | None  # the chosen run, reused phases included
+    run_device_s: float | None
+    search_stages: Mapping[str, int]  # stage -> trials, every stage the result depends on
+    search_flops: float
+    search_device_s: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``ragsweep compare``: rows per method, the whole study's cost, notes and the advice."""
+
+    rows: tuple[MethodResult, ...]
+    total_trials: int
+    total_flops: float
+    total_device_s: float
+    notes: tuple[str, ...]
+    recommendation: tuple[str, ...]
+
+
+def compare(report: StudyReport, metric: str | None = None) -> Comparison:
+    """The paper's table: each method's best run on validation, its cost and its search's cost."""
+    metric_key = quality_key(metric or _first_objective(report))
+    rows = []
+    for method in report.methods:
+        own = [row for row in report.trials if row.method == method and row.stage == method]
+        completed = [row for row in own if row.state == "COMPLETE" and metric_key in row.metrics]
+        chosen = (
+            max(completed, key=lambda row: (row.metrics[metric_key], -row.number))
+            if completed
+            else None
+        )
+        stages = _search_stages(report, method)
+        rows.append(
+            MethodResult(
+                method=method,
+                chosen=chosen,
+                run_flops=run_cost(report, chosen, "train_flops") if chosen else None,
+                run_device_s=run_cost(report, chosen, "train_device_s") if chosen else None,
+                search_stages=stages,
+                search_flops=report.spent(stages, "train_flops"),
+                search_device_s=report.spent(stages, "train_device_s"),
+            )
+        )
+    every_stage = {stage: report.finished(stage) for stage in report.stages}
+    return Comparison(
+        rows=tuple(rows),
+        total_trials=sum(every_stage.values()),
+        total_flops=report.spent(every_stage, "train_flops"),
+        total_device_s=report.spent(every_stage, "train_device_s"),
+        notes=tuple(_sharing_notes(report, rows)),
+        recommendation=tuple(_recommendation(report, rows, metric_key)),
+    )
+
+
+def _search_stages(report: StudyReport, method: str) -> dict[str, int]:
+    if report.plan is not None and method in report.plan.methods:
+        needed = report.plan.search_cost(method)["stages"]
+        return {stage: report.finished(stage) for stage in needed}  # type: ignore[union-attr]
+    return {method: report.finished(method)}
+
+
+def _sharing_notes(report: StudyReport, rows: Sequence[MethodResult]) -> Iterable[str]:
+    users: dict[str, list[str]] = {}
+    for result in rows:
+        for stage in result.search_stages:
+            users.setdefault(stage, []).append(result.method)
+    for stage, methods in users.items():
+        if len(methods) > 1:
+            yield (
+                f"stage {stage} ({report.finished(stage)} trials) serves {', '.join(methods)}: "
+                "each method's search cost includes it, the study total counts it once"
+            )
+    for result in rows:
+        if result.chosen is not None and report.reuse_sources(result.chosen):
+            phases = ", ".join(
+                f"{phase} <- {source.id}"
+                for phase, source in report.reuse_sources(result.chosen).items()
+            )
+            yield f"{result.method}'s run cost includes the phases it loaded ({phases})"
+
+
+def _recommendation(
+    report: StudyReport, rows: Sequence[MethodResult], metric_key: str
+) -> Iterable[str]:
+    """The paper's advice (DESIGN.md, "Search cost"), applied to this study's data and results."""
+    chosen = {r.method: r.chosen for r in rows if r.chosen is not None}
+    run_s = {r.method: r.run_device_s for r in rows}
+    if not chosen:
+        return
+    score = {method: row.metrics[metric_key] for method, row in chosen.items()}
+    best = max(score, key=score.__getitem__)
+    yield (
+        f"best on validation {metric_key}: {best} ({score[best]:.3f}, lr_embedder "
+        f"{_rate(chosen[best].lr_embedder)}, lr_generator {_rate(chosen[best].lr_generator)})"
+    )
+    labels = any((row.attrs.get("record") or {}).get("has_context_labels") for row in report.trials)
+    if labels:
+        pick = "independent"
+        advice = (
+            "the data has context labels (gold passages), so the paper recommends independent: "
+            "each model searched alone (n + m runs), no joint training"
+        )
+    else:
+        pick = "two_phase"
+        advice = (
+            "the data has no context labels, so the paper recommends two_phase with separate "
+            "learning-rate grids (n + m runs)"
+        )
+    if pick in score:
+        advice += (
+            f"; here it reached {score[pick]:.3f} ({score[pick] - score[best]:+.3f} from the best)"
+        )
+        if run_s.get(pick) is not None and run_s.get(best):
+            advice += f" at {run_s[pick] / run_s[best]:.2f}x the best run's training time"  # type: ignore[operator]
+    yield advice
+    known = chosen.get("two_phase") or chosen.get("independent")
+    if known is not None:
+        yield (
+            f"with the learning rates now known (lr_embedder {_rate(known.lr_embedder)}, "
+            f"lr_generator {_rate(known.lr_generator)}), the paper's advice for more data of this "
+            "kind is one joint run (rag_token) instead of an n x m grid"
+        )
+
+
+def _first_objective(report: StudyReport) -> str:
+    metric = report.spec.objectives[0].metric if report.spec else "f1"
+    return metric if metric in QUALITY.values() else "f1"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
