@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import shutil
+import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,15 +27,24 @@ from ray.tune.search.optuna import OptunaSearch
 from search.plan import Plan, Stage, grid_points, make_plan
 from search.spec import StudySpec, trial_config
 from search.store import (
+    LAUNCH_ATTR,
+    LaunchOwner,
     best_trial,
+    check_not_running,
     check_spec_matches,
+    claim_studies,
     existing_stage_study,
+    fail_abandoned_trials,
     finished_params,
+    heartbeat_studies,
     objective_values,
     open_stage_study,
     open_storage,
     record_trial,
+    release_studies,
     stage_study_name,
+    trial_attrs,
+    waiting_params,
 )
 from trainers.errors import ConfigError, RagsweepError, one_line
 
@@ -55,11 +66,15 @@ class StageEvent:
 
 @dataclass
 class LaunchSummary:
-    """Trials run, skipped (already complete) and failed per stage, and wall time."""
+    """Trials run, skipped (already complete) and failed per stage, and wall time.
+
+    ``abandoned`` counts trials an earlier, dead launch left RUNNING, failed by this one.
+    """
 
     ran: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
+    abandoned: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
 
 
@@ -73,8 +88,13 @@ def launch(
     on_event: Callable[[StageEvent], None] | None = None,
     max_retries: int = 0,
     log_to_driver: bool = False,
+    heartbeat_s: float = 30.0,
 ) -> LaunchSummary:
-    """Run every stage of ``spec``'s plan that still has work; completed trials are kept."""
+    """Run every stage of ``spec``'s plan that still has work; completed trials are kept.
+
+    A second launch of the same spec is refused while this one runs; trials a dead launch left
+    RUNNING are failed (retryable) and their points run again.
+    """
     started = time.perf_counter()
     # Tune runs each trial in its own working directory: relative paths would land there.
     runs_dir, cache_dir = runs_dir.resolve(), cache_dir.resolve()
@@ -84,17 +104,59 @@ def launch(
     existing = {
         stage.name: existing_stage_study(storage, spec, stage.name) for stage in plan.stages
     }
+    check_not_running([study for study in existing.values() if study is not None])
     notify = on_event or _ignore
     summary = LaunchSummary()
-    if not any(_remaining_points(stage, spec, existing[stage.name]) for stage in plan.stages):
+    if not any(_has_work(stage, spec, existing[stage.name]) for stage in plan.stages):
         summary.skipped = {stage.name: stage.n_trials for stage in plan.stages}
         summary.wall_s = time.perf_counter() - started
         return summary
-    # Data and models are checked before anything is written, so bad input leaves no study behind.
-    _prepare_shared(spec, cache_dir)
-    studies = {stage.name: open_stage_study(storage, spec, stage.name) for stage in plan.stages}
-    _start_ray(address, log_to_driver)
+    # Data, models and the Ray cluster are checked before anything is written, so bad input
+    # leaves the database as it was.
+    _prepare_shared(spec, plan, cache_dir)
     try:
+        _start_ray(address, log_to_driver)
+        _check_resources(spec)
+        studies = {stage.name: open_stage_study(storage, spec, stage.name) for stage in plan.stages}
+        _run_claimed(
+            spec,
+            plan,
+            storage,
+            studies,
+            runs_dir,
+            cache_dir,
+            notify,
+            max_retries,
+            heartbeat_s,
+            summary,
+        )
+    finally:
+        ray.shutdown()  # stops a local Ray; only disconnects from a cluster given by address
+    summary.wall_s = time.perf_counter() - started
+    return summary
+
+
+def _run_claimed(
+    spec: StudySpec,
+    plan: Plan,
+    storage: optuna.storages.RDBStorage,
+    studies: dict[str, optuna.Study],
+    runs_dir: Path,
+    cache_dir: Path,
+    notify: Callable[[StageEvent], None],
+    max_retries: int,
+    heartbeat_s: float,
+    summary: LaunchSummary,
+) -> None:
+    """Run the stages while this launch holds the studies; fail what a dead launch left running."""
+    previous = {name: study.user_attrs.get(LAUNCH_ATTR) for name, study in studies.items()}
+    owner = LaunchOwner.this_process()
+    claim_studies(list(studies.values()), owner)
+    heartbeat = _Heartbeat(list(studies.values()), owner, heartbeat_s)
+    heartbeat.start()
+    try:
+        for name, study in studies.items():
+            summary.abandoned[name] = len(fail_abandoned_trials(study, previous[name]))
         for stage in plan.stages:
             points = _remaining_points(stage, spec, studies[stage.name])
             summary.skipped[stage.name] = stage.n_trials - len(points)
@@ -116,9 +178,36 @@ def launch(
                 _prune_checkpoints(stage, plan, studies[stage.name])
             notify(StageEvent("stage_end", stage))
     finally:
-        ray.shutdown()  # stops a local Ray; only disconnects from a cluster given by address
-    summary.wall_s = time.perf_counter() - started
-    return summary
+        heartbeat.stop()
+        release_studies(studies.values(), owner)
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes the launch's claim on its studies, so other hosts can tell it is alive."""
+
+    def __init__(self, studies: list[optuna.Study], owner: LaunchOwner, interval_s: float) -> None:
+        super().__init__(name="ragsweep-heartbeat", daemon=True)
+        self._studies, self._owner, self._interval_s = studies, owner, interval_s
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            try:
+                heartbeat_studies(self._studies, self._owner)
+            except Exception:  # a missed beat only matters after minutes; the next one retries
+                logging.getLogger(__name__).debug("heartbeat write failed", exc_info=True)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join()
+
+
+def _has_work(stage: Stage, spec: StudySpec, study: optuna.Study | None) -> bool:
+    """Points still to run, or trials a dead launch left RUNNING (to be marked failed)."""
+    if _remaining_points(stage, spec, study):
+        return True
+    running = (optuna.trial.TrialState.RUNNING,)
+    return study is not None and bool(study.get_trials(deepcopy=False, states=running))
 
 
 def _remaining_points(
@@ -191,9 +280,12 @@ def _run_stage(
     """One Tune run over the stage's remaining points; returns how many trials failed."""
     study_name = study.study_name
     if spec.search.sampler == "grid":
+        # Points a killed launch enqueued but never started are still queued; Optuna's
+        # skip_if_exists would also skip points whose trial failed, so they would never re-run.
+        queued = waiting_params(study)
         for point in points:
-            if point:
-                study.enqueue_trial(point, skip_if_exists=True)
+            if point and point not in queued:
+                study.enqueue_trial(point)
     ranges = {
         "lr_embedder": spec.search.lr_embedder_range,
         "lr_generator": spec.search.lr_generator_range,
@@ -272,25 +364,45 @@ class _RecordingOptunaSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         payload = json.loads(result[_PAYLOAD]) if result and _PAYLOAD in result else {}
-        record_trial(ot_trial, payload)
+        reported_failure = payload.get("fail_reason")
         values = (
-            None
-            if payload.get("fail_reason")
-            else objective_values(payload.get("metrics", {}), self._metric)
+            None if reported_failure else objective_values(payload.get("metrics", {}), self._metric)
         )
         if values is None:
-            reason = payload.get("fail_reason") or (
+            payload["fail_reason"] = reported_failure or (
                 "the trial worker died before reporting (killed, out of memory or a lost node)"
                 if error
                 else f"the trial reported no finite value for {', '.join(self._metric)}"
             )
-            ot_trial.set_user_attr("fail_reason", reason)
             # A failure the trial reported recurs on a re-run; a dead worker may not.
-            ot_trial.set_user_attr("retryable", not payload.get("fail_reason"))
+            payload["retryable"] = not reported_failure
+        try:
+            record_trial(ot_trial, payload)
+            self._tell(ot_trial, values)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another launch took this one for dead and failed the trial: keep the result as a
+            # trial of its own rather than lose it.
+            self._ot_study.add_trial(_finished_copy(ot_trial, payload, values))
+        self._completed_trials.add(trial_id)
+
+    def _tell(self, ot_trial: optuna.Trial, values: list[float] | None) -> None:
+        if values is None:
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
         else:
             self._ot_study.tell(ot_trial, values)
-        self._completed_trials.add(trial_id)
+
+
+def _finished_copy(
+    trial: optuna.Trial, payload: dict[str, Any], values: list[float] | None
+) -> optuna.trial.FrozenTrial:
+    """A finished trial with ``trial``'s parameters and what it reported."""
+    return optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL if values is None else optuna.trial.TrialState.COMPLETE,
+        params=trial.params,
+        distributions=trial.distributions,
+        values=values,
+        user_attrs=trial_attrs(payload),
+    )
 
 
 class _ProgressCallback(tune.Callback):
@@ -372,16 +484,33 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     )
 
 
-def _prepare_shared(spec: StudySpec, cache_dir: Path) -> None:
-    """Convert built-in models and build the frozen index once, before trials race to do it."""
+def _prepare_shared(spec: StudySpec, plan: Plan, cache_dir: Path) -> None:
+    """Check data against every stage, convert built-in models and build the frozen index once,
+    before trials race to do it (a mistake found here fails the launch, not every trial)."""
     import torch
 
     from trainers.data import load_data
     from trainers.index import build_index
+    from trainers.methods import needs_context_labels
     from trainers.models import load_embedder, load_generator
+    from trainers.trial import resolve_device
 
+    resolve_device(spec.training.device)
     device = torch.device("cpu")
     data = load_data(spec.data)
+    if spec.training.k > len(data.corpus):
+        raise ConfigError(
+            f"training.k is {spec.training.k} but the corpus has only {len(data.corpus)} "
+            "documents; lower training.k"
+        )
+    for stage in plan.stages:
+        training = spec.training.model_copy(update=stage.training_overrides)
+        if needs_context_labels(stage.method, training) and not data.has_context_labels:
+            raise ConfigError(
+                f"method '{stage.method}' trains the embedder on context labels, but the training "
+                "questions have no gold documents; drop it from methods (use two_phase, rag_token "
+                "or rag_sequence) or provide gold_doc_ids"
+            )
     embedder = load_embedder(spec.models.embedder, cache_dir=cache_dir, device=device)
     build_index(
         embedder, data.corpus, cache_dir=cache_dir, max_length=spec.training.embedder_max_length
@@ -406,11 +535,39 @@ def _start_ray(address: str | None, log_to_driver: bool) -> None:
                 _node_ip_address="127.0.0.1",
             )
         else:
+            _check_reachable(address)
             ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError(
             f"cannot connect to the Ray cluster at '{address}': {one_line(e)}; start it with `ray start --head` or drop --address"
         ) from e
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a HOST:PORT nobody listens on: ray.init would retry it for minutes."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # "auto", ray:// client addresses: Ray resolves those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(
+            f"no Ray cluster answers at '{address}' ({one_line(e)}); start it with "
+            "`ray start --head` there, fix --address, or drop --address for a local Ray"
+        ) from e
+
+
+def _check_resources(spec: StudySpec) -> None:
+    """Refuse a trial size no Ray node can hold: Tune would wait for it forever."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    for key, name in (("CPU", "cpus"), ("GPU", "gpus")):
+        asked = getattr(spec.resources, name)
+        largest = max((node.get(key, 0.0) for node in nodes), default=0.0)
+        if asked > largest:
+            raise ConfigError(
+                f"resources.{name} is {asked:g} per trial but the largest Ray node has "
+                f"{largest:g} {key}s; lower resources.{name} or add a node that has them"
+            )
 
 
 def _prune_checkpoints(stage: Stage, plan: Plan, study: optuna.Study) -> None:

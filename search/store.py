@@ -6,20 +6,29 @@ study per plan stage, named ``<spec name>/<stage>``; every such study carries th
 configuration is in every trial's ``record``, so the study listing stays readable).
 Each trial carries ``metrics`` (every figure the trial reported), ``method``, ``stage``, ``record``
 (resolved config, seed, data fingerprint, split, versions, commit, hardware), ``checkpoint`` where
-later stages reuse it, and ``fail_reason`` when it failed.
+later stages reuse it, and ``fail_reason`` (with ``retryable``) when it failed.
+
+While a launch runs, every stage study it works on carries ``ragsweep.launch``: who runs it (host,
+pid, process start time) and a heartbeat. A second launch of the same spec is refused while that
+launch is alive, and the trials a dead launch left RUNNING are failed (retryable) by the next one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, IntegrityError
 
 from search.spec import StudySpec
 from trainers.errors import ConfigError, RagsweepError, one_line
@@ -40,12 +49,17 @@ __all__ = [
     "record_trial",
     "spec_hash",
     "stage_study_name",
+    "trial_attrs",
 ]
 
 GROUP_ATTR = "ragsweep.group"
 STAGE_ATTR = "ragsweep.stage"
 SPEC_ATTR = "ragsweep.spec"
 _HASH_ATTR = "ragsweep.spec_hash"
+LAUNCH_ATTR = "ragsweep.launch"
+# A launch on another host counts as dead once its heartbeat is this old (clocks may differ by a
+# little; a heartbeat is written every few tens of seconds).
+_STALE_AFTER_S = 300.0
 # What decides a trial's result; changing anything else (methods, storage, concurrency,
 # resources) keeps the existing trials valid.
 _RESULT_FIELDS = ("seed", "data", "models", "training", "search", "objectives")
@@ -76,16 +90,32 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             f"storage scheme '{parsed.drivername}' is not supported; use sqlite:///path.db or postgresql://user@host/db"
         )
     if parsed.get_backend_name() == "sqlite" and parsed.database:
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(
+                f"cannot create the folder of '{mask_url(url)}': {one_line(e)}; "
+                "put the database file in a folder you can write"
+            ) from e
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
         engine_kwargs["connect_args"] = {"timeout": 60}  # concurrent launches wait for the lock
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        return _rdb_storage(url, engine_kwargs)
     except Exception as e:  # SQLAlchemy OperationalError, a missing driver (ImportError), ...
         raise StorageError(
             f"cannot open storage '{mask_url(url)}': {one_line(e)}; check that the server is up and the URL is right"
         ) from e
+
+
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except IntegrityError:
+        # Two launches creating the same new database race to write its schema version; the
+        # loser finds the schema in place on a second try.
+        time.sleep(0.5)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
 
 
 def stage_study_name(spec: StudySpec, stage: str) -> str:
@@ -155,9 +185,23 @@ def check_spec_matches(storage: optuna.storages.RDBStorage, spec: StudySpec) -> 
 
 def record_trial(trial: optuna.Trial, payload: dict[str, Any]) -> None:
     """Write what a trial reported (metrics, record, checkpoint, failure reason) as user attributes."""
-    for key in ("metrics", "method", "stage", "record", "checkpoint", "fail_reason", "node"):
-        if payload.get(key) is not None:
-            trial.set_user_attr(key, payload[key])
+    for key, value in trial_attrs(payload).items():
+        trial.set_user_attr(key, value)
+
+
+def trial_attrs(payload: dict[str, Any]) -> dict[str, Any]:
+    """The user attributes stored for what a trial reported (keys without a value left out)."""
+    keys = (
+        "metrics",
+        "method",
+        "stage",
+        "record",
+        "checkpoint",
+        "fail_reason",
+        "retryable",
+        "node",
+    )
+    return {key: payload[key] for key in keys if payload.get(key) is not None}
 
 
 def best_trial(study: optuna.Study, objective_index: int = 0) -> optuna.trial.FrozenTrial | None:
@@ -193,6 +237,121 @@ def objective_values(metrics: dict[str, float], objectives: Sequence[str]) -> li
     if any(value is None or value != value or abs(value) == float("inf") for value in values):
         return None
     return [float(value) for value in values]  # type: ignore[arg-type]
+
+
+def waiting_params(study: optuna.Study) -> list[dict[str, Any]]:
+    """Parameters of enqueued trials no launch has started yet (a killed launch leaves some)."""
+    return [
+        trial.system_attrs.get("fixed_params", {})
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    ]
+
+
+class LaunchOwner(dict[str, Any]):
+    """Who runs a launch: ``id``, ``host``, ``pid``, ``pid_started`` and the last ``heartbeat``."""
+
+    @classmethod
+    def this_process(cls) -> LaunchOwner:
+        return cls(
+            id=uuid.uuid4().hex,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            pid_started=psutil.Process().create_time(),
+            heartbeat=time.time(),
+        )
+
+    def describe(self) -> str:
+        return f"pid {self.get('pid')} on {self.get('host')}"
+
+
+def live_launch(
+    studies: Iterable[optuna.Study], *, stale_after_s: float = _STALE_AFTER_S
+) -> LaunchOwner | None:
+    """The launch that is running these studies now, if one holds them and is still alive."""
+    for study in studies:
+        owner = study.user_attrs.get(LAUNCH_ATTR)
+        if owner and _alive(owner, stale_after_s):
+            return LaunchOwner(owner)
+    return None
+
+
+def check_not_running(
+    studies: Sequence[optuna.Study],
+    *,
+    owner: LaunchOwner | None = None,
+    stale_after_s: float = _STALE_AFTER_S,
+) -> None:
+    """Refuse when a live launch other than ``owner`` holds one of the studies."""
+    other = live_launch(studies, stale_after_s=stale_after_s)
+    if other is not None and (owner is None or other["id"] != owner["id"]):
+        group = studies[0].user_attrs.get(GROUP_ATTR, studies[0].study_name)
+        raise ConfigError(
+            f"study '{group}' is being run by another launch ({other.describe()}); wait for it "
+            "to finish or stop it, then launch again (or use another name)"
+        )
+
+
+def claim_studies(
+    studies: Sequence[optuna.Study], owner: LaunchOwner, *, stale_after_s: float = _STALE_AFTER_S
+) -> None:
+    """Mark the studies as run by ``owner``; refuse when another live launch holds one of them."""
+    check_not_running(studies, owner=owner, stale_after_s=stale_after_s)
+    heartbeat_studies(studies, owner)
+    # Two launches that checked at the same moment both wrote; the later write wins, and the
+    # other launch sees it here and backs off.
+    check_not_running(studies, owner=owner, stale_after_s=stale_after_s)
+
+
+def heartbeat_studies(studies: Iterable[optuna.Study], owner: LaunchOwner) -> None:
+    """Refresh ``owner``'s heartbeat on the studies it runs."""
+    owner["heartbeat"] = time.time()
+    for study in studies:
+        study.set_user_attr(LAUNCH_ATTR, dict(owner))
+
+
+def release_studies(studies: Iterable[optuna.Study], owner: LaunchOwner) -> None:
+    """Clear the claim of ``owner`` (Optuna cannot delete an attribute; it is set to null)."""
+    for study in studies:
+        current = study.user_attrs.get(LAUNCH_ATTR)
+        if current and current.get("id") == owner["id"]:
+            study.set_user_attr(LAUNCH_ATTR, None)
+
+
+def fail_abandoned_trials(study: optuna.Study, previous: dict[str, Any] | None) -> list[int]:
+    """Fail (retryable) the trials a dead launch left RUNNING; call only while holding a claim.
+
+    The reason names the launch that left them when the study still records it.
+    """
+    who = f" ({LaunchOwner(previous).describe()})" if previous else ""
+    reason = (
+        f"the launch running this trial{who} stopped before it finished (driver killed, "
+        "or its machine lost); launching the spec again re-runs it"
+    )
+    failed = []
+    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        trial = optuna.Trial(study, frozen._trial_id)
+        try:
+            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr("retryable", True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it finished meanwhile: nothing to fail
+        study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        failed.append(frozen.number)
+    return failed
+
+
+def _alive(owner: dict[str, Any], stale_after_s: float) -> bool:
+    """A launch on this host is alive while its process is; elsewhere, while it heartbeats."""
+    if owner.get("host") == socket.gethostname():
+        try:
+            process = psutil.Process(int(owner["pid"]))
+            # The start time tells a reused pid apart from the launch's own process.
+            return process.status() != psutil.STATUS_ZOMBIE and (
+                abs(process.create_time() - float(owner["pid_started"])) < 1.0
+            )
+        except (psutil.Error, KeyError, ValueError):
+            return False
+    return time.time() - float(owner.get("heartbeat", 0.0)) < stale_after_s
 
 
 def _direction_name(direction: optuna.study.StudyDirection) -> str:

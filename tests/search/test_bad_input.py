@@ -1,0 +1,318 @@
+"""Mistakes a user makes with ``ragsweep launch``, one test each: exit code 2, one line on stderr
+that names the problem and the fix, no traceback, and the study database byte-for-byte as it was.
+
+(``ragsweep train``'s bad arguments and specs are in test_cli.py; a missing trial number and
+query commands on a missing study belong with the query commands.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from search.spec import load_spec
+from search.store import LAUNCH_ATTR, LaunchOwner, open_stage_study, open_storage
+from tests.search.test_cli import assert_one_line_error, ragsweep
+from tests.tiny import TINY_SPEC
+
+GOOD = TINY_SPEC | {"methods": ["ft_embed"], "search": {"lr_embedder": [1e-3]}}
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+
+
+def _spec_file(folder: Path, spec: dict, name: str = "spec.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory) -> Path:
+    """A database holding someone's finished study, a study made with another spec under the
+    name 'taken', and a study that a live launch (this test process) is running as 'busy'."""
+    folder = tmp_path_factory.mktemp("template")
+    path = folder / "studies.db"
+    storage = open_storage(f"sqlite:///{path}")
+    study = optuna.create_study(study_name="someone/ft_embed", storage=storage)
+    study.set_user_attr("ragsweep.group", "someone")
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"lr_embedder": 1e-3},
+            distributions={"lr_embedder": optuna.distributions.FloatDistribution(1e-5, 1e-2)},
+            value=0.5,
+            user_attrs={"metrics": {"f1": 0.5}},
+        )
+    )
+    taken = load_spec(_spec_file(folder, GOOD | {"name": "taken", "seed": 99}, "taken.yaml"))
+    open_stage_study(storage, taken, "ft_embed")
+    busy = load_spec(_spec_file(folder, GOOD | {"name": "busy"}, "busy.yaml"))
+    open_stage_study(storage, busy, "ft_embed").set_user_attr(
+        LAUNCH_ATTR, dict(LaunchOwner.this_process())
+    )
+    storage.engine.dispose()
+    return path
+
+
+@pytest.fixture
+def db(template_db, tmp_path) -> Path:
+    path = tmp_path / "studies.db"
+    shutil.copy(template_db, path)
+    return path
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _launch(tmp_path: Path, db: Path, spec: dict | str, *args: str, cache_dir: Path):
+    """Run ``ragsweep launch`` on ``spec`` against ``db``; assert the database did not change."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec))
+    before = _digest(db)
+    result = ragsweep(
+        "launch",
+        str(path),
+        "--storage",
+        f"sqlite:///{db}",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        *args,
+        cache_dir=cache_dir,
+    )
+    assert _digest(db) == before, "the bad launch changed the database"
+    assert not (tmp_path / "runs").exists()
+    return result
+
+
+def _questions(folder: Path, rows: list[dict]) -> Path:
+    path = folder / "questions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _corpus(folder: Path, n: int = 6) -> Path:
+    path = folder / "corpus.jsonl"
+    rows = [{"id": f"d{i}", "title": f"T{i}", "text": f"fact {i}"} for i in range(n)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _unlabelled_data(folder: Path) -> dict:
+    rows = [
+        {"id": f"q{i}", "question": f"what is {i}?", "answers": [str(i)], "gold_doc_ids": []}
+        for i in range(6)
+    ]
+    return {
+        "source": "jsonl",
+        "path": str(_questions(folder, rows)),
+        "corpus_path": str(_corpus(folder)),
+        "n_train": 4,
+        "n_validation": 2,
+    }
+
+
+# Mistakes in the spec file itself: (spec, what the one line must say).
+SPEC_MISTAKES = {
+    "malformed_yaml": ("name: [unclosed\n", ["not valid YAML", "at line", "fix the syntax"]),
+    "spec_is_a_list": ("- ft_embed\n- ft_gen\n", ["must hold a mapping"]),
+    "unknown_top_level_key": (GOOD | {"trainig": {"k": 3}}, ["unknown field 'trainig'"]),
+    "unknown_nested_key": (
+        GOOD | {"training": TINY_SPEC["training"] | {"learning_rate": 1e-3}},
+        ["unknown field 'training.learning_rate'", "spelling"],
+    ),
+    "unknown_method": (GOOD | {"methods": ["ft_embd"]}, ["methods.0", "ft_embed"]),
+    "no_methods": (GOOD | {"methods": []}, ["methods", "at least one method"]),
+    "empty_lr_grid": (
+        GOOD | {"search": {"lr_embedder": []}},
+        ["search.lr_embedder", "at least one learning rate"],
+    ),
+    "zero_learning_rate": (
+        GOOD | {"search": {"lr_embedder": [0.0, 1e-3]}},
+        ["search.lr_embedder.0", "greater than 0"],
+    ),
+    "negative_learning_rate": (
+        GOOD | {"search": {"lr_generator": [-1e-4]}},
+        ["search.lr_generator.0", "greater than 0"],
+    ),
+    "repeated_learning_rate": (
+        GOOD | {"search": {"lr_embedder": [1e-3, 1e-3]}},
+        ["search.lr_embedder", "repeated"],
+    ),
+    "reversed_lr_range": (
+        GOOD | {"search": {"sampler": "tpe", "lr_embedder_range": [1e-3, 1e-5]}},
+        ["search.lr_embedder_range", "low < high"],
+    ),
+    "unknown_sampler": (GOOD | {"search": {"sampler": "bayes"}}, ["search.sampler", "'grid'"]),
+    "zero_trial_budget": (
+        GOOD | {"search": {"sampler": "random", "n_trials": 0}},
+        ["search.n_trials", "greater than 0"],
+    ),
+    "k_zero": (
+        GOOD | {"training": TINY_SPEC["training"] | {"k": 0}},
+        ["training.k", "greater than 0"],
+    ),
+    "no_objectives": (GOOD | {"objectives": []}, ["objectives", "at least one objective"]),
+    "unknown_direction": (
+        GOOD | {"objectives": [{"metric": "f1", "direction": "up"}]},
+        ["objectives.0.direction", "'maximize'"],
+    ),
+    "zero_concurrency_in_spec": (GOOD | {"concurrency": 0}, ["concurrency", "greater than 0"]),
+    "prompt_without_context": (
+        GOOD | {"training": TINY_SPEC["training"] | {"prompt_template": "Q: {question}"}},
+        ["prompt_template", "{context}"],
+    ),
+    "jsonl_without_corpus": (
+        GOOD | {"data": {"source": "jsonl", "path": "questions.jsonl"}},
+        ["data.corpus_path"],
+    ),
+    "seed_not_a_number": (GOOD | {"seed": "abc"}, ["seed", "integer"]),
+}
+
+
+@pytest.mark.parametrize("case", SPEC_MISTAKES)
+def test_spec_mistake(case, tmp_path, db, cache_dir):
+    spec, fragments = SPEC_MISTAKES[case]
+    assert_one_line_error(_launch(tmp_path, db, spec, cache_dir=cache_dir), *fragments)
+
+
+def test_missing_spec_file(tmp_path, db, cache_dir):
+    before = _digest(db)
+    result = ragsweep(
+        "launch", str(tmp_path / "nope.yaml"), "--storage", f"sqlite:///{db}", cache_dir=cache_dir
+    )
+    assert_one_line_error(result, "nope.yaml", "does not exist", "studies/demo.yaml")
+    assert _digest(db) == before
+
+
+def test_dataset_file_not_found(tmp_path, db, cache_dir):
+    spec = GOOD | {"data": {"source": "hotpotqa", "path": str(tmp_path / "missing.jsonl")}}
+    result = _launch(tmp_path, db, spec, cache_dir=cache_dir)
+    assert_one_line_error(result, "missing.jsonl", "does not exist", "fix the path")
+
+
+def test_data_path_override_not_found(tmp_path, db, cache_dir):
+    spec = GOOD | {"data": {"source": "popqa", "path": "placeholder.jsonl"}}
+    result = _launch(
+        tmp_path, db, spec, "--data-path", str(tmp_path / "typo.jsonl"), cache_dir=cache_dir
+    )
+    assert_one_line_error(result, "typo.jsonl", "does not exist")
+
+
+def test_hub_dataset_offline(tmp_path, db, cache_dir):
+    data = {"source": "popqa", "hub_name": "akariasai/PopQA", "corpus_path": str(_corpus(tmp_path))}
+    result = _launch(tmp_path, db, GOOD | {"data": data}, cache_dir=cache_dir)
+    assert_one_line_error(result, "akariasai/PopQA", "data.path")
+
+
+def test_dataset_missing_fields(tmp_path, db, cache_dir):
+    rows = [{"id": f"q{i}", "question": f"what is {i}?"} for i in range(6)]  # no answers
+    data = {"source": "jsonl", "path": str(_questions(tmp_path, rows))}
+    data["corpus_path"] = str(_corpus(tmp_path))
+    result = _launch(tmp_path, db, GOOD | {"data": data}, cache_dir=cache_dir)
+    assert_one_line_error(result, "lacks the field(s) answers, gold_doc_ids", "add them")
+
+
+def test_method_needing_context_labels_on_unlabelled_data(tmp_path, db, cache_dir):
+    spec = GOOD | {"methods": ["independent"], "data": _unlabelled_data(tmp_path)}
+    spec["search"] = {"lr_embedder": [1e-3], "lr_generator": [1e-3]}
+    result = _launch(tmp_path, db, spec, cache_dir=cache_dir)
+    # independent needs ft_embed's embedder, which trains on context labels.
+    assert_one_line_error(result, "'ft_embed'", "context labels", "two_phase")
+
+
+def test_k_larger_than_the_corpus(tmp_path, db, cache_dir):
+    spec = GOOD | {"training": TINY_SPEC["training"] | {"k": 500}}
+    result = _launch(tmp_path, db, spec, cache_dir=cache_dir)
+    assert_one_line_error(result, "training.k is 500", "corpus has only", "lower training.k")
+
+
+def test_generator_not_found_offline(tmp_path, db, cache_dir):
+    spec = GOOD | {"models": {"embedder": "tiny", "generator": "no-such-org/no-such-model"}}
+    result = _launch(tmp_path, db, spec, cache_dir=cache_dir)
+    assert_one_line_error(result, "no-such-org/no-such-model", "local folder")
+
+
+def test_embedder_not_found_offline(tmp_path, db, cache_dir):
+    spec = GOOD | {"models": {"embedder": "no-such-org/no-such-embedder", "generator": "tiny"}}
+    result = _launch(tmp_path, db, spec, cache_dir=cache_dir)
+    assert_one_line_error(result, "no-such-org/no-such-embedder")
+
+
+@NO_GPU
+def test_cuda_device_without_a_gpu(tmp_path, db, cache_dir):
+    spec = GOOD | {"training": TINY_SPEC["training"] | {"device": "cuda"}}
+    result = _launch(tmp_path, db, spec, cache_dir=cache_dir)
+    assert_one_line_error(result, "training.device is 'cuda'", "no CUDA device", "'cpu'")
+
+
+def test_more_cpus_per_trial_than_any_node_has(tmp_path, db, cache_dir):
+    spec = GOOD | {"resources": {"cpus": 512}}
+    result = _launch(tmp_path, db, spec, cache_dir=cache_dir)
+    assert_one_line_error(result, "resources.cpus is 512", "lower resources.cpus")
+
+
+@NO_GPU
+def test_gpus_per_trial_on_a_cluster_without_gpus(tmp_path, db, cache_dir):
+    spec = GOOD | {"resources": {"gpus": 1}}
+    result = _launch(tmp_path, db, spec, cache_dir=cache_dir)
+    assert_one_line_error(result, "resources.gpus is 1", "0 GPUs")
+
+
+def test_unreachable_ray_cluster(tmp_path, db, cache_dir):
+    result = _launch(tmp_path, db, GOOD, "--address", "127.0.0.1:1", cache_dir=cache_dir)
+    assert_one_line_error(result, "no Ray cluster answers at '127.0.0.1:1'", "ray start --head")
+
+
+def test_study_name_used_with_another_spec(tmp_path, db, cache_dir):
+    result = _launch(tmp_path, db, GOOD | {"name": "taken"}, cache_dir=cache_dir)
+    assert_one_line_error(result, "'taken' already exists", "different spec", "another name")
+
+
+def test_study_being_run_by_a_live_launch(tmp_path, db, cache_dir):
+    result = _launch(tmp_path, db, GOOD | {"name": "busy"}, cache_dir=cache_dir)
+    assert_one_line_error(result, "'busy' is being run by another launch", f"pid {os.getpid()}")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "fragments"),
+    [
+        ("--concurrency", "0", ["'--concurrency'", "greater than or equal to 1", "--help"]),
+        ("--max-retries", "-1", ["'--max-retries'", "greater than or equal to 0", "--help"]),
+        ("--concurrency", "two", ["'--concurrency'", "--help"]),
+    ],
+    ids=["zero_concurrency_option", "negative_max_retries", "concurrency_not_a_number"],
+)
+def test_bad_option_value(option, value, fragments, tmp_path, db, cache_dir):
+    result = _launch(tmp_path, db, GOOD, option, value, cache_dir=cache_dir)
+    assert_one_line_error(result, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("storage", "fragments"),
+    [
+        ("redis://localhost/0", ["scheme 'redis' is not supported", "sqlite:///"]),
+        ("studies.db", ["'studies.db' is not a database URL", "sqlite:///"]),
+        ("sqlite:////proc/no-such-dir/studies.db", ["cannot create the folder", "you can write"]),
+    ],
+    ids=["unknown_storage_scheme", "storage_not_a_url", "sqlite_folder_not_writable"],
+)
+def test_bad_storage(storage, fragments, tmp_path, cache_dir):
+    spec = _spec_file(tmp_path, GOOD)
+    result = ragsweep("launch", str(spec), "--storage", storage, cache_dir=cache_dir)
+    assert_one_line_error(result, *fragments)
+
+
+def test_unreachable_postgresql_masks_the_password(tmp_path, cache_dir):
+    spec = _spec_file(tmp_path, GOOD)
+    url = "postgresql+psycopg://ragsweep:hunter2-secret@127.0.0.1:1/ragsweep"
+    result = ragsweep("launch", str(spec), "--storage", url, cache_dir=cache_dir)
+    assert_one_line_error(result, "cannot open storage", "127.0.0.1:1", "server is up")
+    assert "hunter2-secret" not in result.stderr + result.stdout
+    assert "ragsweep:***@" in result.stderr

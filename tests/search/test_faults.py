@@ -1,0 +1,298 @@
+"""Faults injected for real: a SIGKILLed trial worker, a SIGKILLed driver and a relaunch, two
+launches writing one database at once, and launches on other hosts that stopped heartbeating."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+import yaml
+
+from search.dispatch import launch
+from search.spec import load_spec
+from search.store import (
+    LAUNCH_ATTR,
+    LaunchOwner,
+    check_not_running,
+    claim_studies,
+    fail_abandoned_trials,
+    finished_params,
+    open_storage,
+)
+from tests.tiny import TINY_SPEC
+from trainers.errors import ConfigError
+
+GRID = [1e-4, 1e-3, 3e-3]
+FAULT_SPEC = TINY_SPEC | {"methods": ["ft_embed"], "search": {"lr_embedder": GRID}}
+OK, FAIL, RUNNING = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.FAIL,
+    optuna.trial.TrialState.RUNNING,
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'studies.db'}"
+    url = os.environ.get("RAGSWEEP_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("RAGSWEEP_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
+    return url
+
+
+def unique(prefix: str) -> str:
+    """A study name no earlier run used (the PostgreSQL test database outlives test runs)."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def write_spec(tmp_path: Path, name: str, **changes) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(FAULT_SPEC | {"name": name} | changes))
+    return path
+
+
+def launch_process(spec: Path, storage_url: str, cache_dir: Path, *args: str) -> subprocess.Popen:
+    env = os.environ | {"RAGSWEEP_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", "from search.cli import main; main()", "launch", str(spec)]
+    command += ["--storage", storage_url, "--runs-dir", str(spec.parent / "runs"), *args]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def stage_trials(storage_url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=f"{name}/ft_embed", storage=open_storage(storage_url))
+    return study.get_trials(deepcopy=True)
+
+
+def completed_rates(trials: list[optuna.trial.FrozenTrial]) -> list[float]:
+    return sorted(t.params["lr_embedder"] for t in trials if t.state == OK)
+
+
+def kill_tree_leftovers(processes: list[psutil.Process], wait_s: float = 20.0) -> None:
+    """Ray's processes follow a dead driver within seconds; end any straggler by its pid."""
+    _, alive = psutil.wait_procs(processes, timeout=wait_s)
+    for process in alive:
+        process.kill()
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs the first Ray worker of this test process that is running a trial."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.killed: int | None = None
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        me = psutil.Process()
+        while not self._done.is_set() and self.killed is None:
+            for process in me.children(recursive=True):
+                try:
+                    title = " ".join(process.cmdline())
+                except psutil.Error:
+                    continue
+                if "ImplicitFunc.train" in title:  # the worker is inside the trainable
+                    time.sleep(0.3)  # well into the trial: models loading or training
+                    os.kill(process.pid, signal.SIGKILL)
+                    self.killed = process.pid
+                    return
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_failed_as_retryable_and_its_point_reruns(tmp_path, cache_dir):
+    spec = load_spec(write_spec(tmp_path, "worker-kill"))
+    storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
+    killer = WorkerKiller()
+    killer.start()
+    summary = launch(spec, storage_url=storage_url, runs_dir=tmp_path / "runs", cache_dir=cache_dir)
+    killer.stop()
+    assert killer.killed is not None, "no trial worker was found to kill"
+    trials = stage_trials(storage_url, spec.name)
+    failed = [t for t in trials if t.state == FAIL]
+    assert len(failed) == 1 and summary.failed == {"ft_embed": 1}
+    assert "worker died" in failed[0].user_attrs["fail_reason"]
+    assert failed[0].user_attrs["retryable"] is True
+    assert len(completed_rates(trials)) == len(GRID) - 1  # the study went on
+
+    before = {t.number: (t.values, t.datetime_complete) for t in trials if t.state == OK}
+    summary = launch(spec, storage_url=storage_url, runs_dir=tmp_path / "runs", cache_dir=cache_dir)
+    assert summary.ran == {"ft_embed": 1}  # only the killed point
+    trials = stage_trials(storage_url, spec.name)
+    assert completed_rates(trials) == sorted(GRID)
+    assert {n: (trials[n].values, trials[n].datetime_complete) for n in before} == before
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_retried_by_ray_within_max_retries(tmp_path, cache_dir):
+    spec = load_spec(write_spec(tmp_path, "worker-retry", search={"lr_embedder": GRID[:2]}))
+    storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
+    killer = WorkerKiller()
+    killer.start()
+    summary = launch(
+        spec,
+        storage_url=storage_url,
+        runs_dir=tmp_path / "runs",
+        cache_dir=cache_dir,
+        max_retries=1,
+    )
+    killer.stop()
+    assert killer.killed is not None, "no trial worker was found to kill"
+    trials = stage_trials(storage_url, spec.name)
+    # Ray re-ran the killed trial under the same Optuna trial: no failure, no duplicate.
+    assert [t.state for t in trials] == [OK, OK] and summary.failed == {"ft_embed": 0}
+    assert completed_rates(trials) == sorted(GRID[:2])
+
+
+@pytest.mark.slow
+def test_a_killed_driver_is_resumed_by_a_relaunch_without_losing_or_repeating_trials(
+    tmp_path, cache_dir
+):
+    spec = write_spec(tmp_path, "driver-kill")
+    storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
+    driver = launch_process(spec, storage_url, cache_dir)
+    storage = open_storage(storage_url)
+    deadline = time.monotonic() + 300
+    while True:
+        assert driver.poll() is None, driver.communicate()
+        assert time.monotonic() < deadline, "the launch never had a trial done and one running"
+        try:
+            study = optuna.load_study(study_name="driver-kill/ft_embed", storage=storage)
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+        except KeyError:
+            states = []
+        if OK in states and RUNNING in states:
+            break
+        time.sleep(0.1)
+
+    # Frozen mid-trial (alive, but writing nothing), it still holds the study: a second launch
+    # of the same spec is refused.
+    driver.send_signal(signal.SIGSTOP)
+    second = launch_process(spec, storage_url, cache_dir)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 2 and "being run by another launch" in err, err
+    assert "Traceback" not in err
+
+    ray_processes = psutil.Process(driver.pid).children(recursive=True)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    kill_tree_leftovers(ray_processes)
+    before = stage_trials(storage_url, "driver-kill")
+    running = [t.number for t in before if t.state == RUNNING]
+    completed = {
+        t.number: (t.params, t.values, t.datetime_complete) for t in before if t.state == OK
+    }
+    assert running and completed
+
+    relaunch = launch_process(spec, storage_url, cache_dir)
+    out, err = relaunch.communicate(timeout=600)
+    assert relaunch.returncode == 0, err
+    assert f"{len(running)} left running by a stopped launch" in out
+    after = stage_trials(storage_url, "driver-kill")
+    for number in running:
+        assert after[number].state == FAIL
+        assert "stopped before it finished" in after[number].user_attrs["fail_reason"]
+        assert after[number].user_attrs["retryable"] is True
+    assert {
+        n: (after[n].params, after[n].values, after[n].datetime_complete) for n in completed
+    } == (completed)
+    assert completed_rates(after) == sorted(GRID)  # each point once: none lost, none repeated
+    assert all(t.params["lr_embedder"] in GRID for t in after)
+    assert not [t for t in after if t.state in (RUNNING, optuna.trial.TrialState.WAITING)]
+    study = optuna.load_study(study_name="driver-kill/ft_embed", storage=open_storage(storage_url))
+    assert study.user_attrs[LAUNCH_ATTR] is None  # the claim was released
+
+
+@pytest.mark.slow
+def test_two_launches_write_one_database_at_once(storage_url, tmp_path, cache_dir):
+    names = [unique("writer-a"), unique("writer-b")]
+    drivers = [
+        launch_process(write_spec(tmp_path, name), storage_url, cache_dir, "--max-retries", "0")
+        for name in names
+    ]
+    for driver in drivers:
+        _, err = driver.communicate(timeout=600)
+        assert driver.returncode == 0, err
+    for name in names:
+        trials = stage_trials(storage_url, name)
+        assert completed_rates(trials) == sorted(GRID) and len(trials) == len(GRID)
+        for trial in trials:  # each trial holds its own study's results, nothing crossed over
+            assert (
+                trial.user_attrs["record"]["config"]["lr_embedder"] == trial.params["lr_embedder"]
+            )
+            assert trial.values[0] == trial.user_attrs["metrics"]["f1"]
+    if storage_url.startswith("sqlite"):
+        with sqlite3.connect(storage_url.removeprefix("sqlite:///")) as db:
+            assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def _study_with_running_trial(storage_url: str, name: str) -> optuna.Study:
+    study = optuna.create_study(study_name=f"{name}/ft_embed", storage=open_storage(storage_url))
+    study.set_user_attr("ragsweep.group", name)
+    done = study.ask({"lr_embedder": optuna.distributions.FloatDistribution(1e-5, 1e-2)})
+    study.tell(done, 0.5)
+    study.ask({"lr_embedder": optuna.distributions.FloatDistribution(1e-5, 1e-2)})
+    return study
+
+
+def _other_host_owner(heartbeat_age_s: float) -> LaunchOwner:
+    owner = LaunchOwner.this_process()
+    owner.update(host=f"not-{socket.gethostname()}", heartbeat=time.time() - heartbeat_age_s)
+    return owner
+
+
+def test_a_launch_on_another_host_holds_its_study_while_it_heartbeats(storage_url, tmp_path):
+    study = _study_with_running_trial(storage_url, unique("remote-live"))
+    study.set_user_attr(LAUNCH_ATTR, dict(_other_host_owner(heartbeat_age_s=5)))
+    with pytest.raises(ConfigError, match="being run by another launch"):
+        check_not_running([study])
+    with pytest.raises(ConfigError, match="being run by another launch"):
+        claim_studies([study], LaunchOwner.this_process())
+    assert [t.state for t in study.get_trials()] == [OK, RUNNING]  # its trial left alone
+
+
+def test_trials_of_a_launch_that_stopped_heartbeating_are_failed_as_retryable(
+    storage_url, tmp_path
+):
+    study = _study_with_running_trial(storage_url, unique("remote-dead"))
+    dead = _other_host_owner(heartbeat_age_s=3600)
+    study.set_user_attr(LAUNCH_ATTR, dict(dead))
+    check_not_running([study])  # stale: not refused
+    claim_studies([study], LaunchOwner.this_process())
+    assert fail_abandoned_trials(study, dead) == [1]
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [OK, FAIL]
+    assert dead["host"] in trials[1].user_attrs["fail_reason"]
+    assert trials[1].user_attrs["retryable"] is True
+    assert finished_params(study) == [trials[0].params]  # the failed point runs again
+    assert trials[0].value == 0.5  # the completed trial is untouched
+
+
+def test_a_dead_process_on_this_host_releases_its_claim_at_once(storage_url, tmp_path):
+    study = _study_with_running_trial(storage_url, unique("local-dead"))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    owner = LaunchOwner.this_process()
+    owner.update(pid=child.pid, pid_started=psutil.Process(child.pid).create_time())
+    study.set_user_attr(LAUNCH_ATTR, dict(owner))
+    with pytest.raises(ConfigError, match=f"pid {child.pid}"):
+        check_not_running([study])
+    child.kill()
+    child.wait()
+    check_not_running([study])  # its heartbeat is fresh, but the process is gone
