@@ -218,6 +218,11 @@ def launch(
     _console.print(
         f"ran {ran} trials ({failed} failed), {skipped} already complete, in {summary.wall_s / 60:.1f} min"
     )
+    abandoned = sum(summary.abandoned.values())
+    if abandoned:
+        _console.print(
+            f"{abandoned} left running by a stopped launch were marked failed (retryable) and run again"
+        )
 
 
 def _storage_url(explicit: str | None, from_spec: str | None, default_file: Path) -> str:
@@ -719,5 +724,21 @@ def _print_reproduction(reproduction) -> None:  # search.reproduce.Reproduction
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point; a mistyped option gets one line too, not a usage box."""
+    try:
+        code = app(standalone_mode=False, prog_name="ragsweep")
+    except typer.Abort:
+        _errors.print("aborted")
+        raise SystemExit(1) from None
+    except typer.TyperException as e:  # click's usage errors: bad option values, unknown commands
+        message = (e.format_message() if hasattr(e, "format_message") else str(e)).rstrip(".")
+        context = getattr(e, "ctx", None)
+        command = context.command_path if context is not None else "ragsweep"
+        if message:  # empty when no arguments were given: the help was printed already
+            _errors.print(
+                f"[bold red]error:[/] {message}; see {command} --help",
+                highlight=False,
+                soft_wrap=True,
+            )
+        raise SystemExit(getattr(e, "exit_code", 2)) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
