@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: setup
 	$(VENV)/bin/ragsweep launch studies/demo.yaml
-	$(VENV)/bin/optuna studies --storage sqlite:///studies/demo.db
+	$(VENV)/bin/ragsweep compare demo --storage sqlite:///studies/demo.db
 
 test: setup
 	$(VENV)/bin/pytest -q

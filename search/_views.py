@@ -118,7 +118,11 @@ def as_table(title: str, records: Sequence[dict[str, Any]], columns: Sequence[st
     table = Table(title=title, title_justify="left")
     for column in columns:
         numeric = any(isinstance(r.get(column), int | float) for r in records)
-        table.add_column(_HEADERS.get(column, column), justify="right" if numeric else "left")
+        table.add_column(
+            _HEADERS.get(column, column),
+            justify="right" if numeric else "left",
+            no_wrap=column in ("trial", "study", "method"),
+        )
     for record in records:
         table.add_row(*(cell(column, record.get(column)) for column in columns))
     return table
@@ -174,3 +178,64 @@ def _seconds(value: float) -> str:
     if value >= 120:
         return f"{value / 60:.1f} min"
     return f"{value:.1f} s"
+
+
+def trial_detail(report: StudyReport, row: TrialRow, title: str) -> Table:
+    """``ragsweep best``: the headline figures, then what the record says about the run."""
+    record = row.attrs.get("record") or {}
+    environment = record.get("environment") or {}
+    summary = trial_record(report, row)
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    headline = ("trial", "method", "state", "lr_embedder", "lr_generator", "em", "f1")
+    for key in (*headline, "recall_at_k", "train_flops", "run_flops", "train_device_s", "wall_s"):
+        table.add_row(key, cell(key, summary[key]))
+    git = environment.get("git") or {}
+    details = {
+        "seed": record.get("seed"),
+        "data fingerprint": record.get("data_fingerprint"),
+        "phases": ", ".join(record.get("phases", [])) or "none",
+        "reused phases": ", ".join(record.get("reused_phases", [])) or "none",
+        "final losses": record.get("final_losses"),
+        "checkpoint": row.attrs.get("checkpoint"),
+        "git commit": f"{git.get('commit')}{' (uncommitted changes)' if git.get('dirty') else ''}"
+        if git
+        else None,
+        "packages": environment.get("packages"),
+        "hardware": environment.get("hardware"),
+        "started": row.started,
+        "completed": row.completed,
+    }
+    for key, value in details.items():
+        table.add_row(key, "-" if value is None else str(value))
+    return table
+
+
+def reproduction_report(reproduction: Reproduction) -> list[Table | str]:
+    """``ragsweep reproduce``: metrics recorded against reproduced, drift, saved models, verdict."""
+    table = Table(
+        title=f"trial {reproduction.trial.id}: recorded against reproduced", title_justify="left"
+    )
+    for column in ("metric", "recorded", "reproduced", "|difference|"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for key, difference in reproduction.differences.items():
+        recorded, reproduced = reproduction.recorded[key], reproduction.reproduced[key]
+        table.add_row(key, f"{recorded:.6f}", f"{reproduced:.6f}", f"{difference:.2e}")
+    parts: list[Table | str] = [table]
+    if reproduction.drift:
+        drift = Table(title="environment drift since the trial ran", title_justify="left")
+        for column in ("field", "recorded", "now"):
+            drift.add_column(column)
+        for field, before, after in reproduction.drift:
+            drift.add_row(field, before, after)
+        parts.append(drift)
+    else:
+        parts.append("environment: same versions, commit and hardware as recorded")
+    parts += [f"saved {name}: {path}" for name, path in reproduction.saved.items()]
+    verdict = "match" if reproduction.matches else "DIFFER"
+    parts.append(
+        f"metrics {verdict} within the tolerance of {reproduction.tolerance:g} "
+        "(absolute, on EM, F1 and Recall@k)"
+    )
+    return parts

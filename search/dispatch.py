@@ -35,6 +35,7 @@ from search.store import (
     claim_studies,
     existing_stage_study,
     fail_abandoned_trials,
+    fail_running_trials,
     finished_params,
     heartbeat_studies,
     objective_values,
@@ -323,7 +324,17 @@ def _run_stage(
             failure_config=tune.FailureConfig(max_failures=max_retries),
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    except Exception as e:
+        # Tune gives up on a whole stage for some cluster faults (Ray's memory monitor killing a
+        # trial's actor while it starts); its unfinished trials fail, retryable, and the study
+        # goes on, as for any other failed trial.
+        reason = (
+            f"Ray stopped this stage before the trial finished ({one_line(e)}); "
+            "launching the spec again re-runs it"
+        )
+        return progress.failed + len(fail_running_trials(study, reason))
     return progress.failed
 
 

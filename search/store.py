@@ -35,21 +35,30 @@ from trainers.errors import ConfigError, RagsweepError, one_line
 
 __all__ = [
     "GROUP_ATTR",
+    "LAUNCH_ATTR",
     "SPEC_ATTR",
     "STAGE_ATTR",
+    "LaunchOwner",
     "StorageError",
     "best_trial",
-    "mask_url",
-    "open_storage",
-    "open_stage_study",
+    "check_not_running",
     "check_spec_matches",
+    "claim_studies",
     "existing_stage_study",
+    "fail_abandoned_trials",
+    "fail_running_trials",
     "finished_params",
+    "heartbeat_studies",
+    "mask_url",
     "objective_values",
+    "open_stage_study",
+    "open_storage",
     "record_trial",
+    "release_studies",
     "spec_hash",
     "stage_study_name",
     "trial_attrs",
+    "waiting_params",
 ]
 
 GROUP_ATTR = "ragsweep.group"
@@ -323,10 +332,15 @@ def fail_abandoned_trials(study: optuna.Study, previous: dict[str, Any] | None) 
     The reason names the launch that left them when the study still records it.
     """
     who = f" ({LaunchOwner(previous).describe()})" if previous else ""
-    reason = (
+    return fail_running_trials(
+        study,
         f"the launch running this trial{who} stopped before it finished (driver killed, "
-        "or its machine lost); launching the spec again re-runs it"
+        "or its machine lost); launching the spec again re-runs it",
     )
+
+
+def fail_running_trials(study: optuna.Study, reason: str) -> list[int]:
+    """Fail (retryable, with ``reason``) every RUNNING trial of ``study``; their numbers."""
     failed = []
     for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         trial = optuna.Trial(study, frozen._trial_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import optuna
@@ -45,7 +46,8 @@ def storage_url(request, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def launched(storage_url, tmp_path_factory, cache_dir):
     tmp_path = tmp_path_factory.mktemp("study")
-    spec = tiny_spec(tmp_path, name=f"tiny-{tmp_path.name}")
+    # Unique across test sessions: the PostgreSQL database outlives them when run by hand.
+    spec = tiny_spec(tmp_path, name=f"tiny-{uuid.uuid4().hex[:8]}")
     runs_dir = Path(os.path.relpath(tmp_path / "runs"))  # relative, as a user's --runs-dir often is
     summary = launch(spec, storage_url=storage_url, runs_dir=runs_dir, cache_dir=cache_dir)
     storage = open_storage(storage_url)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import matplotlib.image
@@ -66,7 +67,7 @@ def study(request, tmp_path_factory, cache_dir):
             pytest.skip(
                 "RAGSWEEP_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)"
             )
-    name = f"demo-{tmp_path.name}"
+    name = f"demo-{uuid.uuid4().hex[:8]}"  # unique: a PostgreSQL database outlives test sessions
     for spec in (
         demo_spec(name),
         demo_spec(
@@ -222,6 +223,10 @@ def test_compare_gives_the_papers_table_with_shared_search_cost(study):
         rows["two_phase"]["run_flops"]
         > trials[rows["two_phase"]["trial"]].user_attrs["metrics"]["train_flops"]
     )
+    _ANSWERS[url.split(":")[0]] = {
+        "compare": list(rows.values()),
+        "trials": query_json("trials", name, "--storage", url),
+    }
     table = ragsweep("compare", name, "--storage", url)
     assert table.returncode == 0, table.stderr
     assert "whole study: 10 trials" in table.stdout
@@ -231,6 +236,36 @@ def test_compare_gives_the_papers_table_with_shared_search_cost(study):
     )
     # Generated data has gold passages: the paper's advice is independent.
     assert "context labels" in table.stdout and "recommends independent" in table.stdout
+
+
+_ANSWERS: dict[str, dict] = {}  # backend -> answers, filled by the test above on each backend
+# Figures that do not depend on timing: the same trials run on CPU give the same ones.
+_DETERMINISTIC = (
+    "trial",
+    "method",
+    "state",
+    "lr_embedder",
+    "lr_generator",
+    "em",
+    "f1",
+    "recall_at_k",
+    "train_flops",
+    "run_flops",
+    "search_stages",
+    "search_flops",
+    "fail_reason",
+)
+
+
+def test_sqlite_and_postgresql_give_the_same_answers(study):
+    if set(_ANSWERS) != {"sqlite", "postgresql+psycopg"}:
+        pytest.skip("runs after both backends answered (PostgreSQL is set up by .ci/run)")
+    sqlite, postgresql = _ANSWERS["sqlite"], _ANSWERS["postgresql+psycopg"]
+    for query in ("compare", "trials"):
+        for left, right in zip(sqlite[query], postgresql[query], strict=True):
+            assert {k: v for k, v in left.items() if k in _DETERMINISTIC} == {
+                k: v for k, v in right.items() if k in _DETERMINISTIC
+            }
 
 
 def test_export_writes_every_trial_with_every_attribute(study, tmp_path):

@@ -1,0 +1,406 @@
+"""The query commands: what a study database holds, read back as tables, JSON or CSV.
+
+Registered on :data:`search.cli.app` when ``search.cli`` is imported; the flags and environment
+variables of these commands are read here, as the rest are in ``search.cli``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from search.cli import _bad_choice, _cache_dir, _console, _one_line_errors, _quiet_libraries, app
+from trainers.errors import RagsweepError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from search.report import StudyReport
+
+_StorageOption = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="Optuna storage URL (default: RAGSWEEP_STORAGE, else studies/<study>.db if it exists).",
+    ),
+]
+_FormatOption = Annotated[str, typer.Option("--format", help="table, json or csv.")]
+_DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+_StudyArgument = Annotated[
+    str,
+    typer.Argument(help="Study name (the spec's name), or one stage study such as demo/ft_gen."),
+]
+_FORMATS = ("table", "json", "csv")
+_TRIAL_COLUMNS = [
+    "trial",
+    "method",
+    "state",
+    "lr_embedder",
+    "lr_generator",
+    "em",
+    "f1",
+    "recall_at_k",
+    "train_flops",
+    "train_device_s",
+    "fail_reason",
+]
+
+
+@app.command()
+@_one_line_errors
+def studies(
+    storage: _StorageOption = None, fmt: _FormatOption = "table", debug: _DebugOption = False
+) -> None:
+    """Every study in the database: methods, trials by state, best F1 and compute spent."""
+    from search._views import studies_records
+    from search.report import summarize_studies
+    from search.store import mask_url
+
+    url = _query_url(storage, None)
+    records = studies_records(summarize_studies(_open_existing(url)))
+    columns = [
+        "study",
+        "methods",
+        "complete",
+        "failed",
+        "running",
+        "best_f1",
+        "train_flops",
+        "train_device_s",
+    ]
+    _emit(records, fmt, f"studies in {mask_url(url)}", columns)
+
+
+@app.command()
+@_one_line_errors
+def trials(
+    study: _StudyArgument,
+    method: Annotated[str | None, typer.Option("--method", help="Only this method.")] = None,
+    state: Annotated[
+        str | None, typer.Option("--state", help="complete, fail, running, waiting or pruned.")
+    ] = None,
+    sort: Annotated[
+        str | None,
+        typer.Option(
+            "--sort",
+            help="f1, em, recall_at_k (best first), a cost such as train_flops (lowest first), lr_embedder, ...",
+        ),
+    ] = None,
+    storage: _StorageOption = None,
+    fmt: _FormatOption = "table",
+    debug: _DebugOption = False,
+) -> None:
+    """One row per trial: learning rates, EM, F1, Recall@k, cost, state and why it failed."""
+    from search._views import trial_record
+    from search.report import select_trials
+
+    report = _load_report(study, storage)
+    rows = select_trials(report, method=method, state=state, sort=sort)
+    records = [trial_record(report, row) for row in rows]
+    _emit(records, fmt, f"study {report.name}: {len(records)} trials", _TRIAL_COLUMNS)
+
+
+@app.command()
+@_one_line_errors
+def best(
+    study: _StudyArgument,
+    metric: Annotated[str, typer.Option("--metric", help="f1, em or recall.")] = "f1",
+    method: Annotated[str | None, typer.Option("--method", help="Only this method.")] = None,
+    storage: _StorageOption = None,
+    fmt: _FormatOption = "table",
+    debug: _DebugOption = False,
+) -> None:
+    """The best completed trial on a validation metric, with everything recorded about it."""
+    from search._views import as_json, trial_record
+    from search.report import best_of, export_rows
+
+    _check_format(fmt, ("table", "json"))
+    report = _load_report(study, storage)
+    row = best_of(report, metric, method)
+    if fmt == "json":
+        everything = next(r for r in export_rows(report) if r["trial"] == row.id)
+        print(as_json(everything | {"run_flops": trial_record(report, row)["run_flops"]}))
+        return
+    from search._views import trial_detail
+
+    _console.print(trial_detail(report, row, f"best trial of {report.name} on {metric}"))
+
+
+@app.command()
+@_one_line_errors
+def pareto(
+    study: _StudyArgument,
+    cost: Annotated[
+        str,
+        typer.Option(
+            "--cost", help="train_flops, train_device_s, train_wall_s, wall_s, peak_mem_mb, ..."
+        ),
+    ] = "train_flops",
+    metric: Annotated[str, typer.Option("--metric", help="f1, em or recall.")] = "f1",
+    storage: _StorageOption = None,
+    fmt: _FormatOption = "table",
+    debug: _DebugOption = False,
+) -> None:
+    """The trials no other trial beats on both quality and cost, across methods, cheapest first."""
+    from search.report import pareto_front
+
+    report = _load_report(study, storage)
+    points, front = pareto_front(report, metric=metric, cost=cost)
+    records = [
+        {
+            "trial": row.id,
+            "method": row.method,
+            "lr_embedder": row.lr_embedder,
+            "lr_generator": row.lr_generator,
+            metric: value,
+            cost: price,
+        }
+        for row, value, price in front
+    ]
+    title = f"study {report.name}: {len(front)} of {len(points)} completed trials on the {metric}-{cost} front"
+    _emit(records, fmt, title, ["trial", "method", "lr_embedder", "lr_generator", metric, cost])
+
+
+@app.command()
+@_one_line_errors
+def compare(
+    study: _StudyArgument,
+    storage: _StorageOption = None,
+    fmt: _FormatOption = "table",
+    debug: _DebugOption = False,
+) -> None:
+    """The paper's table: each method's chosen run, its cost and its search's cost, and advice."""
+    from search._views import compare_records
+    from search.compare import compare as compare_methods
+
+    _check_format(fmt, _FORMATS)
+    report = _load_report(study, storage)
+    comparison = compare_methods(report)
+    records = compare_records(comparison)
+    if fmt != "table":
+        _emit(records, fmt, "", [])
+        return
+    columns = [
+        "method",
+        "lr_embedder",
+        "lr_generator",
+        "em",
+        "f1",
+        "recall_at_k",
+        "run_flops",
+        "run_device_s",
+        "search_stages",
+        "search_device_s",
+    ]
+    _emit(records, fmt, f"study {report.name}: methods at their best validation run", columns)
+    _console.print(
+        f"whole study: {comparison.total_trials} trials, "
+        f"{_cell('flops', comparison.total_flops)}FLOPs, {_cell('_s', comparison.total_device_s)} of training"
+        " (shared stages counted once)"
+    )
+    for note in comparison.notes:
+        _console.print(f"note: {note}", highlight=False)
+    for line in comparison.recommendation:
+        _console.print(f"[bold]advice:[/] {line}", highlight=False)
+
+
+@app.command()
+@_one_line_errors
+def export(
+    study: _StudyArgument,
+    out: Annotated[Path, typer.Option("-o", "--out", help="A .json or .csv file.")],
+    storage: _StorageOption = None,
+    debug: _DebugOption = False,
+) -> None:
+    """Every trial with every recorded attribute, to JSON or CSV (by the file's suffix)."""
+    from search._views import as_csv, as_json
+    from search.report import export_rows
+
+    if out.suffix.lower() not in (".json", ".csv"):
+        raise _bad_suffix(out, (".json", ".csv"))
+    report = _load_report(study, storage)
+    rows = export_rows(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(as_json(rows) if out.suffix.lower() == ".json" else as_csv(rows))
+    _console.print(f"wrote {len(rows)} trials of {report.name} to {out}")
+
+
+@app.command()
+@_one_line_errors
+def plot(
+    study: _StudyArgument,
+    out: Annotated[Path, typer.Option("-o", "--out", help="A .png, .svg or .pdf file.")],
+    metric: Annotated[str, typer.Option("--metric", help="f1, em or recall.")] = "f1",
+    cost: Annotated[
+        str, typer.Option("--cost", help="train_flops, train_device_s, ...")
+    ] = "train_flops",
+    storage: _StorageOption = None,
+    debug: _DebugOption = False,
+) -> None:
+    """Quality against cost for every trial (front marked), and heat maps of coupled LR grids."""
+    from search.plots import plot_study
+
+    report = _load_report(study, storage)
+    _console.print(f"wrote {plot_study(report, out, metric=metric, cost=cost)}")
+
+
+@app.command()
+@_one_line_errors
+def reproduce(
+    study: _StudyArgument,
+    trial: Annotated[
+        str | None, typer.Option("--trial", help="<stage>/<number> as `ragsweep trials` shows.")
+    ] = None,
+    best_trial: Annotated[bool, typer.Option("--best", help="The best trial on F1.")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Save the trained embedder and generator here.")
+    ] = None,
+    merged: Annotated[
+        bool, typer.Option("--merged", help="Also save the generator with its adapter merged in.")
+    ] = False,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            "--tolerance", min=0.0, help="Largest accepted |difference| of EM, F1, Recall@k."
+        ),
+    ] = 1e-6,
+    data_path: Annotated[
+        str | None, typer.Option("--data-path", help="Where the trial's data file is now.")
+    ] = None,
+    storage: _StorageOption = None,
+    fmt: _FormatOption = "table",
+    debug: _DebugOption = False,
+) -> None:
+    """Re-run a trial from its stored record; exit 1 when metrics differ beyond the tolerance."""
+    from search._views import as_json, reproduction_record, reproduction_report
+    from search.report import best_of
+    from search.reproduce import reproduce_trial
+    from trainers.errors import ConfigError
+
+    _check_format(fmt, ("table", "json"))
+    if (trial is None) == (not best_trial):
+        raise ConfigError("say which trial: --trial <stage>/<number> or --best (one of them)")
+    report = _load_report(study, storage)
+    row = best_of(report) if best_trial else report.trial(trial or "")
+    _quiet_libraries()
+    if fmt == "table":
+        _console.print(f"reproducing {report.name} {row.id} ({row.method}) from its record ...")
+    reproduction = reproduce_trial(
+        row,
+        cache_dir=_cache_dir(),
+        out_dir=out,
+        merged=merged,
+        tolerance=tolerance,
+        data_path=data_path,
+    )
+    if fmt == "json":
+        print(as_json(reproduction_record(reproduction)))
+    else:
+        for renderable in reproduction_report(reproduction):
+            _console.print(renderable, highlight=False)
+    if not reproduction.matches:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_one_line_errors
+def dashboard(
+    storage: _StorageOption = None,
+    study: Annotated[
+        str | None, typer.Option("--study", help="Find the database as studies/<study>.db.")
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
+    debug: _DebugOption = False,
+) -> None:
+    """optuna-dashboard on the study database, on 127.0.0.1 unless --host says otherwise."""
+    from search.store import mask_url
+    from trainers.errors import ConfigError
+
+    try:
+        from optuna_dashboard import run_server
+    except ImportError as e:
+        raise ConfigError(
+            "optuna-dashboard is not installed; pip install 'ragsweep[dashboard]'"
+        ) from e
+    url = _query_url(storage, study)
+    opened = _open_existing(url)
+    _console.print(
+        f"optuna-dashboard for {mask_url(url)} on http://{host}:{port} (Ctrl-C stops it)",
+        highlight=False,
+    )
+    run_server(opened, host=host, port=port)
+
+
+def _query_url(explicit: str | None, study: str | None) -> str:
+    """--storage, else RAGSWEEP_STORAGE, else studies/<study>.db where `make demo` writes it."""
+    from trainers.errors import ConfigError
+
+    url = explicit or os.environ.get("RAGSWEEP_STORAGE")
+    if url:
+        return url
+    candidate = Path("studies") / f"{(study or '').split('/')[0]}.db"
+    if study and candidate.is_file():
+        return f"sqlite:///{candidate.resolve()}"
+    raise ConfigError(
+        "which database? pass --storage URL (e.g. sqlite:///studies/demo.db) or set RAGSWEEP_STORAGE"
+    )
+
+
+def _open_existing(url: str) -> optuna.storages.RDBStorage:
+    """Open a storage for reading; a SQLite file that is not there is an error, never created."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from search.store import StorageError, mask_url, open_storage
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        parsed = None  # open_storage says what is wrong with it
+    if parsed is not None and parsed.get_backend_name() == "sqlite":
+        if not parsed.database or not Path(parsed.database).is_file():
+            raise StorageError(
+                f"database file '{parsed.database}' does not exist; check --storage ({mask_url(url)}) "
+                "or launch a study there first"
+            )
+    return open_storage(url)
+
+
+def _load_report(study: str, storage: str | None) -> StudyReport:
+    from search.report import load_study
+
+    url = _query_url(storage, study)
+    return load_study(_open_existing(url), study, url)
+
+
+def _check_format(fmt: str, allowed: tuple[str, ...]) -> None:
+    if fmt not in allowed:
+        raise _bad_choice("--format", fmt, allowed)
+
+
+def _emit(records: list[dict], fmt: str, title: str, columns: list[str]) -> None:
+    from search._views import as_csv, as_json, as_table
+
+    _check_format(fmt, _FORMATS)
+    if fmt == "json":
+        print(as_json(records))
+    elif fmt == "csv":
+        print(as_csv(records), end="")
+    else:
+        _console.print(as_table(title, records, columns))
+
+
+def _cell(column: str, value: object) -> str:
+    from search._views import cell
+
+    return cell(column, value) + (" " if column == "flops" else "")
+
+
+def _bad_suffix(path: Path, suffixes: tuple[str, ...]) -> RagsweepError:
+    from trainers.errors import ConfigError
+
+    return ConfigError(f"'{path}' must end in {' or '.join(suffixes)}; the suffix picks the format")
