@@ -223,6 +223,10 @@ def launch(
         _console.print(
             f"{abandoned} left running by a stopped launch were marked failed (retryable) and run again"
         )
+    for stage, reason in summary.blocked.items():
+        _errors.print(f"stage {stage} did not run: {reason}", highlight=False, soft_wrap=True)
+    if summary.blocked:
+        raise typer.Exit(1)
 
 
 def _storage_url(explicit: str | None, from_spec: str | None, default_file: Path) -> str:

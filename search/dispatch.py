@@ -69,13 +69,15 @@ class StageEvent:
 class LaunchSummary:
     """Trials run, skipped (already complete) and failed per stage, and wall time.
 
-    ``abandoned`` counts trials an earlier, dead launch left RUNNING, failed by this one.
+    ``abandoned`` counts trials an earlier, dead launch left RUNNING, failed by this one;
+    ``blocked`` names the stages not run because a stage they build on has no completed trial.
     """
 
     ran: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     abandoned: dict[str, int] = field(default_factory=dict)
+    blocked: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
 
 
@@ -162,7 +164,12 @@ def _run_claimed(
             points = _remaining_points(stage, spec, studies[stage.name])
             summary.skipped[stage.name] = stage.n_trials - len(points)
             notify(StageEvent("stage", stage, n_trials=len(points)))
-            if points:
+            blocked = _blocked_by(stage, studies)
+            if points and blocked:
+                # Stages that do not build on the failed one still run; this one waits for a
+                # relaunch after the cause is fixed.
+                summary.blocked[stage.name] = blocked
+            elif points:
                 job = _stage_job(stage, plan, spec, studies, runs_dir, cache_dir)
                 summary.ran[stage.name] = len(points)
                 summary.failed[stage.name] = _run_stage(
@@ -251,6 +258,17 @@ def _stage_job(
         else None,
         "cpus": spec.resources.cpus,
     }
+
+
+def _blocked_by(stage: Stage, studies: dict[str, optuna.Study]) -> str | None:
+    """Why ``stage`` cannot run: a stage it takes a rate or checkpoint from has no completed trial."""
+    for source in {*stage.fixed_from.values(), *stage.reuse_from.values()}:
+        if best_trial(studies[source]) is None:
+            return (
+                f"stage '{source}', which it builds on, has no completed trial; see "
+                f"`ragsweep trials {studies[source].study_name}` for why, fix it and launch again"
+            )
+    return None
 
 
 def _best(study: optuna.Study, stage_name: str) -> optuna.trial.FrozenTrial:

@@ -189,3 +189,22 @@ def test_bad_data_fails_before_any_study_is_written(tmp_path, cache_dir):
     with pytest.raises(DataError, match="missing.jsonl"):
         launch(spec, storage_url=storage_url, runs_dir=tmp_path / "runs", cache_dir=cache_dir)
     assert optuna.get_all_study_names(open_storage(storage_url)) == []
+
+
+def test_a_stage_whose_source_all_failed_is_blocked_and_the_others_run(tmp_path, cache_dir):
+    # Every ft_embed trial diverges, so independent (which loads ft_embed's best) cannot run;
+    # ft_gen does not depend on ft_embed and must still run.
+    spec = tiny_spec(
+        tmp_path,
+        name="blocked",
+        methods=["ft_embed", "independent", "ft_gen"],
+        search={"lr_embedder": [1e30], "lr_generator": [1e-3]},
+    )
+    storage_url = f"sqlite:///{tmp_path / 'blocked.db'}"
+    summary = launch(spec, storage_url=storage_url, runs_dir=tmp_path / "runs", cache_dir=cache_dir)
+    assert summary.failed["ft_embed"] == 1
+    assert "ft_embed" in summary.blocked["independent"] and "independent" not in summary.ran
+    storage = open_storage(storage_url)
+    ft_gen = optuna.load_study(study_name="blocked/ft_gen", storage=storage)
+    assert [t.state for t in ft_gen.trials] == [optuna.trial.TrialState.COMPLETE]
+    assert not optuna.load_study(study_name="blocked/independent", storage=storage).trials
