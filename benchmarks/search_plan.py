@@ -1,7 +1,7 @@
 """Benchmark 4: the separable search plan against the Cartesian grid, for two_phase.
 
 Same small grid for both: the demo's (lr_embedder in {5e-6, 2e-5}, lr_generator in {3e-4, 1e-3}),
-the demo spec with only two_phase, 8 training questions (one step of the demo's batch of 8 per
+the demo spec with only two_phase, 16 training questions (two steps of the demo's batch of 8 per
 phase) and 16 validation questions.
 - separable: the service's plan, launched through `search.dispatch.launch` (concurrency 2, 1 CPU
   per trial, fresh SQLite): ft_gen (= two_phase's phase 1) searches lr_generator (m trials), then
@@ -37,7 +37,7 @@ from search.spec import PAPER_GRID
 
 _OVERRIDES: dict[str, object] = {
     "methods": ["two_phase"],
-    "data.n_train": 8,
+    "data.n_train": 16,
     "data.n_validation": 16,
 }
 
@@ -96,7 +96,7 @@ def main() -> None:
 
     print(
         f"workload: two_phase on the grid lr_embedder {search.lr_embedder} x lr_generator "
-        f"{search.lr_generator}; 8 train / 16 validation questions"
+        f"{search.lr_generator}; {spec.data.n_train} train / {spec.data.n_validation} validation questions"
     )
     print(
         f"load average: before separable {before_separable}; before Cartesian {before_cartesian}; "
