@@ -103,7 +103,7 @@ def launch(
     runs_dir, cache_dir = runs_dir.resolve(), cache_dir.resolve()
     plan = make_plan(spec)
     storage = open_storage(storage_url)
-    check_spec_matches(storage, spec)  # once: it reads every study summary in the database
+    check_spec_matches(storage, spec)
     existing = {
         stage.name: existing_stage_study(storage, spec, stage.name) for stage in plan.stages
     }

@@ -182,7 +182,8 @@ def existing_stage_study(
 def check_spec_matches(storage: optuna.storages.RDBStorage, spec: StudySpec) -> None:
     """Refuse a spec whose name is already used in this database by a different spec."""
     expected = spec_hash(spec)
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+    # get_all_studies reads no trial (get_all_study_summaries reads every one to count them).
+    for summary in storage.get_all_studies():
         if summary.user_attrs.get(GROUP_ATTR) == spec.name and summary.user_attrs.get(
             _HASH_ATTR
         ) not in (None, expected):
