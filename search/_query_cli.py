@@ -149,6 +149,8 @@ def pareto(
 
     report = _load_report(study, storage)
     points, front = pareto_front(report, metric=metric, cost=cost)
+    # The cost of the run, reused phases included (see run_cost): "run_flops", "run_device_s", ...
+    run_key = "run_" + cost.removeprefix("train_")
     records = [
         {
             "trial": row.id,
@@ -156,12 +158,12 @@ def pareto(
             "lr_embedder": row.lr_embedder,
             "lr_generator": row.lr_generator,
             metric: value,
-            cost: price,
+            run_key: price,
         }
         for row, value, price in front
     ]
     title = f"study {report.name}: {len(front)} of {len(points)} completed trials on the {metric}-{cost} front"
-    _emit(records, fmt, title, ["trial", "method", "lr_embedder", "lr_generator", metric, cost])
+    _emit(records, fmt, title, ["trial", "method", "lr_embedder", "lr_generator", metric, run_key])
 
 
 @app.command()

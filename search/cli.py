@@ -60,6 +60,7 @@ def _quiet_libraries() -> None:
     if "--debug" in sys.argv:
         return
     import logging
+    import warnings
 
     import datasets
     import optuna
@@ -72,6 +73,7 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
     logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 @app.command()

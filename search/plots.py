@@ -13,10 +13,12 @@ from trainers.errors import ConfigError
 __all__ = ["plot_study"]
 
 _COST_LABELS = {
-    "train_flops": "training compute of the run (FLOPs, reused phases included)",
-    "train_device_s": "training time of the run (device-seconds, reused phases included)",
-    "train_wall_s": "training wall time of the run (s, reused phases included)",
+    "train_flops": "training compute of the run (reused phases included)",
+    "train_device_s": "training time of the run (reused phases included), device-seconds",
+    "train_wall_s": "training wall time of the run (reused phases included), s",
 }
+_COST_SCALES = {"train_flops": (1e12, ", TFLOP"), "flops": (1e12, ", TFLOP")}
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _SUFFIXES = (".png", ".svg", ".pdf")
 
 
@@ -42,7 +44,7 @@ def plot_study(
         )
     grids = _coupled_grids(report)
     figure, axes = plt.subplots(
-        1, 1 + len(grids), figsize=(7.5 + 4.5 * len(grids), 5), squeeze=False
+        1, 1 + len(grids), figsize=(9.5 + 4.5 * len(grids), 5), squeeze=False
     )
     _quality_cost(axes[0][0], points, front, metric, cost)
     for axis, (stage, rows) in zip(axes[0][1:], grids.items(), strict=True):
@@ -60,12 +62,16 @@ def _quality_cost(axis, points, front, metric: str, cost: str) -> None:
 
     methods = list(dict.fromkeys(row.method for row, _, _ in points))
     colours = plt.get_cmap("tab10")
+    scale, unit = _COST_SCALES.get(cost, (1.0, ""))
     for index, method in enumerate(methods):
-        mine = [(value, price) for row, value, price in points if row.method == method]
+        mine = [(value, price / scale) for row, value, price in points if row.method == method]
         axis.scatter(
             [price for _, price in mine],
             [value for value, _ in mine],
-            s=60,
+            # Methods often cost the same (one phase of the same model): shrinking sizes and
+            # distinct shapes keep every point visible where they overlap.
+            s=150 - 14 * (index % 8),
+            marker=_MARKERS[index % len(_MARKERS)],
             color=colours(index % 10),
             label=method,
             edgecolor="black",
@@ -73,30 +79,24 @@ def _quality_cost(axis, points, front, metric: str, cost: str) -> None:
             zorder=3,
         )
     axis.step(
-        [price for _, _, price in front],
+        [price / scale for _, _, price in front],
         [value for _, value, _ in front],
         where="post",
         color="black",
         linestyle="--",
         linewidth=1,
         zorder=2,
-        label="front (no run both better and cheaper)",
+        label="front: no other run is both better and cheaper",
     )
-    axis.scatter(
-        [price for _, _, price in front],
-        [value for _, value, _ in front],
-        s=160,
-        facecolor="none",
-        edgecolor="black",
-        zorder=4,
-    )
-    if min(price for _, _, price in points) > 0:
-        axis.set_xscale("log")
-    axis.set_xlabel(_COST_LABELS.get(cost, cost))
+    for row, value, price in front:
+        axis.annotate(
+            row.id, (price / scale, value), textcoords="offset points", xytext=(6, 6), fontsize=8
+        )
+    axis.set_xlabel(f"{_COST_LABELS.get(cost, cost)}{unit}")
     axis.set_ylabel(f"validation {metric.upper()}")
-    axis.set_title(f"{metric.upper()} against cost, one point per trial (circled: front)")
+    axis.set_title(f"{metric.upper()} against cost, one point per trial")
     axis.grid(True, alpha=0.3)
-    axis.legend(fontsize=8, loc="best")
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def _coupled_grids(report: StudyReport) -> dict[str, list[TrialRow]]:
