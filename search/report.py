@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,19 +106,21 @@ class StudyReport:
     def reuse_sources(self, row: TrialRow) -> dict[str, TrialRow]:
         """Phase -> the trial whose saved checkpoint ``row`` loaded for that phase."""
         reuse = ((row.attrs.get("record") or {}).get("config") or {}).get("reuse") or {}
-        if not reuse:
-            return {}
-        by_checkpoint = {
-            str(Path(other.attrs["checkpoint"])): other
-            for other in self.trials
-            if other.attrs.get("checkpoint")
-        }
         sources = {}
         for phase, folder in reuse.items():
-            source = by_checkpoint.get(str(Path(folder).parent))
+            source = self._by_checkpoint.get(str(Path(folder).parent))
             if source is not None:
                 sources[phase] = source
         return sources
+
+    @cached_property
+    def _by_checkpoint(self) -> dict[str, TrialRow]:
+        # Built once: every reusing trial's cost looks its sources up here.
+        return {
+            str(Path(row.attrs["checkpoint"])): row
+            for row in self.trials
+            if row.attrs.get("checkpoint")
+        }
 
     def finished(self, stage: str) -> int:
         """Trials of ``stage`` that ran to an end (complete or failed)."""
