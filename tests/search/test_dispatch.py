@@ -15,6 +15,7 @@ import yaml
 from search.dispatch import launch
 from search.spec import StudySpec, load_spec
 from search.store import open_storage
+from tests.storage import storage_url_for
 from tests.tiny import TINY_SPEC
 from trainers.errors import ConfigError
 
@@ -35,12 +36,7 @@ def tiny_spec(tmp_path: Path, **changes) -> StudySpec:
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def storage_url(request, tmp_path_factory) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'studies.db'}"
-    url = os.environ.get("RAGSWEEP_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("RAGSWEEP_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
-    return url
+    return storage_url_for(request.param, tmp_path_factory.mktemp("db"))
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from search.store import (
     finished_params,
     open_storage,
 )
+from tests.storage import storage_url_for
 from tests.tiny import TINY_SPEC
 from trainers.errors import ConfigError
 
@@ -44,12 +45,7 @@ OK, FAIL, RUNNING = (
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def storage_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'studies.db'}"
-    url = os.environ.get("RAGSWEEP_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("RAGSWEEP_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
-    return url
+    return storage_url_for(request.param, tmp_path)
 
 
 def unique(prefix: str) -> str:

@@ -28,6 +28,7 @@ from search.dispatch import launch
 from search.spec import load_spec
 from search.store import open_storage
 from tests.search.test_cli import assert_one_line_error
+from tests.storage import storage_url_for
 from tests.tiny import TINY_DATA, TINY_TRAINING
 
 DEMO = Path(__file__).resolve().parents[2] / "studies" / "demo.yaml"
@@ -59,14 +60,7 @@ def demo_spec(name: str, **changes: object):
 def study(request, tmp_path_factory, cache_dir):
     """(study name, storage URL): the tiny demo and a joint Cartesian study, in one database."""
     tmp_path = tmp_path_factory.mktemp("report")
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'studies.db'}"
-    else:
-        url = os.environ.get("RAGSWEEP_TEST_POSTGRES_URL")
-        if not url:
-            pytest.skip(
-                "RAGSWEEP_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)"
-            )
+    url = storage_url_for(request.param, tmp_path)
     name = f"demo-{uuid.uuid4().hex[:8]}"  # unique: a PostgreSQL database outlives test sessions
     for spec in (
         demo_spec(name),
