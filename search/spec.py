@@ -20,7 +20,16 @@ from pydantic import (
     field_validator,
 )
 
-from trainers.config import METHODS, DataConfig, Method, ModelsConfig, TrainingConfig, TrialConfig
+from trainers.config import (
+    EMBEDDER_ALIASES,
+    GENERATOR_ALIASES,
+    METHODS,
+    DataConfig,
+    Method,
+    ModelsConfig,
+    TrainingConfig,
+    TrialConfig,
+)
 from trainers.errors import ConfigError
 
 __all__ = [
@@ -139,9 +148,32 @@ def load_spec(path: Path, overrides: dict[str, object] | None = None) -> StudySp
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     try:
-        return StudySpec.model_validate(raw)
+        spec = StudySpec.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {_first_error(e)}") from e
+    return _with_absolute_paths(spec)
+
+
+def _with_absolute_paths(spec: StudySpec) -> StudySpec:
+    """Local files named relative to where ragsweep runs, made absolute: trial workers run
+    elsewhere (Ray Tune's trial folders, other machines), and the stored spec must still work."""
+    data_paths = {
+        field: str(Path(value).resolve())
+        for field in ("path", "corpus_path")
+        if (value := getattr(spec.data, field))
+    }
+    # The loaders take an alias first, then a local folder, then a hub id.
+    model_paths = {
+        field: str(Path(value).resolve())
+        for field, aliases in (("embedder", EMBEDDER_ALIASES), ("generator", GENERATOR_ALIASES))
+        if (value := getattr(spec.models, field)) not in aliases and Path(value).exists()
+    }
+    return spec.model_copy(
+        update={
+            "data": spec.data.model_copy(update=data_paths),
+            "models": spec.models.model_copy(update=model_paths),
+        }
+    )
 
 
 def trial_config(

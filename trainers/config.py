@@ -61,6 +61,11 @@ class DataConfig(_Strict):
         return self
 
 
+# Built-in model names; anything else is a local folder or a Hugging Face hub id.
+EMBEDDER_ALIASES: tuple[str, ...] = ("minilm", "tiny")
+GENERATOR_ALIASES: tuple[str, ...] = ("smollm2-135m", "tiny")
+
+
 class ModelsConfig(_Strict):
     """The embedder E and generator G: a built-in alias, a Hugging Face id or a local path."""
 

@@ -33,6 +33,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import PreTrainedTokenizerBase
 
 from trainers._tiny_models import build_tiny_embedder, build_tiny_generator, seeded
+from trainers.config import EMBEDDER_ALIASES, GENERATOR_ALIASES
 from trainers.errors import ModelError, one_line
 
 __all__ = [
@@ -49,8 +50,6 @@ __all__ = [
 
 Finetune = Literal["lora", "qlora", "full"]
 _FINETUNES: tuple[str, ...] = ("lora", "qlora", "full")
-_EMBEDDER_ALIASES = ("minilm", "tiny")
-_GENERATOR_ALIASES = ("smollm2-135m", "tiny")
 _QLORA_MESSAGE = (
     "qlora needs a CUDA GPU and the bitsandbytes package; "
     "use models.generator_finetune: lora on CPU"
@@ -113,7 +112,7 @@ def _load_sentence_transformer(
             target, device=str(device), model_kwargs=model_kwargs, local_files_only=safetensors_only
         )
     except Exception as e:  # sentence-transformers raises OSError, ValueError, hub errors ...
-        raise _load_error("embedder", name, source, _EMBEDDER_ALIASES, e) from e
+        raise _load_error("embedder", name, source, EMBEDDER_ALIASES, e) from e
     # The paper fine-tunes the whole embedder (section 4), so nothing stays frozen. Eval mode
     # like the generator (sentence-transformers returns train mode): trainers call .train().
     embedder.requires_grad_(True)
@@ -343,7 +342,7 @@ def _load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(target)
     except Exception as e:  # transformers raises OSError, ValueError, hub errors ...
-        raise _load_error("generator", name, source, _GENERATOR_ALIASES, e) from e
+        raise _load_error("generator", name, source, GENERATOR_ALIASES, e) from e
     if not quantize:
         model.to(device)  # type: ignore[arg-type]  # transformers' wrapped .to confuses mypy
     # Batched training needs a pad token; eos is the usual stand-in (SmolLM2 and Llama lack one).

@@ -37,6 +37,23 @@ def test_dotted_overrides_reach_nested_fields(tmp_path):
     assert spec.data.path == "/tmp/popqa.json" and spec.training.k == 3
 
 
+def test_local_paths_are_made_absolute_for_workers_in_other_folders(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "my-embedder").mkdir()
+    (tmp_path / "tiny").mkdir()
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "data: {source: jsonl, path: data/q.jsonl, corpus_path: data/c.jsonl}\n"
+        "models: {embedder: my-embedder, generator: tiny}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(path, {"data.path": "data/other.jsonl"})
+    assert spec.data.path == str(tmp_path / "data" / "other.jsonl")
+    assert spec.data.corpus_path == str(tmp_path / "data" / "c.jsonl")
+    assert spec.models.embedder == str(tmp_path / "my-embedder")  # an existing folder
+    assert spec.models.generator == "tiny"  # an alias, even beside a folder of that name
+
+
 def test_trial_config_resolves_method_and_learning_rates():
     spec = load_spec(REPO / "studies" / "demo.yaml")
     config = trial_config(spec, "two_phase", lr_embedder=1e-5, lr_generator=1e-4, seed=7)
