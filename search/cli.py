@@ -59,6 +59,9 @@ def _quiet_libraries() -> None:
     # Library progress bars and advice drown the one line a user needs; --debug keeps them.
     if "--debug" in sys.argv:
         return
+    # transformers' GGUF conversion (SmolLM2, once per cache) draws a bare tqdm bar; tqdm reads
+    # this when it is first imported, so before the libraries below.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import logging
     import warnings
 
