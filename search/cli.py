@@ -16,6 +16,7 @@ from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from trainers.config import METHODS
@@ -27,6 +28,15 @@ app = typer.Typer(
     help="Hyperparameter search for fine-tuning RAG pipelines.",
 )
 _console = Console()
+
+_SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Change one spec field: a dotted KEY=VALUE, the value in YAML "
+        "(search.joint=cartesian, 'methods=[rag_token]'). Repeatable.",
+    ),
+]
 _errors = Console(stderr=True)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -49,10 +59,15 @@ def _one_line_errors(command: Callable[_P, _R]) -> Callable[_P, _R]:
         except RagsweepError as e:
             if "--debug" in sys.argv:
                 raise
-            _errors.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            _print_error(str(e))
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _print_error(message: str) -> None:
+    # Escaped: messages quote user input such as [rag_token], which rich would read as markup.
+    _errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:
@@ -96,6 +111,7 @@ def train(
     data_path: Annotated[
         str | None, typer.Option("--data-path", help="Override data.path (a local file).")
     ] = None,
+    settings: _SetOption = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Save trained models and trial.json here.")
     ] = None,
@@ -111,7 +127,7 @@ def train(
 
     if method not in METHODS:
         raise _bad_choice("--method", method, METHODS)
-    study = load_spec(spec, {"data.path": data_path} if data_path else None)
+    study = load_spec(spec, _spec_overrides(settings, {"data.path": data_path}))
     config = trial_config(
         study, method, lr_embedder=lr_embedder, lr_generator=lr_generator, seed=seed
     )
@@ -129,13 +145,14 @@ def train(
 @_one_line_errors
 def plan(
     spec: Annotated[Path, typer.Argument(help="Study spec YAML.")],
+    settings: _SetOption = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Print the stages, trial counts, shared work and cost forecast of a study; runs nothing."""
     from search.plan import make_plan, render_plan
     from search.spec import load_spec
 
-    study = load_spec(spec)
+    study = load_spec(spec, _spec_overrides(settings, {}))
     _console.print(render_plan(make_plan(study), study))
 
 
@@ -163,6 +180,7 @@ def launch(
     data_path: Annotated[
         str | None, typer.Option("--data-path", help="Override data.path (a local file).")
     ] = None,
+    settings: _SetOption = None,
     runs_dir: Annotated[
         Path | None,
         typer.Option("--runs-dir", help="Checkpoints later stages reuse (default: studies/runs)."),
@@ -184,14 +202,8 @@ def launch(
     from search.spec import load_spec
     from search.store import mask_url
 
-    overrides: dict[str, object] = {}
-    if name:
-        overrides["name"] = name
-    if data_path:
-        overrides["data.path"] = data_path
-    if concurrency:
-        overrides["concurrency"] = concurrency
-    study = load_spec(spec, overrides)
+    overrides = {"name": name, "data.path": data_path, "concurrency": concurrency}
+    study = load_spec(spec, _spec_overrides(settings, overrides))
     storage_url = _storage_url(storage, study.storage, spec.parent / f"{study.name}.db")
     _quiet_libraries()
     os.environ.setdefault(
@@ -244,6 +256,29 @@ def _storage_url(explicit: str | None, from_spec: str | None, default_file: Path
     )
 
 
+def _spec_overrides(settings: list[str] | None, options: dict[str, object]) -> dict[str, object]:
+    """Dotted spec overrides: each --set KEY=VALUE, then the dedicated options that were given."""
+    import yaml
+
+    from trainers.errors import ConfigError
+
+    overrides: dict[str, object] = {}
+    for setting in settings or []:
+        key, equals, value = setting.partition("=")
+        if not equals or not key.strip():
+            raise ConfigError(
+                f"--set '{setting}' is not KEY=VALUE; write e.g. --set search.joint=cartesian"
+            )
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"--set {key.strip()}: '{value}' is not a YAML value; quote lists, e.g. "
+                "--set 'methods=[rag_token]'"
+            ) from e
+    return overrides | {key: value for key, value in options.items() if value is not None}
+
+
 def _bad_choice(option: str, value: str, choices: tuple[str, ...]) -> RagsweepError:
     from trainers.errors import ConfigError
 
@@ -291,10 +326,6 @@ def main() -> None:
         context = getattr(e, "ctx", None)
         command = context.command_path if context is not None else "ragsweep"
         if message:  # empty when no arguments were given: the help was printed already
-            _errors.print(
-                f"[bold red]error:[/] {message}; see {command} --help",
-                highlight=False,
-                soft_wrap=True,
-            )
+            _print_error(f"{message}; see {command} --help")
         raise SystemExit(getattr(e, "exit_code", 2)) from None
     raise SystemExit(code if isinstance(code, int) else 0)

@@ -13,6 +13,8 @@ import yaml
 
 from tests.tiny import TINY_SPEC
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def ragsweep(*args: str, cache_dir: Path) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"RAGSWEEP_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
@@ -106,6 +108,36 @@ def test_bad_specs_get_one_line(tmp_path, cache_dir, spec_text, fragments):
     spec.write_text(spec_text)
     assert_one_line_error(
         ragsweep("train", "--spec", str(spec), "--method", "none", cache_dir=cache_dir), *fragments
+    )
+
+
+def test_set_changes_any_spec_field(cache_dir):
+    result = ragsweep(
+        "plan",
+        str(REPO / "studies" / "popqa-cpu.yaml"),
+        "--set",
+        "search.joint=cartesian",
+        "--set",
+        "methods=[rag_token]",
+        cache_dir=cache_dir,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "total: 9 trials" in result.stdout  # the joint method's own 3 x 3 grid
+
+
+@pytest.mark.parametrize(
+    ("setting", "fragments"),
+    [
+        ("search.joint", ["not KEY=VALUE", "--set search.joint=cartesian"]),
+        ("methods=[rag_token", ["not a YAML value", "'methods=[rag_token]'"]),
+        ("search.jiont=cartesian", ["unknown field 'search.jiont'"]),
+        ("methods=[rag_tokn]", ["methods.0"]),
+    ],
+)
+def test_bad_set_gets_one_line(tmp_path, cache_dir, setting, fragments):
+    spec = write_spec(tmp_path, TINY_SPEC)
+    assert_one_line_error(
+        ragsweep("plan", str(spec), "--set", setting, cache_dir=cache_dir), *fragments
     )
 
 
