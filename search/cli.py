@@ -216,17 +216,26 @@ def launch(
     _console.print(
         f"study [bold]{study.name}[/] -> {mask_url(storage_url)}  ({plan.total_trials} trials planned)"
     )
-    with LaunchProgress(plan, first.metric, first.direction == "maximize", _console) as progress:
-        summary = run_launch(
-            study,
-            storage_url=storage_url,
-            runs_dir=runs_dir or spec.parent / "runs",
-            cache_dir=_cache_dir(),
-            address=address,
-            on_event=progress,
-            max_retries=max_retries,
-            log_to_driver=ray_logs,
+    try:
+        with LaunchProgress(
+            plan, first.metric, first.direction == "maximize", _console
+        ) as progress:
+            summary = run_launch(
+                study,
+                storage_url=storage_url,
+                runs_dir=runs_dir or spec.parent / "runs",
+                cache_dir=_cache_dir(),
+                address=address,
+                on_event=progress,
+                max_retries=max_retries,
+                log_to_driver=ray_logs,
+            )
+    except KeyboardInterrupt:
+        _print_error(
+            "interrupted: completed trials are kept, the running ones are marked failed "
+            f"(retryable); launch {spec} again to finish the study"
         )
+        raise typer.Exit(130) from None
     ran, failed, skipped = (
         sum(summary.ran.values()),
         sum(summary.failed.values()),

@@ -344,6 +344,13 @@ def _run_stage(
     )
     try:
         tuner.fit()
+    except KeyboardInterrupt:
+        fail_running_trials(
+            study,
+            "the launch was interrupted (Ctrl-C) before the trial finished; launching the spec "
+            "again re-runs it",
+        )
+        raise
     except Exception as e:
         # Tune gives up on a whole stage for some cluster faults (Ray's memory monitor killing a
         # trial's actor while it starts); its unfinished trials fail, retryable, and the study
@@ -552,6 +559,9 @@ def _start_ray(address: str | None, log_to_driver: bool) -> None:
     # A failed trial reports its reason and no objective; Tune must pass that on to the searcher,
     # which records it as FAIL, instead of rejecting the result.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Tune's own Ctrl-C handler ends the stage's run as if it were done, and the launch would go
+    # on to the next stage; without it, Ctrl-C stops the whole launch.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     if ray.is_initialized():
         return
     try:

@@ -59,13 +59,41 @@ def write_spec(tmp_path: Path, name: str, **changes) -> Path:
     return path
 
 
-def launch_process(spec: Path, storage_url: str, cache_dir: Path, *args: str) -> subprocess.Popen:
+def launch_process(
+    spec: Path, storage_url: str, cache_dir: Path, *args: str, own_group: bool = False
+) -> subprocess.Popen:
+    """``ragsweep launch`` in a subprocess; ``own_group``: in its own process group, as a
+    terminal runs a command (Ctrl-C signals the whole group)."""
     env = os.environ | {"RAGSWEEP_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-c", "from search.cli import main; main()", "launch", str(spec)]
     command += ["--storage", storage_url, "--runs-dir", str(spec.parent / "runs"), *args]
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=own_group,
     )
+
+
+def wait_for_states(
+    driver: subprocess.Popen, storage_url: str, study_name: str, wanted: set
+) -> None:
+    """Poll the database until ``study_name`` has a trial in each of the ``wanted`` states."""
+    storage = open_storage(storage_url)
+    deadline = time.monotonic() + 300
+    while True:
+        assert driver.poll() is None, driver.communicate()
+        assert time.monotonic() < deadline, f"{study_name} never had trials {wanted}"
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+            states = {t.state for t in study.get_trials(deepcopy=False)}
+        except KeyError:
+            states = set()
+        if wanted <= states:
+            return
+        time.sleep(0.1)
 
 
 def stage_trials(storage_url: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -164,19 +192,7 @@ def test_a_killed_driver_is_resumed_by_a_relaunch_without_losing_or_repeating_tr
     spec = write_spec(tmp_path, "driver-kill")
     storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
     driver = launch_process(spec, storage_url, cache_dir)
-    storage = open_storage(storage_url)
-    deadline = time.monotonic() + 300
-    while True:
-        assert driver.poll() is None, driver.communicate()
-        assert time.monotonic() < deadline, "the launch never had a trial done and one running"
-        try:
-            study = optuna.load_study(study_name="driver-kill/ft_embed", storage=storage)
-            states = [t.state for t in study.get_trials(deepcopy=False)]
-        except KeyError:
-            states = []
-        if OK in states and RUNNING in states:
-            break
-        time.sleep(0.1)
+    wait_for_states(driver, storage_url, "driver-kill/ft_embed", {OK, RUNNING})
 
     # Frozen mid-trial (alive, but writing nothing), it still holds the study: a second launch
     # of the same spec is refused.
@@ -214,6 +230,39 @@ def test_a_killed_driver_is_resumed_by_a_relaunch_without_losing_or_repeating_tr
     assert not [t for t in after if t.state in (RUNNING, optuna.trial.TrialState.WAITING)]
     study = optuna.load_study(study_name="driver-kill/ft_embed", storage=open_storage(storage_url))
     assert study.user_attrs[LAUNCH_ATTR] is None  # the claim was released
+
+
+def test_ctrl_c_stops_the_whole_launch_and_a_relaunch_finishes_it(tmp_path, cache_dir):
+    name = unique("ctrl-c")
+    spec = write_spec(
+        tmp_path,
+        name,
+        methods=["ft_embed", "ft_gen"],
+        search={"lr_embedder": GRID, "lr_generator": [1e-3]},
+    )
+    storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
+    driver = launch_process(spec, storage_url, cache_dir, own_group=True)
+    wait_for_states(driver, storage_url, f"{name}/ft_embed", {RUNNING})
+    os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = driver.communicate(timeout=120)
+
+    assert driver.returncode == 130, err
+    assert "interrupted" in err and f"launch {spec} again" in err and "Traceback" not in err
+    storage = open_storage(storage_url)
+    interrupted = [t for t in stage_trials(storage_url, name) if t.state == FAIL]
+    assert interrupted and not [t for t in stage_trials(storage_url, name) if t.state == RUNNING]
+    for trial in interrupted:
+        assert "interrupted (Ctrl-C)" in trial.user_attrs["fail_reason"]
+        assert trial.user_attrs["retryable"] is True
+    # The launch stopped: the next stage did not start.
+    ft_gen = optuna.load_study(study_name=f"{name}/ft_gen", storage=storage)
+    assert not [t for t in ft_gen.get_trials(deepcopy=False) if t.state == OK]
+
+    relaunch = launch_process(spec, storage_url, cache_dir)
+    _, err = relaunch.communicate(timeout=600)
+    assert relaunch.returncode == 0, err
+    assert completed_rates(stage_trials(storage_url, name)) == sorted(GRID)
+    assert [t.state for t in ft_gen.get_trials(deepcopy=False)] == [OK]
 
 
 @pytest.mark.slow
