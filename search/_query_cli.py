@@ -27,13 +27,15 @@ _StorageOption = Annotated[
         help="Optuna storage URL (default: RAGSWEEP_STORAGE, else studies/<study>.db if it exists).",
     ),
 ]
-_FormatOption = Annotated[str, typer.Option("--format", help="table, json or csv.")]
+_FormatOption = Annotated[
+    str, typer.Option("--format", help="table, markdown (the table, for docs), json or csv.")
+]
 _DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 _StudyArgument = Annotated[
     str,
     typer.Argument(help="Study name (the spec's name), or one stage study such as demo/ft_gen."),
 ]
-_FORMATS = ("table", "json", "csv")
+_FORMATS = ("table", "markdown", "json", "csv")
 _TRIAL_COLUMNS = [
     "trial",
     "method",
@@ -182,7 +184,7 @@ def compare(
     report = _load_report(study, storage)
     comparison = compare_methods(report)
     records = compare_records(comparison)
-    if fmt != "table":
+    if fmt in ("json", "csv"):
         _emit(records, fmt, "", [])
         return
     columns = [
@@ -385,13 +387,15 @@ def _check_format(fmt: str, allowed: tuple[str, ...]) -> None:
 
 
 def _emit(records: list[dict], fmt: str, title: str, columns: list[str]) -> None:
-    from search._views import as_csv, as_json, as_table
+    from search._views import as_csv, as_json, as_markdown, as_table
 
     _check_format(fmt, _FORMATS)
     if fmt == "json":
         print(as_json(records))
     elif fmt == "csv":
         print(as_csv(records), end="")
+    elif fmt == "markdown":
+        print(as_markdown(records, columns))
     else:
         _console.print(as_table(title, records, columns))
 

@@ -128,6 +128,18 @@ def as_table(title: str, records: Sequence[dict[str, Any]], columns: Sequence[st
     return table
 
 
+def as_markdown(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """The table's columns and cells as a GitHub markdown table, for docs and pull requests."""
+    lines = [
+        "| " + " | ".join(_HEADERS.get(column, column) for column in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for record in records:
+        cells = (cell(column, record.get(column)).replace("|", "\\|") for column in columns)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def cell(column: str, value: Any) -> str:
     """One value as a person reads it: rates in e-notation, FLOPs and seconds with units."""
     if value is None:

@@ -230,6 +230,22 @@ def test_compare_gives_the_papers_table_with_shared_search_cost(study):
     assert "context labels" in table.stdout and "recommends independent" in table.stdout
 
 
+def test_markdown_gives_the_tables_for_docs(study):
+    name, url = study
+    compare = ragsweep("compare", name, "--storage", url, "--format", "markdown")
+    assert compare.returncode == 0, compare.stderr
+    rows = [line for line in compare.stdout.splitlines() if line.startswith("|")]
+    assert rows[0].startswith("| method | lr E | lr G | EM | F1 | Recall@k |")
+    assert rows[1] == "|" + "---|" * rows[0].count(" | ") + "---|"
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows[2:]] == load_spec(DEMO).methods
+    assert "whole study: 10 trials" in compare.stdout  # the notes follow the table
+    trials = ragsweep("trials", name, "--storage", url, "--format", "markdown")
+    assert trials.returncode == 0, trials.stderr
+    assert len(trials.stdout.strip().splitlines()) == 2 + len(
+        query_json("trials", name, "--storage", url)
+    )
+
+
 _ANSWERS: dict[str, dict] = {}  # backend -> answers, filled by the test above on each backend
 # Figures that do not depend on timing: the same trials run on CPU give the same ones.
 _DETERMINISTIC = (
