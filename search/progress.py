@@ -39,16 +39,21 @@ class LaunchProgress:
 
     def __enter__(self) -> LaunchProgress:
         self._states = {stage.name: _StageState(total=stage.n_trials) for stage in self.plan.stages}
-        self._live = Live(
-            self._table(), console=self.console, refresh_per_second=2, transient=False
-        )
-        self._live.__enter__()
+        # A redrawn table only reaches a terminal; a log file (nohup, a batch job) gets a line per
+        # event instead, and the table once at the end.
+        if self.console.is_terminal:
+            self._live = Live(
+                self._table(), console=self.console, refresh_per_second=2, transient=False
+            )
+            self._live.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
             self._live.update(self._table())
             self._live.__exit__(*exc)
+        else:
+            self.console.print(self._table())
 
     def __call__(self, event: StageEvent) -> None:
         state = self._states[event.stage.name]
@@ -69,6 +74,29 @@ class LaunchProgress:
             state.status = "done"
         if self._live is not None:
             self._live.update(self._table())
+        elif event.kind in ("stage", "trial_end"):
+            self._log(event, state)
+
+    def _log(self, event: StageEvent, state: _StageState) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        if event.kind == "stage":
+            self.console.print(
+                f"{stamp} stage {event.stage.name}: {state.status}, {state.total} trials"
+            )
+            return
+        if event.failed:
+            result = "failed"
+        else:
+            result = (
+                "done" if event.objective is None else f"{self.objective} {event.objective:.4g}"
+            )
+        best = "-" if state.best is None else f"{state.best:.4g}"
+        self.console.print(
+            f"{stamp} stage {event.stage.name}: trial {state.done}/{state.total} {result} "
+            f"(best {best}); elapsed {(time.perf_counter() - self._started) / 60:.1f} min "
+            f"{self._remaining()}",
+            highlight=False,
+        )
 
     def _table(self) -> Table:
         elapsed = time.perf_counter() - self._started

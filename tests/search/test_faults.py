@@ -217,6 +217,8 @@ def test_a_killed_driver_is_resumed_by_a_relaunch_without_losing_or_repeating_tr
     out, err = relaunch.communicate(timeout=600)
     assert relaunch.returncode == 0, err
     assert f"{len(running)} left running by a stopped launch" in out
+    # Not a terminal: a line per finished trial, for log files, then the table.
+    assert "stage ft_embed: trial 1/" in out and "(best " in out and "remaining ~" in out
     after = stage_trials(storage_url, "driver-kill")
     for number in running:
         assert after[number].state == FAIL
