@@ -80,9 +80,8 @@ class LaunchProgress:
     def _log(self, event: StageEvent, state: _StageState) -> None:
         stamp = time.strftime("%H:%M:%S")
         if event.kind == "stage":
-            self.console.print(
-                f"{stamp} stage {event.stage.name}: {state.status}, {state.total} trials"
-            )
+            trials = f"{state.total} trial" + ("" if state.total == 1 else "s")
+            self.console.print(f"{stamp} stage {event.stage.name}: {state.status}, {trials}")
             return
         if event.failed:
             result = "failed"
@@ -96,6 +95,7 @@ class LaunchProgress:
             f"(best {best}); elapsed {(time.perf_counter() - self._started) / 60:.1f} min "
             f"{self._remaining()}",
             highlight=False,
+            soft_wrap=True,  # one line per event in a log, whatever its width
         )
 
     def _table(self) -> Table:
