@@ -104,6 +104,11 @@ class TrainingConfig(_Strict):
     # benchmarks/index_cache.py compares). Left out of dumps while on, so the hashes and records of
     # specs that never set it stay as they were.
     index_cache: bool = Field(True, exclude_if=lambda on: on)
+    # RAG-Token / RAG-Sequence steps forward k prompts per question: a batch of 8 at k = 5 holds
+    # 40 rows of activations. A number here runs that many questions per forward and accumulates
+    # the gradients over the batch: the same loss (a mean over questions), a fraction of the
+    # memory. None: the whole batch at once; left out of dumps then, as index_cache.
+    rag_questions_per_forward: PositiveInt | None = Field(None, exclude_if=lambda n: n is None)
     eval_batch_size: PositiveInt = 16
     prompt_template: str = PAPER_PROMPT
     precision: Literal["auto", "fp32", "bf16"] = (

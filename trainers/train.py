@@ -86,23 +86,28 @@ def train_phase(
             for batch in _shuffled_batches(
                 items, _batch_size(phase, pipeline), f"{seed}/{phase.name}/{epoch}"
             ):
-                loss, embedder_tokens, generator_tokens = _loss(phase, pipeline, batch)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"phase '{phase.name}' diverged: loss is {loss.item()} at step {cost.steps + 1}; "
-                        "lower the learning rate"
-                    )
-                loss.backward()
+                batch_loss = 0.0
+                for chunk in _forward_chunks(phase, pipeline, batch):
+                    loss, embedder_tokens, generator_tokens = _loss(phase, pipeline, chunk)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"phase '{phase.name}' diverged: loss is {loss.item()} at step {cost.steps + 1}; "
+                            "lower the learning rate"
+                        )
+                    # Chunk losses are means over their questions: weighted, they sum to the
+                    # batch's mean, and so do their gradients.
+                    (loss * len(chunk) / len(batch)).backward()
+                    batch_loss += loss.item() * len(chunk) / len(batch)
+                    cost.tokens += embedder_tokens + generator_tokens
+                    cost.flops += flops_per_token.embedder(
+                        embedder_tokens
+                    ) + flops_per_token.generator(generator_tokens)
                 torch.nn.utils.clip_grad_norm_(trained, training.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                losses.append(batch_loss)
                 cost.steps += 1
-                cost.tokens += embedder_tokens + generator_tokens
-                cost.flops += flops_per_token.embedder(embedder_tokens) + flops_per_token.generator(
-                    generator_tokens
-                )
     finally:
         embedder.eval()
         generator.eval()
@@ -224,6 +229,15 @@ def _batch_size(phase: Phase, pipeline: Pipeline) -> int:
     return (
         training.batch_size_embedder if phase.objective == "mnrl" else training.batch_size_generator
     )
+
+
+def _forward_chunks(phase: Phase, pipeline: Pipeline, batch: list[_Item]) -> list[list[_Item]]:
+    """The batch split for ``training.rag_questions_per_forward``; whole for the other objectives
+    (MNRL's in-batch negatives and nll_concat's token mean need the whole batch together)."""
+    size = pipeline.training.rag_questions_per_forward
+    if size is None or phase.objective not in ("rag_token", "rag_sequence"):
+        return [batch]
+    return [batch[start : start + size] for start in range(0, len(batch), size)]
 
 
 def _shuffled_batches(items: Sequence[_Item], batch_size: int, seed: str) -> list[list[_Item]]:

@@ -142,7 +142,15 @@ class WorkerKiller(threading.Thread):
 
 @pytest.mark.slow
 def test_a_killed_worker_is_failed_as_retryable_and_its_point_reruns(tmp_path, cache_dir):
-    spec = load_spec(write_spec(tmp_path, "worker-kill"))
+    # independent builds on ft_embed's best, so it waits until ft_embed's grid has run whole.
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            "worker-kill",
+            methods=["ft_embed", "ft_gen", "independent"],
+            search={"lr_embedder": GRID, "lr_generator": [1e-3]},
+        )
+    )
     storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
     killer = WorkerKiller()
     killer.start()
@@ -151,14 +159,16 @@ def test_a_killed_worker_is_failed_as_retryable_and_its_point_reruns(tmp_path, c
     assert killer.killed is not None, "no trial worker was found to kill"
     trials = stage_trials(storage_url, spec.name)
     failed = [t for t in trials if t.state == FAIL]
-    assert len(failed) == 1 and summary.failed == {"ft_embed": 1}
+    assert len(failed) == 1 and summary.failed == {"ft_embed": 1, "ft_gen": 0}
     assert "worker died" in failed[0].user_attrs["fail_reason"]
     assert failed[0].user_attrs["retryable"] is True
     assert len(completed_rates(trials)) == len(GRID) - 1  # the study went on
+    assert "1 trial(s) stopped before they finished" in summary.blocked["independent"]
 
     before = {t.number: (t.values, t.datetime_complete) for t in trials if t.state == OK}
     summary = launch(spec, storage_url=storage_url, runs_dir=tmp_path / "runs", cache_dir=cache_dir)
-    assert summary.ran == {"ft_embed": 1}  # only the killed point
+    assert summary.ran == {"ft_embed": 1, "independent": 1}  # the killed point, then what waited
+    assert not summary.blocked
     trials = stage_trials(storage_url, spec.name)
     assert completed_rates(trials) == sorted(GRID)
     assert {n: (trials[n].values, trials[n].datetime_complete) for n in before} == before
