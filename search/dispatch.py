@@ -164,7 +164,7 @@ def _run_claimed(
             points = _remaining_points(stage, spec, studies[stage.name])
             summary.skipped[stage.name] = stage.n_trials - len(points)
             notify(StageEvent("stage", stage, n_trials=len(points)))
-            blocked = _blocked_by(stage, studies)
+            blocked = _blocked_by(stage, plan, spec, studies)
             if points and blocked:
                 # Stages that do not build on the failed one still run; this one waits for a
                 # relaunch after the cause is fixed.
@@ -260,13 +260,25 @@ def _stage_job(
     }
 
 
-def _blocked_by(stage: Stage, studies: dict[str, optuna.Study]) -> str | None:
-    """Why ``stage`` cannot run: a stage it takes a rate or checkpoint from has no completed trial."""
-    for source in {*stage.fixed_from.values(), *stage.reuse_from.values()}:
+def _blocked_by(
+    stage: Stage, plan: Plan, spec: StudySpec, studies: dict[str, optuna.Study]
+) -> str | None:
+    """Why ``stage`` cannot run: a stage it takes a rate or checkpoint from has no completed
+    trial, or has points still to run (trials Ray stopped), so its best is not known yet."""
+    for source in sorted({*stage.fixed_from.values(), *stage.reuse_from.values()}):
+        study_name = studies[source].study_name
         if best_trial(studies[source]) is None:
             return (
                 f"stage '{source}', which it builds on, has no completed trial; see "
-                f"`ragsweep trials {studies[source].study_name}` for why, fix it and launch again"
+                f"`ragsweep trials {study_name}` for why, fix it and launch again"
+            )
+        unfinished = len(_remaining_points(plan.stage(source), spec, studies[source]))
+        if unfinished:
+            # Building on the best of part of a grid would fix a choice a relaunch cannot revisit.
+            return (
+                f"stage '{source}', which it builds on, has {unfinished} trial(s) stopped before "
+                f"they finished (`ragsweep trials {study_name} --state fail` says why); launch "
+                "again to run them first"
             )
     return None
 
