@@ -125,7 +125,9 @@ def _recommendation(
             "the data has no context labels, so the paper recommends two_phase with separate "
             "learning-rate grids (n + m runs)"
         )
-    if pick in score:
+    if pick == best:
+        advice += f"; here it is the best method ({score[pick]:.3f})"
+    elif pick in score:
         advice += (
             f"; here it reached {score[pick]:.3f} ({score[pick] - score[best]:+.3f} from the best)"
         )
