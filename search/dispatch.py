@@ -7,6 +7,8 @@ attributes. Decisions (which stages, which grid points, what is reused) come fro
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import os
@@ -524,12 +526,24 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         Exception
     ) as e:  # a bug or a library error: recorded as the trial's failure, study goes on
         payload["fail_reason"] = one_line(e)
+    _release_memory()
     tune.report(
         {
             _PAYLOAD: json.dumps(payload),
             **{k: v for k, v in payload.get("metrics", {}).items() if "." not in k},
         }
     )
+
+
+def _release_memory() -> None:
+    """Hand a finished trial's memory back to the OS: the worker is reused for the next trial, and
+    glibc keeps freed model and activation memory otherwise (measured: a worker grew from 4.3 to
+    9.0 GiB over three SmolLM2 trials)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 def _prepare_shared(spec: StudySpec, plan: Plan, cache_dir: Path) -> None:

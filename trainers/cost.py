@@ -11,7 +11,9 @@ the sequence length) are left out, so figures are a slight undercount for long p
 
 Device-seconds are accelerator-seconds on GPU (wall time x devices used) and CPU-seconds of the
 process (all threads) on CPU. Peak memory is the CUDA allocator's peak during the phase on GPU and
-the process's peak resident set so far on CPU (the OS keeps one high-water mark per process).
+the process's peak resident set during the phase on CPU: on Linux the high-water mark is reset at
+each phase's start (a Ray worker runs many trials, and its mark would otherwise carry the largest
+one so far into every later trial); elsewhere it is the process's peak so far.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class CostMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _reset_peak_rss()
         wall_start, cpu_start = time.perf_counter(), time.process_time()
         try:
             yield cost
@@ -98,9 +102,24 @@ class CostMeter:
         return metrics
 
 
+def _reset_peak_rss() -> None:
+    try:  # Linux: "5" resets the process's peak resident set (VmHWM) to its current size
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak so far is reported instead
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # KiB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return (
         peak / 2**20 if sys.platform == "darwin" else peak / 2**10
