@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 
 from search.store import open_storage
@@ -54,8 +55,35 @@ def two_node_cluster():
         )
         yield f"127.0.0.1:{PORT}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(ray_dir)
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def _stop_cluster(ray_dir: str) -> None:
+    """End this cluster's processes only: `ray stop` ends every Ray cluster on the machine,
+    a developer's own included. Its daemons name ``ray_dir`` in their command lines; the workers
+    (renamed ``ray::...``) are their children."""
+    daemons = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(ray_dir in part for part in process.info["cmdline"] or ()):
+            daemons.append(process)
+    family = {process.pid: process for process in daemons}
+    for daemon in daemons:
+        try:
+            family |= {child.pid: child for child in daemon.children(recursive=True)}
+        except psutil.Error:
+            pass
+    for process in family.values():
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(family.values()), timeout=20)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
 
 
 @pytest.mark.slow
