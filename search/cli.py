@@ -28,6 +28,9 @@ app = typer.Typer(
     help="Hyperparameter search for fine-tuning RAG pipelines.",
 )
 _console = Console()
+_errors = Console(stderr=True)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 _SetOption = Annotated[
     list[str] | None,
@@ -37,9 +40,6 @@ _SetOption = Annotated[
         "(search.joint=cartesian, 'methods=[rag_token]'). Repeatable.",
     ),
 ]
-_errors = Console(stderr=True)
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
 
 @app.callback()
