@@ -17,7 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from search.spec import StudySpec, load_spec
+# Before any library that draws progress bars is imported: figures, not model-loading bars.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from search.spec import StudySpec, load_spec  # noqa: E402
 
 DEMO_SPEC = Path("studies/demo.yaml")
 # The service benchmarks' workload: the demo's independent searches (none, then ft_embed and

@@ -2,7 +2,9 @@
 
 Real models of the demo spec (MiniLM + SmolLM2-135M with LoRA) on one training batch: the batched
 path scores all B x k single-document prompts in one generator forward; the loop runs k forwards
-of B prompts. Prints both losses (they must agree) and the speed-up of forward + backward.
+of B prompts. Prints both losses (they must agree) and the speed-up of forward + backward, for the
+spec's training batch and for one question (where a forward of k rows against k of one row shows
+the per-call overhead that batching saves).
 Run: .venv/bin/python benchmarks/batched_rag.py [--spec studies/demo.yaml] [--repeats 3]
 """
 
@@ -69,12 +71,17 @@ def main() -> None:
     data, pipeline = build_pipeline(
         config, cache_dir=cache_dir, meter=CostMeter(torch.device("cpu"))
     )
-    records = data.train[: spec.training.batch_size_generator]
+    for batch in (spec.training.batch_size_generator, 1):
+        _compare(pipeline, data.train[:batch], spec.training.k, args.repeats)
+
+
+def _compare(pipeline, records, k: int, repeats: int) -> None:
+    """Print batched against looped forward + backward time and loss, for both objectives."""
     for objective in ("rag_token", "rag_sequence"):
         seconds, losses = {}, {}
         for batched in (True, False):
             times = []
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 start = time.perf_counter()
                 loss = _loss(pipeline, records, objective, batched)
                 loss.backward()
@@ -83,7 +90,8 @@ def main() -> None:
                 pipeline.generator.model.zero_grad(set_to_none=True)
             seconds[batched], losses[batched] = min(times), loss.item()
         print(
-            f"{objective}: batched {seconds[True]:.2f} s, loop over k={spec.training.k} {seconds[False]:.2f} s, "
+            f"{objective}, batch {len(records)}: batched {seconds[True]:.2f} s, loop over k={k} "
+            f"{seconds[False]:.2f} s, "
             f"speed-up {seconds[False] / seconds[True]:.2f}x; loss batched {losses[True]:.6f} loop {losses[False]:.6f} "
             f"(|diff| {abs(losses[True] - losses[False]):.1e})"
         )

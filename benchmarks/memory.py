@@ -7,7 +7,11 @@ same buffers and optimizer state) and 16 validation questions (one full evaluati
 torch thread as under dispatch, learning rates from the demo grid (lr_embedder 2e-5,
 lr_generator 1e-3). `independent` runs without reuse, so it trains both of its phases. Printed per
 method: the child's peak resident set as the kernel reports it to the parent (`os.wait4`), the
-trial's own `peak_mem_mb` metric, and its growth over the peak after loading both models.
+trial's own `peak_mem_mb` metric, and its growth over the peak after loading both models. Last,
+the RAG-objective generator phase (ft_gen through RAG-Token) with all 8 questions of a batch in one
+forward against `training.rag_questions_per_forward: 2` (gradient accumulation over 4 forwards of
+2 questions): the peak during that phase, the ratio, and the two phases' losses (equal up to float
+rounding: the same gradient).
 Run: .venv/bin/python benchmarks/memory.py
 """
 
@@ -25,9 +29,10 @@ from trainers.config import METHODS
 
 _OVERRIDES: dict[str, object] = {"data.n_train": 8, "data.n_validation": 16}
 _RATES = {"lr_embedder": 2e-5, "lr_generator": 1e-3}
+_PER_FORWARD = 2  # questions per generator forward in the accumulation run
 
 
-def _child(method: str) -> None:
+def _child(method: str, per_forward: int | None) -> None:
     """Run one trial in this process and print its metrics as JSON on the last line."""
     import torch
 
@@ -37,7 +42,7 @@ def _child(method: str) -> None:
 
     cache_dir = setup_environment()
     torch.set_num_threads(1)  # as dispatch runs a trial of 1 CPU
-    spec = reduced_spec(_OVERRIDES)
+    spec = reduced_spec(_OVERRIDES | {"training.rag_questions_per_forward": per_forward})
     trains_embedder, trains_generator = trains(method, spec.training)
     config = trial_config(
         spec,
@@ -45,13 +50,16 @@ def _child(method: str) -> None:
         lr_embedder=_RATES["lr_embedder"] if trains_embedder else None,
         lr_generator=_RATES["lr_generator"] if trains_generator else None,
     )
-    print(json.dumps(run_trial(config, cache_dir=cache_dir).metrics))
+    result = run_trial(config, cache_dir=cache_dir)
+    print(json.dumps(result.metrics | {"losses": result.record["final_losses"]}))
 
 
-def _measure(method: str) -> tuple[float, dict[str, float]]:
-    """(peak RSS in MiB from the kernel's accounting of the child, the trial's metrics)."""
+def _measure(method: str, per_forward: int | None = None) -> tuple[float, dict]:
+    """(peak RSS in MiB from the kernel's accounting of the child, the trial's metrics, with its
+    phases' final losses under "losses")."""
+    extra = ["--per-forward", str(per_forward)] if per_forward else []
     child = subprocess.Popen(
-        [sys.executable, __file__, "--child", method],
+        [sys.executable, __file__, "--child", method, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,  # model-loading progress bars and warnings
         text=True,
@@ -70,13 +78,15 @@ def _measure(method: str) -> tuple[float, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--per-forward", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child)
+        _child(args.child, args.per_forward)
         return
     setup_environment()
     before = load_average()
     results = {method: _measure(method) for method in METHODS}
+    accumulated = _measure("ft_gen", _PER_FORWARD)
     after = load_average()
 
     print(
@@ -91,6 +101,13 @@ def main() -> None:
             f"{method:<13} {rss_mb:>11.0f} MiB {metrics['peak_mem_mb']:>13.0f} MiB "
             f"{loaded:>7.0f} MiB {metrics['peak_mem_mb'] - loaded:>11.0f} MiB"
         )
+    whole, split = results["ft_gen"][1], accumulated[1]
+    peak = "generator.peak_mem_mb"
+    print(
+        f"ft_gen generator phase, 8 questions per forward: peak {whole[peak]:.0f} MiB, loss "
+        f"{whole['losses']['generator']:.6f}; {_PER_FORWARD} per forward: peak {split[peak]:.0f} "
+        f"MiB, loss {split['losses']['generator']:.6f}; peak ratio {split[peak] / whole[peak]:.2f}"
+    )
 
 
 if __name__ == "__main__":

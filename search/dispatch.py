@@ -1,8 +1,10 @@
-"""Run a study's plan stage by stage through Ray Tune, with Optuna as the searcher.
+"""Run a study's plan through Ray Tune, with Optuna as the searcher.
 
-This module translates: a plan stage becomes one ``tune.Tuner`` run whose searcher is an
-``OptunaSearch`` bound to the stage's study; a trial's metrics and record become Optuna user
-attributes. Decisions (which stages, which grid points, what is reused) come from ``search.plan``.
+This module translates: a launch is one ``tune.Tuner`` run whose searcher
+(:class:`search._scheduler.StagedSearch`) starts each plan stage once the stages it builds on are
+done and hands out its points through the stage's Optuna study; a trial's metrics and record become
+Optuna user attributes. Decisions (which stages, which grid points, what is reused) come from
+``search.plan``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import gc
 import json
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
@@ -24,47 +25,36 @@ from typing import Any
 import optuna
 import ray
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
-from search.plan import Plan, Stage, grid_points, make_plan
+from search._scheduler import (
+    PAYLOAD_KEY,
+    REUSE_KEY,
+    STAGE_KEY,
+    StagedSearch,
+    StageEvent,
+    ignore_event,
+    remaining_points,
+)
+from search.plan import Plan, Stage, make_plan
 from search.spec import StudySpec, trial_config
 from search.store import (
     LAUNCH_ATTR,
     LaunchOwner,
-    best_trial,
     check_not_running,
     check_spec_matches,
     claim_studies,
     existing_stage_study,
     fail_abandoned_trials,
     fail_running_trials,
-    finished_params,
     heartbeat_studies,
-    objective_values,
     open_stage_study,
     open_storage,
-    record_trial,
     release_studies,
     stage_study_name,
-    trial_attrs,
-    waiting_params,
 )
 from trainers.errors import ConfigError, RagsweepError, one_line
 
 __all__ = ["LaunchSummary", "StageEvent", "launch"]
-
-_PAYLOAD = "ragsweep_payload"  # the result key carrying a trial's metrics and record as JSON
-
-
-@dataclass(frozen=True)
-class StageEvent:
-    """What the progress view is told: a stage started, a trial started or ended, a stage ended."""
-
-    kind: str  # "stage", "trial_start", "trial_end", "stage_end"
-    stage: Stage
-    n_trials: int = 0  # trials this launch runs in the stage ("stage" events)
-    failed: bool = False
-    objective: float | None = None
 
 
 @dataclass
@@ -110,7 +100,7 @@ def launch(
         stage.name: existing_stage_study(storage, spec, stage.name) for stage in plan.stages
     }
     check_not_running([study for study in existing.values() if study is not None])
-    notify = on_event or _ignore
+    notify = on_event or ignore_event
     summary = LaunchSummary()
     if not any(_has_work(stage, spec, existing[stage.name]) for stage in plan.stages):
         summary.skipped = {stage.name: stage.n_trials for stage in plan.stages}
@@ -162,31 +152,22 @@ def _run_claimed(
     try:
         for name, study in studies.items():
             summary.abandoned[name] = len(fail_abandoned_trials(study, previous[name]))
-        for stage in plan.stages:
-            points = _remaining_points(stage, spec, studies[stage.name])
-            summary.skipped[stage.name] = stage.n_trials - len(points)
-            notify(StageEvent("stage", stage, n_trials=len(points)))
-            blocked = _blocked_by(stage, plan, spec, studies)
-            if points and blocked:
-                # Stages that do not build on the failed one still run; this one waits for a
-                # relaunch after the cause is fixed.
-                summary.blocked[stage.name] = blocked
-            elif points:
-                job = _stage_job(stage, plan, spec, studies, runs_dir, cache_dir)
-                summary.ran[stage.name] = len(points)
-                summary.failed[stage.name] = _run_stage(
-                    stage,
-                    spec,
-                    storage,
-                    studies[stage.name],
-                    points,
-                    job,
-                    notify,
-                    max_retries,
-                    runs_dir,
-                )
-                _prune_checkpoints(stage, plan, studies[stage.name])
-            notify(StageEvent("stage_end", stage))
+        points = {
+            stage.name: remaining_points(stage, spec, studies[stage.name]) for stage in plan.stages
+        }
+        summary.skipped = {
+            stage.name: stage.n_trials - len(points[stage.name]) for stage in plan.stages
+        }
+        search = StagedSearch(plan, spec, storage, studies, points, notify)
+        progress = _ProgressCallback(plan, notify, spec.objectives[0].metric)
+        if search.has_work:
+            trainable = _trainable(spec, plan, runs_dir, cache_dir)
+            _run_tuner(spec, trainable, search, progress, studies, max_retries, runs_dir)
+        summary.ran = dict(search.started)
+        summary.failed = {name: progress.failed.get(name, 0) for name in search.started}
+        summary.blocked = dict(search.blocked)
+        for name in search.not_started():
+            summary.blocked[name] = "the launch stopped before the stages it builds on finished"
     finally:
         heartbeat.stop()
         release_studies(studies.values(), owner)
@@ -214,275 +195,126 @@ class _Heartbeat(threading.Thread):
 
 def _has_work(stage: Stage, spec: StudySpec, study: optuna.Study | None) -> bool:
     """Points still to run, or trials a dead launch left RUNNING (to be marked failed)."""
-    if _remaining_points(stage, spec, study):
+    if remaining_points(stage, spec, study):
         return True
     running = (optuna.trial.TrialState.RUNNING,)
     return study is not None and bool(study.get_trials(deepcopy=False, states=running))
 
 
-def _remaining_points(
-    stage: Stage, spec: StudySpec, study: optuna.Study | None
-) -> list[dict[str, float]]:
-    """Grid points (or sampler budget) of the stage that no finished trial covers yet."""
-    done = finished_params(study) if study is not None else []
-    if spec.search.sampler == "grid" or not stage.searched:
-        return [point for point in grid_points(stage, spec) if point not in done]
-    return [{} for _ in range(max(0, stage.n_trials - len(done)))]  # the sampler picks the points
-
-
-def _stage_job(
-    stage: Stage,
-    plan: Plan,
-    spec: StudySpec,
-    studies: dict[str, optuna.Study],
-    runs_dir: Path,
-    cache_dir: Path,
-) -> dict[str, Any]:
-    """Everything a trial of this stage needs besides its searched rates, as plain data."""
-    fixed: dict[str, float] = {}
-    for rate, source in stage.fixed_from.items():
-        fixed[rate] = _best_record(studies[source], source)["config"][rate]
-    reuse = {
-        phase: str(Path(_best(studies[source], source).user_attrs["checkpoint"]) / phase)
-        for phase, source in stage.reuse_from.items()
+def _trainable(spec: StudySpec, plan: Plan, runs_dir: Path, cache_dir: Path) -> Any:
+    """The Tune trainable with what every trial needs besides its config, as plain data."""
+    stages = {
+        stage.name: {
+            "method": stage.method,
+            "training_overrides": stage.training_overrides,
+            # Checkpoints are kept only where a later stage loads them.
+            "out_dir": str(runs_dir / stage_study_name(spec, stage.name))
+            if any(stage.name in later.reuse_from.values() for later in plan.stages)
+            else None,
+        }
+        for stage in plan.stages
     }
-    keeps_checkpoints = any(stage.name in later.reuse_from.values() for later in plan.stages)
-    return {
+    job = {
         "spec": spec.model_dump(mode="json"),
-        "stage": stage.name,
-        "method": stage.method,
-        "training_overrides": stage.training_overrides,
-        "fixed": fixed,
-        "reuse": reuse,
+        "stages": stages,
         "cache_dir": str(cache_dir),
-        "out_dir": str(runs_dir / stage_study_name(spec, stage.name))
-        if keeps_checkpoints
-        else None,
         "cpus": spec.resources.cpus,
     }
+    resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+    return tune.with_resources(tune.with_parameters(_run_trial, job=job), resources)
 
 
-def _blocked_by(
-    stage: Stage, plan: Plan, spec: StudySpec, studies: dict[str, optuna.Study]
-) -> str | None:
-    """Why ``stage`` cannot run: a stage it takes a rate or checkpoint from has no completed
-    trial, or has points still to run (trials Ray stopped), so its best is not known yet."""
-    for source in sorted({*stage.fixed_from.values(), *stage.reuse_from.values()}):
-        study_name = studies[source].study_name
-        if best_trial(studies[source]) is None:
-            return (
-                f"stage '{source}', which it builds on, has no completed trial; see "
-                f"`ragsweep trials {study_name}` for why, fix it and launch again"
-            )
-        unfinished = len(_remaining_points(plan.stage(source), spec, studies[source]))
-        if unfinished:
-            # Building on the best of part of a grid would fix a choice a relaunch cannot revisit.
-            return (
-                f"stage '{source}', which it builds on, has {unfinished} trial(s) stopped before "
-                f"they finished (`ragsweep trials {study_name} --state fail` says why); launch "
-                "again to run them first"
-            )
-    return None
-
-
-def _best(study: optuna.Study, stage_name: str) -> optuna.trial.FrozenTrial:
-    best = best_trial(study)
-    if best is None:
-        raise ConfigError(
-            f"stage '{stage_name}' has no completed trial to build on (all failed); see `ragsweep trials` "
-            "for the reasons, fix them and launch again"
-        )
-    return best
-
-
-def _best_record(study: optuna.Study, stage_name: str) -> dict[str, Any]:
-    return _best(study, stage_name).user_attrs["record"]
-
-
-def _run_stage(
-    stage: Stage,
+def _run_tuner(
     spec: StudySpec,
-    storage: optuna.storages.RDBStorage,
-    study: optuna.Study,
-    points: list[dict[str, float]],
-    job: dict[str, Any],
-    notify: Callable[[StageEvent], None],
+    trainable: Any,
+    search: StagedSearch,
+    progress: _ProgressCallback,
+    studies: dict[str, optuna.Study],
     max_retries: int,
     runs_dir: Path,
-) -> int:
-    """One Tune run over the stage's remaining points; returns how many trials failed."""
-    study_name = study.study_name
-    if spec.search.sampler == "grid":
-        # Points a killed launch enqueued but never started are still queued; Optuna's
-        # skip_if_exists would also skip points whose trial failed, so they would never re-run.
-        queued = waiting_params(study)
-        for point in points:
-            if point and point not in queued:
-                study.enqueue_trial(point)
-    ranges = {
-        "lr_embedder": spec.search.lr_embedder_range,
-        "lr_generator": spec.search.lr_generator_range,
-    }
-    if spec.search.sampler == "grid":
-        ranges = {
-            rate: (min(getattr(spec.search, rate)), max(getattr(spec.search, rate)))
-            for rate in stage.searched
-        }
-
-    objectives = [objective.metric for objective in spec.objectives]
-    searcher = _RecordingOptunaSearch(
-        space=_Space(stage.searched, ranges, job["fixed"]),
-        metric=objectives,
-        mode=["max" if o.direction == "maximize" else "min" for o in spec.objectives],
-        sampler=_sampler(spec),
-        study_name=study_name,
-        storage=storage,
-    )
-    progress = _ProgressCallback(stage, notify, objectives[0])
-    resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_run_trial, job=job), resources),
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            num_samples=len(points),
-            max_concurrent_trials=spec.concurrency,
-            reuse_actors=True,
-        ),
-        run_config=tune.RunConfig(
-            name=study_name.replace("/", "__"),
-            storage_path=str((runs_dir / "ray").resolve()),
-            verbose=0,
-            callbacks=[progress],
-            failure_config=tune.FailureConfig(max_failures=max_retries),
-        ),
-    )
-    try:
-        tuner.fit()
-    except KeyboardInterrupt:
-        fail_running_trials(
-            study,
-            "the launch was interrupted (Ctrl-C) before the trial finished; launching the spec "
-            "again re-runs it",
+) -> None:
+    """Tune runs over every stage's remaining points until none is left. When Tune gives up on a
+    run, its running trials fail (retryable, so the next launch runs them) and a new run goes on
+    with what does not build on them."""
+    while search.trials_left:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=search,
+                # An upper bound: stages found blocked give back their share (the searcher says
+                # FINISHED once every stage is done or blocked).
+                num_samples=search.trials_left,
+                max_concurrent_trials=spec.concurrency,
+                # One pool of warm trial workers for the whole launch, every stage included.
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=spec.name,
+                storage_path=str((runs_dir / "ray").resolve()),
+                verbose=0,
+                callbacks=[progress],
+                failure_config=tune.FailureConfig(max_failures=max_retries),
+            ),
         )
-        raise
-    except Exception as e:
-        # Tune gives up on a whole stage for some cluster faults (Ray's memory monitor killing a
-        # trial's actor while it starts); its unfinished trials fail, retryable, and the study
-        # goes on, as for any other failed trial.
-        reason = (
-            f"Ray stopped this stage before the trial finished ({one_line(e)}); "
-            "launching the spec again re-runs it"
-        )
-        return progress.failed + len(fail_running_trials(study, reason))
-    return progress.failed
-
-
-def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    if spec.search.sampler == "tpe" and len(spec.objectives) == 1:
-        return optuna.samplers.TPESampler(seed=spec.seed)
-    if spec.search.sampler == "tpe":
-        return optuna.samplers.NSGAIISampler(seed=spec.seed)
-    # grid: every point is enqueued, so the sampler only fills parameters nobody enqueued (none).
-    return optuna.samplers.RandomSampler(seed=spec.seed)
-
-
-@dataclass(frozen=True)
-class _Space:
-    """Define-by-run space: the searched rates on a log scale, plus the fixed ones as constants."""
-
-    searched: tuple[str, ...]
-    ranges: dict[str, tuple[float, float]]
-    fixed: dict[str, float]
-
-    def __call__(self, trial: optuna.Trial) -> dict[str, float]:
-        for rate in self.searched:
-            trial.suggest_float(rate, *self.ranges[rate], log=True)
-        return dict(self.fixed)
-
-
-class _RecordingOptunaSearch(OptunaSearch):
-    """OptunaSearch that stores each trial's metrics and record, and failures with their reason.
-
-    Tune's OptunaSearch keeps only objective values and logs (then drops) a failing ``tell``;
-    here every reported figure becomes a user attribute and nothing is swallowed.
-    """
-
-    def on_trial_complete(
-        self, trial_id: str, result: dict | None = None, error: bool = False
-    ) -> None:
-        if trial_id in self._completed_trials:
-            return
-        ot_trial = self._ot_trials[trial_id]
-        payload = json.loads(result[_PAYLOAD]) if result and _PAYLOAD in result else {}
-        reported_failure = payload.get("fail_reason")
-        values = (
-            None if reported_failure else objective_values(payload.get("metrics", {}), self._metric)
-        )
-        if values is None:
-            payload["fail_reason"] = reported_failure or (
-                "the trial worker died before reporting (killed, out of memory or a lost node)"
-                if error
-                else f"the trial reported no finite value for {', '.join(self._metric)}"
-            )
-            # A failure the trial reported recurs on a re-run; a dead worker may not.
-            payload["retryable"] = not reported_failure
         try:
-            record_trial(ot_trial, payload)
-            self._tell(ot_trial, values)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            # Another launch took this one for dead and failed the trial: keep the result as a
-            # trial of its own rather than lose it.
-            self._ot_study.add_trial(_finished_copy(ot_trial, payload, values))
-        self._completed_trials.add(trial_id)
+            tuner.fit()
+            return
+        except KeyboardInterrupt:
+            _fail_running(
+                studies,
+                "the launch was interrupted (Ctrl-C) before the trial finished; launching the "
+                "spec again re-runs it",
+            )
+            raise
+        except Exception as e:
+            # Tune gives up on a whole run for some cluster faults (Ray's memory monitor killing
+            # a trial's actor while it starts).
+            reason = (
+                f"Ray stopped the launch's run before the trial finished ({one_line(e)}); "
+                "launching the spec again re-runs it"
+            )
+            for name, count in _fail_running(studies, reason).items():
+                progress.failed[name] = progress.failed.get(name, 0) + count
+            if not search.drop_in_flight():
+                raise RagsweepError(f"Ray stopped the launch: {one_line(e)}") from e
 
-    def _tell(self, ot_trial: optuna.Trial, values: list[float] | None) -> None:
-        if values is None:
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
-        else:
-            self._ot_study.tell(ot_trial, values)
 
-
-def _finished_copy(
-    trial: optuna.Trial, payload: dict[str, Any], values: list[float] | None
-) -> optuna.trial.FrozenTrial:
-    """A finished trial with ``trial``'s parameters and what it reported."""
-    return optuna.trial.create_trial(
-        state=optuna.trial.TrialState.FAIL if values is None else optuna.trial.TrialState.COMPLETE,
-        params=trial.params,
-        distributions=trial.distributions,
-        values=values,
-        user_attrs=trial_attrs(payload),
-    )
+def _fail_running(studies: dict[str, optuna.Study], reason: str) -> dict[str, int]:
+    """Fail (retryable) the RUNNING trials of every stage; how many per stage."""
+    return {name: len(fail_running_trials(study, reason)) for name, study in studies.items()}
 
 
 class _ProgressCallback(tune.Callback):
-    """Turns Tune's trial events into :class:`StageEvent` for the progress view."""
+    """Turns Tune's trial events into :class:`StageEvent` for the progress view, and counts
+    failed trials per stage."""
 
-    def __init__(self, stage: Stage, notify: Callable[[StageEvent], None], objective: str) -> None:
-        self._stage, self._notify, self._objective = stage, notify, objective
-        self.failed = 0
+    def __init__(self, plan: Plan, notify: Callable[[StageEvent], None], objective: str) -> None:
+        self._plan, self._notify, self._objective = plan, notify, objective
+        self.failed: dict[str, int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment state; the live view stays in the driver.
-        return {**self.__dict__, "_notify": _ignore}
+        return {**self.__dict__, "_notify": ignore_event}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._notify(StageEvent("trial_start", self._stage))
+        self._notify(StageEvent("trial_start", self._stage(trial)))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        payload = json.loads(trial.last_result.get(_PAYLOAD, "{}"))
+        payload = json.loads(trial.last_result.get(PAYLOAD_KEY, "{}"))
         failed = bool(payload.get("fail_reason"))
-        self.failed += failed
         value = None if failed else payload.get("metrics", {}).get(self._objective)
-        self._notify(StageEvent("trial_end", self._stage, failed=failed, objective=value))
+        self._trial_ended(trial, failed, value)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.failed += 1
-        self._notify(StageEvent("trial_end", self._stage, failed=True))
+        self._trial_ended(trial, True, None)
 
+    def _trial_ended(self, trial: Any, failed: bool, value: float | None) -> None:
+        stage = self._stage(trial)
+        self.failed[stage.name] = self.failed.get(stage.name, 0) + failed
+        self._notify(StageEvent("trial_end", stage, failed=failed, objective=value))
 
-def _ignore(event: StageEvent) -> None:
-    """The progress sink of an unpickled callback: no live view there."""
+    def _stage(self, trial: Any) -> Stage:
+        return self._plan.stage(trial.config[STAGE_KEY])
 
 
 def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
@@ -492,27 +324,27 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     from trainers import run_trial
 
     torch.set_num_threads(max(1, int(job["cpus"])))  # one thread per requested CPU
+    stage = job["stages"][config[STAGE_KEY]]
     payload: dict[str, Any] = {
-        "method": job["method"],
-        "stage": job["stage"],
+        "method": stage["method"],
+        "stage": config[STAGE_KEY],
         "node": ray.get_runtime_context().get_node_id(),
     }
     try:
         spec = StudySpec.model_validate(job["spec"])
-        if job["training_overrides"]:
+        if stage["training_overrides"]:
             spec = spec.model_copy(
-                update={"training": spec.training.model_copy(update=job["training_overrides"])}
+                update={"training": spec.training.model_copy(update=stage["training_overrides"])}
             )
-        rates = {**job["fixed"], **config}
         trial = trial_config(
             spec,
-            job["method"],
-            lr_embedder=rates.get("lr_embedder"),
-            lr_generator=rates.get("lr_generator"),
-            reuse=job["reuse"],
+            stage["method"],
+            lr_embedder=config.get("lr_embedder"),
+            lr_generator=config.get("lr_generator"),
+            reuse=json.loads(config[REUSE_KEY]),
         )
         out_dir = (
-            Path(job["out_dir"]) / tune.get_context().get_trial_id() if job["out_dir"] else None
+            Path(stage["out_dir"]) / tune.get_context().get_trial_id() if stage["out_dir"] else None
         )
         result = run_trial(trial, cache_dir=Path(job["cache_dir"]), out_dir=out_dir)
         payload |= {
@@ -529,7 +361,7 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     _release_memory()
     tune.report(
         {
-            _PAYLOAD: json.dumps(payload),
+            PAYLOAD_KEY: json.dumps(payload),
             **{k: v for k, v in payload.get("metrics", {}).items() if "." not in k},
         }
     )
@@ -633,14 +465,3 @@ def _check_resources(spec: StudySpec) -> None:
                 f"resources.{name} is {asked:g} per trial but the largest Ray node has "
                 f"{largest:g} {key}s; lower resources.{name} or add a node that has them"
             )
-
-
-def _prune_checkpoints(stage: Stage, plan: Plan, study: optuna.Study) -> None:
-    """Keep only the best trial's models of a stage that later stages reuse."""
-    if not any(stage.name in later.reuse_from.values() for later in plan.stages):
-        return
-    best = best_trial(study)
-    for trial in study.get_trials(deepcopy=False):
-        checkpoint = trial.user_attrs.get("checkpoint")
-        if checkpoint and (best is None or trial.number != best.number):
-            shutil.rmtree(checkpoint, ignore_errors=True)

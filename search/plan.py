@@ -15,13 +15,15 @@ one prompt with all k passages, RAG objectives on k single-passage prompts; MNRL
 only (document vectors are frozen). Training covers ``n_train x epochs`` examples per trained phase
 (reused phases cost nothing); evaluation generates ``max_new_tokens`` for ``n_validation``
 questions. Parameter counts come from :data:`_EMBEDDERS` / :data:`_GENERATORS`; for a model or data
-size not listed the forecast is ``None`` ("unknown"), never a guess. A stage runs
-``n_trials / min(concurrency, n_trials)`` waves; the plan's total assumes stages run one after
-another.
+size not listed the forecast is ``None`` ("unknown"), never a guess. A stage alone runs
+``n_trials / min(concurrency, n_trials)`` waves; the plan's total replays how a launch schedules
+trials (:attr:`Plan.start_order`, ``concurrency`` at once, a stage starting once the stages it
+depends on are done), so stages that do not depend on each other overlap.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 from dataclasses import dataclass, replace
@@ -121,6 +123,7 @@ class Stage:
     serves: tuple[str, ...]  # study methods whose result depends on this stage
     depends_on: tuple[str, ...]  # stages that must finish first
     forecast_s: float | None  # wall seconds for the whole stage; None: a model or size unknown
+    trial_forecast_s: float | None  # wall seconds of one trial; None: a model or size unknown
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,9 @@ class Plan:
     stages: tuple[Stage, ...]
     methods: tuple[str, ...]  # the study's methods, in the spec's order
     rate_trials: tuple[int, int]  # (n, m): trials searching lr_embedder, lr_generator alone
+    # Forecast wall seconds of the whole launch, stages overlapping as a launch runs them; None
+    # when a stage's forecast is unknown.
+    forecast_s: float | None
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name``."""
@@ -144,10 +150,16 @@ class Plan:
         return sum(stage.n_trials for stage in self.stages)
 
     @property
-    def forecast_s(self) -> float | None:
-        """Forecast wall seconds with stages run one after another; None when a stage's is."""
-        forecasts = [stage.forecast_s for stage in self.stages]
-        return None if None in forecasts else sum(f or 0.0 for f in forecasts)
+    def start_order(self) -> tuple[str, ...]:
+        """The order in which a launch gives free slots to stages that may run: first those more
+        stages wait on (the critical path: ft_gen before the baselines), then run order."""
+        rank = {stage.name: index for index, stage in enumerate(self.stages)}
+        depends = {stage.name: stage.depends_on for stage in self.stages}
+        waiting_on = {
+            name: sum(name in _ancestors(other, depends)[1:] for other in depends)
+            for name in depends
+        }
+        return tuple(sorted(depends, key=lambda name: (-waiting_on[name], rank[name])))
 
     def search_cost(self, method: str) -> dict[str, object]:
         """What ``method``'s result needs, shared stages included, against one Cartesian grid.
@@ -222,6 +234,7 @@ def make_plan(spec: StudySpec) -> Plan:
                 serves=(),
                 depends_on=(),
                 forecast_s=None,
+                trial_forecast_s=None,
             )
         return name
 
@@ -292,8 +305,15 @@ def make_plan(spec: StudySpec) -> Plan:
         stage = replace(drafts[name], serves=tuple(serves[name]), depends_on=depends[name])
         per_trial = _trial_seconds(stage, spec)
         waves = stage.n_trials / min(spec.concurrency, stage.n_trials)
-        stages.append(replace(stage, forecast_s=None if per_trial is None else waves * per_trial))
-    return Plan(stages=tuple(stages), methods=methods, rate_trials=(n, m))
+        stages.append(
+            replace(
+                stage,
+                forecast_s=None if per_trial is None else waves * per_trial,
+                trial_forecast_s=per_trial,
+            )
+        )
+    plan = Plan(stages=tuple(stages), methods=methods, rate_trials=(n, m), forecast_s=None)
+    return replace(plan, forecast_s=_launch_seconds(plan, spec.concurrency))
 
 
 def grid_points(stage: Stage, spec: StudySpec) -> list[dict[str, float]]:
@@ -357,7 +377,7 @@ def render_plan(plan: Plan, spec: StudySpec) -> RenderableType:
     notes.append(
         Text(
             f"total: {plan.total_trials} trials (shared stages counted once), forecast "
-            f"{_duration(total)} with {where}, stages one after another"
+            f"{_duration(total)} with {where}, stages that do not depend on each other overlapping"
         )
     )
     notes += [Text(f"forecast unknown: {gap}") for gap in _forecast_gaps(spec)]
@@ -366,7 +386,7 @@ def render_plan(plan: Plan, spec: StudySpec) -> RenderableType:
             "forecast: analytic FLOPs per trial (trainers.cost rules; n_train x epochs examples per "
             "trained phase at the spec's token caps, k single-passage prompts for RAG objectives, "
             f"n_validation generations) / {_throughput_text(spec)}, + {_TRIAL_OVERHEAD_S:.0f} s per "
-            "trial for loading; trials / min(concurrency, trials) waves per stage",
+            "trial for loading; a stage alone runs trials / min(concurrency, trials) waves",
             style="dim",
         )
     )
@@ -403,6 +423,28 @@ def _run_order(depends: dict[str, tuple[str, ...]]) -> list[str]:
 
 
 # --- forecast -------------------------------------------------------------------------------------
+
+
+def _launch_seconds(plan: Plan, concurrency: int) -> float | None:
+    """Replay a launch with forecast trial times: ``concurrency`` slots, each freed slot given to
+    the first stage in :attr:`Plan.start_order` whose dependencies are done and whose trials are
+    not all started."""
+    per_trial = {stage.name: stage.trial_forecast_s for stage in plan.stages}
+    if None in per_trial.values():
+        return None
+    to_start = {stage.name: stage.n_trials for stage in plan.stages}
+    to_finish = dict(to_start)
+    running: list[tuple[float, str]] = []  # (end time, stage), a heap
+    now = 0.0
+    while any(to_finish.values()):
+        for name in plan.start_order:
+            ready = not any(to_finish[source] for source in plan.stage(name).depends_on)
+            while ready and to_start[name] and len(running) < concurrency:
+                heapq.heappush(running, (now + (per_trial[name] or 0.0), name))
+                to_start[name] -= 1
+        now, name = heapq.heappop(running)
+        to_finish[name] -= 1
+    return now
 
 
 def _trial_seconds(stage: Stage, spec: StudySpec) -> float | None:

@@ -1,4 +1,4 @@
-"""A live view of a launch: the stage, trials done / running / failed, best so far, time left."""
+"""A live view of a launch: each stage's trials done / running / failed, best so far, time left."""
 
 from __future__ import annotations
 
@@ -70,11 +70,13 @@ class LaunchProgress:
                 state.best is None or (event.objective > state.best) == self.maximize
             ):
                 state.best = event.objective
+        elif event.kind == "stage_end" and event.blocked:
+            state.status = "blocked"
         elif event.kind == "stage_end" and state.status == "running":
             state.status = "done"
         if self._live is not None:
             self._live.update(self._table())
-        elif event.kind in ("stage", "trial_end"):
+        elif event.kind in ("stage", "trial_end") or event.blocked:
             self._log(event, state)
 
     def _log(self, event: StageEvent, state: _StageState) -> None:
@@ -82,6 +84,13 @@ class LaunchProgress:
         if event.kind == "stage":
             trials = f"{state.total} trial" + ("" if state.total == 1 else "s")
             self.console.print(f"{stamp} stage {event.stage.name}: {state.status}, {trials}")
+            return
+        if event.blocked:
+            self.console.print(
+                f"{stamp} stage {event.stage.name}: blocked, {event.blocked}",
+                highlight=False,
+                soft_wrap=True,
+            )
             return
         if event.failed:
             result = "failed"
@@ -119,17 +128,17 @@ class LaunchProgress:
         return table
 
     def _remaining(self) -> str:
-        # Forecast remaining = the plan's forecast for trials not yet finished, scaled by how far the
-        # trials so far ran over or under their forecast.
-        forecast = {stage.name: stage.forecast_s for stage in self.plan.stages}
-        if any(value is None for value in forecast.values()):
+        # Work is weighed in forecast trial-seconds; what is left is the launch's forecast share of
+        # it until trials finish, then the pace measured so far (elapsed per unit of work done).
+        if self.plan.forecast_s is None:
             return ""
-        per_trial = {
-            stage.name: (stage.forecast_s or 0) / max(1, stage.n_trials)
-            for stage in self.plan.stages
-        }
-        left = sum(per_trial[name] * max(0, s.total - s.done) for name, s in self._states.items())
-        done_forecast = sum(per_trial[name] * s.done for name, s in self._states.items())
-        elapsed = time.perf_counter() - self._started
-        scale = elapsed / done_forecast if done_forecast > 0 else 1.0
-        return f"remaining ~{left * scale / 60:.1f} min (forecast)"
+        per_trial = {stage.name: stage.trial_forecast_s or 0.0 for stage in self.plan.stages}
+        active = {name: s for name, s in self._states.items() if s.status != "blocked"}
+        left = sum(per_trial[name] * max(0, s.total - s.done) for name, s in active.items())
+        done = sum(per_trial[name] * s.done for name, s in active.items())
+        if done > 0:
+            estimate = (time.perf_counter() - self._started) * left / done
+        else:
+            planned = sum(per_trial[stage.name] * stage.n_trials for stage in self.plan.stages)
+            estimate = self.plan.forecast_s * left / max(planned, 1e-9)
+        return f"remaining ~{estimate / 60:.1f} min (forecast)"

@@ -12,7 +12,7 @@ import optuna
 import pytest
 import yaml
 
-from search.dispatch import launch
+from search.dispatch import StageEvent, launch
 from search.spec import StudySpec, load_spec
 from search.store import open_storage
 from tests.storage import storage_url_for
@@ -68,6 +68,26 @@ def test_every_stage_ran_its_trials(launched):
         "rag_token": 1,
     }
     assert summary.ran == counts
+
+
+def test_stages_that_do_not_depend_on_each_other_share_the_slots(launched):
+    _, _, studies, _, _ = launched
+    spans = [
+        (name, trial.datetime_start, trial.datetime_complete)
+        for name, study in studies.items()
+        for trial in study.trials
+    ]
+    overlapping = {
+        frozenset((a, b))
+        for a, a_start, a_end in spans
+        for b, b_start, b_end in spans
+        if a != b and a_start < b_end and b_start < a_end
+    }
+    # Stage by stage, no two stages' trials would ever run at the same time.
+    assert overlapping, "every stage ran alone"
+    # A stage never overlaps one it builds on: two_phase starts after ft_gen's last trial.
+    assert frozenset(("ft_gen", "two_phase")) not in overlapping
+    assert frozenset(("ft_embed", "independent")) not in overlapping
 
 
 def test_trials_carry_metrics_record_and_method(launched):
@@ -204,3 +224,43 @@ def test_a_stage_whose_source_all_failed_is_blocked_and_the_others_run(tmp_path,
     ft_gen = optuna.load_study(study_name="blocked/ft_gen", storage=storage)
     assert [t.state for t in ft_gen.trials] == [optuna.trial.TrialState.COMPLETE]
     assert not optuna.load_study(study_name="blocked/independent", storage=storage).trials
+
+
+def test_when_tune_gives_up_the_running_trial_fails_retryable_and_the_rest_runs(
+    tmp_path, cache_dir
+):
+    # An exception inside Tune's loop (here from the progress view, as a cluster fault can raise
+    # one) ends Tune's run; the launch fails the running trial and goes on without it.
+    spec = tiny_spec(
+        tmp_path,
+        name="tune-stops",
+        methods=["ft_embed", "ft_gen", "independent"],
+        search={"lr_embedder": [1e-4, 1e-3], "lr_generator": [1e-3]},
+        concurrency=1,
+    )
+    storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
+    broke: list[str] = []
+
+    def on_event(event: StageEvent) -> None:
+        if event.kind == "trial_start" and not broke:
+            broke.append(event.stage.name)
+            raise RuntimeError("the progress view broke")
+
+    runs_dir = tmp_path / "runs"
+    summary = launch(
+        spec, storage_url=storage_url, runs_dir=runs_dir, cache_dir=cache_dir, on_event=on_event
+    )
+    assert broke == ["ft_embed"]  # ft_embed and ft_gen tie; ft_embed comes first in run order
+    storage = open_storage(storage_url)
+    ft_embed = optuna.load_study(study_name="tune-stops/ft_embed", storage=storage).trials
+    assert [t.state for t in ft_embed] == [
+        optuna.trial.TrialState.FAIL,
+        optuna.trial.TrialState.COMPLETE,
+    ]
+    assert "Ray stopped the launch's run" in ft_embed[0].user_attrs["fail_reason"]
+    assert ft_embed[0].user_attrs["retryable"] is True
+    assert summary.failed == {"ft_embed": 1, "ft_gen": 0}
+    assert "1 trial(s) stopped before they finished" in summary.blocked["independent"]
+
+    summary = launch(spec, storage_url=storage_url, runs_dir=runs_dir, cache_dir=cache_dir)
+    assert summary.ran == {"ft_embed": 1, "independent": 1} and not summary.blocked

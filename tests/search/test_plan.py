@@ -178,7 +178,15 @@ def test_forecast_is_positive_for_known_models_and_scales_with_concurrency():
     demo = load_spec(REPO / "studies" / "demo.yaml")
     plan = make_plan(demo)
     assert all(stage.forecast_s and stage.forecast_s > 0 for stage in plan.stages)
-    assert plan.forecast_s == pytest.approx(sum(stage.forecast_s for stage in plan.stages))
+    # Stages overlap: the launch takes less than the stages one after another, and no less than
+    # its longest chain (ft_gen, then two_phase, then rag_token), one trial time each.
+    assert plan.forecast_s < sum(stage.forecast_s for stage in plan.stages)
+    chain = ("ft_gen", "two_phase", "rag_token")
+    assert plan.forecast_s >= sum(plan.stage(name).trial_forecast_s for name in chain)
+    alone = make_plan(demo.model_copy(update={"concurrency": 1}))
+    assert alone.forecast_s == pytest.approx(
+        sum(stage.trial_forecast_s * stage.n_trials for stage in alone.stages)
+    )
     # Generator training dominates: ft_gen costs more than ft_embed, and more data costs more.
     assert plan.stage("ft_gen").forecast_s > plan.stage("ft_embed").forecast_s
     bigger = make_plan(
@@ -191,6 +199,14 @@ def test_forecast_is_positive_for_known_models_and_scales_with_concurrency():
     one = make_plan(_paper(concurrency=1)).stage("ft_embed").forecast_s
     eight = make_plan(_paper(concurrency=8)).stage("ft_embed").forecast_s
     assert one == pytest.approx(8 * eight)  # 9 trials: 9 waves against 9/8
+
+
+def test_stages_start_critical_path_first():
+    plan = make_plan(load_spec(REPO / "studies" / "demo.yaml"))
+    order = plan.start_order
+    # ft_gen feeds four stages, two_phase two, ft_embed one; the rest feed none.
+    assert order[:3] == ("ft_gen", "two_phase", "ft_embed")
+    assert set(order) == {stage.name for stage in plan.stages}
 
 
 def test_unknown_model_forecasts_nothing_and_says_unknown():

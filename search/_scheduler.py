@@ -1,0 +1,370 @@
+"""Which trial runs next: one Tune searcher for a whole launch, over every stage of its plan.
+
+A stage starts once the stages it builds on are done, so stages that do not depend on each other
+share the launch's slots (none, ft_embed and ft_gen at once; rag_token beside rag_sequence). Free
+slots go to ready stages in :attr:`search.plan.Plan.start_order`. Each started stage hands out its
+points through its own Optuna study (an ``OptunaSearch``), which records every trial's metrics,
+record and failure reason.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from search.plan import Plan, Stage, grid_points
+from search.spec import StudySpec
+from search.store import (
+    best_trial,
+    finished_params,
+    objective_values,
+    record_trial,
+    trial_attrs,
+    waiting_params,
+)
+from trainers.errors import ConfigError
+
+# Keys a trial's config carries besides its learning rates (no "/": Tune's OptunaSearch splits
+# keys on it).
+STAGE_KEY = "ragsweep_stage"
+REUSE_KEY = "ragsweep_reuse"  # phase -> checkpoint folder, as JSON
+PAYLOAD_KEY = "ragsweep_payload"  # the result key carrying a trial's metrics and record as JSON
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """What the progress view is told: a stage started, a trial started or ended, a stage ended."""
+
+    kind: str  # "stage", "trial_start", "trial_end", "stage_end"
+    stage: Stage
+    n_trials: int = 0  # trials this launch runs in the stage ("stage" events)
+    failed: bool = False
+    objective: float | None = None
+    blocked: str | None = None  # why the stage does not run ("stage_end" events)
+
+
+class StagedSearch(Searcher):
+    """Hands out the trials of every stage whose dependencies are done, stage by stage through
+    that stage's Optuna study; returns FINISHED once every stage is done or blocked."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        spec: StudySpec,
+        storage: optuna.storages.BaseStorage,
+        studies: dict[str, optuna.Study],
+        points: dict[str, list[dict[str, float]]],
+        notify: Callable[[StageEvent], None],
+    ) -> None:
+        objectives = [objective.metric for objective in spec.objectives]
+        modes = ["max" if o.direction == "maximize" else "min" for o in spec.objectives]
+        super().__init__(metric=objectives, mode=modes)
+        self._plan, self._spec, self._storage, self._studies = plan, spec, storage, studies
+        self._points, self._notify = points, notify
+        self._searches: dict[str, _RecordingOptunaSearch] = {}  # started stages
+        self._suggested = {name: 0 for name in points}
+        self._finished = {name: 0 for name in points}
+        self._reuse: dict[str, str] = {}  # stage -> its trials' REUSE_KEY value
+        self._trial_stage: dict[str, str] = {}  # Tune trial id -> stage
+        self.started: dict[str, int] = {}  # stage -> trials this launch runs in it
+        self.blocked: dict[str, str] = {}  # stage -> why it does not run
+        self._done: set[str] = set()
+        self._start_ready()
+
+    @property
+    def has_work(self) -> bool:
+        """Some stage has started with trials to run."""
+        return any(self.started.values())
+
+    @property
+    def trials_left(self) -> int:
+        """Trials not handed out yet, those of stages not started included (an upper bound)."""
+        return sum(
+            len(points) - self._suggested[name]
+            for name, points in self._points.items()
+            if name not in self.blocked
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its searcher with the experiment state; the live view stays in the driver.
+        return {**self.__dict__, "_notify": ignore_event}
+
+    def set_search_properties(
+        self, metric: str | None, mode: str | None, config: dict, **spec: Any
+    ) -> bool:
+        return True  # the stages' spaces are their own; Tune passes no param_space
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        for name in self._plan.start_order:
+            if name in self._searches and self._suggested[name] < len(self._points[name]):
+                config = self._searches[name].suggest(trial_id)
+                self._suggested[name] += 1
+                self._trial_stage[trial_id] = name
+                return {**config, STAGE_KEY: name, REUSE_KEY: self._reuse[name]}
+        if self._trial_stage:
+            return None  # trials still running: the stages waiting on them start when they end
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._searches[self._trial_stage[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        name = self._trial_stage.pop(trial_id, None)
+        if name is None:
+            return
+        self._searches[name].on_trial_complete(trial_id, result=result, error=error)
+        self._trial_ended(name)
+
+    def drop_in_flight(self) -> int:
+        """Count the trials handed out and not complete as ended: their Tune run stopped and the
+        caller failed them in the studies. Stages they finish end; the next may start."""
+        dropped = list(self._trial_stage.values())
+        self._trial_stage.clear()
+        for name in dropped:
+            self._notify(StageEvent("trial_end", self._plan.stage(name), failed=True))
+            self._trial_ended(name)
+        return len(dropped)
+
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: the stage studies are the state, and a relaunch resumes from them."""
+
+    def not_started(self) -> list[str]:
+        """Stages with points that never started (Tune stopped before their sources finished)."""
+        return [name for name in self._points if name not in self._done]
+
+    def _trial_ended(self, name: str) -> None:
+        self._finished[name] += 1
+        if self._finished[name] == len(self._points[name]):
+            _prune_checkpoints(self._plan.stage(name), self._plan, self._studies[name])
+            self._end(name)
+            self._start_ready()
+
+    def _start_ready(self) -> None:
+        """Start (or block) every waiting stage whose sources are done; repeat while that ends
+        stages (a stage with nothing to run, or blocked, ends at once)."""
+        changed = True
+        while changed:
+            changed = False
+            for stage in self._plan.stages:
+                waiting = stage.name not in self._done and stage.name not in self._searches
+                if waiting and set(stage.depends_on) <= self._done:
+                    self._start(stage)
+                    changed = True
+
+    def _start(self, stage: Stage) -> None:
+        points = self._points[stage.name]
+        if not points:
+            self._notify(StageEvent("stage", stage, n_trials=0))
+            self._end(stage.name)
+            return
+        blocked = blocked_by(stage, self._plan, self._spec, self._studies)
+        if blocked:
+            # Stages that do not build on the failed one still run; this one waits for a relaunch
+            # after the cause is fixed.
+            self.blocked[stage.name] = blocked
+            self._end(stage.name, blocked=blocked)
+            return
+        study = self._studies[stage.name]
+        fixed = {
+            rate: _best_record(self._studies[source], source)["config"][rate]
+            for rate, source in stage.fixed_from.items()
+        }
+        reuse = {
+            phase: str(Path(_best(self._studies[source], source).user_attrs["checkpoint"]) / phase)
+            for phase, source in stage.reuse_from.items()
+        }
+        self._reuse[stage.name] = json.dumps(reuse)
+        self._searches[stage.name] = _stage_search(
+            stage, self._spec, self._storage, study, points, fixed
+        )
+        self.started[stage.name] = len(points)
+        self._notify(StageEvent("stage", stage, n_trials=len(points)))
+
+    def _end(self, name: str, blocked: str | None = None) -> None:
+        self._done.add(name)
+        self._notify(StageEvent("stage_end", self._plan.stage(name), blocked=blocked))
+
+
+def ignore_event(event: StageEvent) -> None:
+    """The progress sink of an unpickled searcher or callback: no live view there."""
+
+
+def remaining_points(
+    stage: Stage, spec: StudySpec, study: optuna.Study | None
+) -> list[dict[str, float]]:
+    """Grid points (or sampler budget) of the stage that no finished trial covers yet."""
+    done = finished_params(study) if study is not None else []
+    if spec.search.sampler == "grid" or not stage.searched:
+        return [point for point in grid_points(stage, spec) if point not in done]
+    return [{} for _ in range(max(0, stage.n_trials - len(done)))]  # the sampler picks the points
+
+
+def blocked_by(
+    stage: Stage, plan: Plan, spec: StudySpec, studies: dict[str, optuna.Study]
+) -> str | None:
+    """Why ``stage`` cannot run: a stage it takes a rate or checkpoint from has no completed
+    trial, or has points still to run (trials Ray stopped), so its best is not known yet."""
+    for source in sorted({*stage.fixed_from.values(), *stage.reuse_from.values()}):
+        study_name = studies[source].study_name
+        if best_trial(studies[source]) is None:
+            return (
+                f"stage '{source}', which it builds on, has no completed trial; see "
+                f"`ragsweep trials {study_name}` for why, fix it and launch again"
+            )
+        unfinished = len(remaining_points(plan.stage(source), spec, studies[source]))
+        if unfinished:
+            # Building on the best of part of a grid would fix a choice a relaunch cannot revisit.
+            return (
+                f"stage '{source}', which it builds on, has {unfinished} trial(s) stopped before "
+                f"they finished (`ragsweep trials {study_name} --state fail` says why); launch "
+                "again to run them first"
+            )
+    return None
+
+
+def _best(study: optuna.Study, stage_name: str) -> optuna.trial.FrozenTrial:
+    best = best_trial(study)
+    if best is None:
+        raise ConfigError(
+            f"stage '{stage_name}' has no completed trial to build on (all failed); see `ragsweep trials` "
+            "for the reasons, fix them and launch again"
+        )
+    return best
+
+
+def _best_record(study: optuna.Study, stage_name: str) -> dict[str, Any]:
+    return _best(study, stage_name).user_attrs["record"]
+
+
+def _stage_search(
+    stage: Stage,
+    spec: StudySpec,
+    storage: optuna.storages.BaseStorage,
+    study: optuna.Study,
+    points: list[dict[str, float]],
+    fixed: dict[str, float],
+) -> _RecordingOptunaSearch:
+    """The stage's OptunaSearch over its study, its grid points enqueued."""
+    if spec.search.sampler == "grid":
+        # Points a killed launch enqueued but never started are still queued; Optuna's
+        # skip_if_exists would also skip points whose trial failed, so they would never re-run.
+        queued = waiting_params(study)
+        for point in points:
+            if point and point not in queued:
+                study.enqueue_trial(point)
+        ranges = {
+            rate: (min(getattr(spec.search, rate)), max(getattr(spec.search, rate)))
+            for rate in stage.searched
+        }
+    else:
+        ranges = {
+            "lr_embedder": spec.search.lr_embedder_range,
+            "lr_generator": spec.search.lr_generator_range,
+        }
+    return _RecordingOptunaSearch(
+        space=_Space(stage.searched, ranges, fixed),
+        metric=[objective.metric for objective in spec.objectives],
+        mode=["max" if o.direction == "maximize" else "min" for o in spec.objectives],
+        sampler=_sampler(spec),
+        study_name=study.study_name,
+        storage=storage,
+    )
+
+
+def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    if spec.search.sampler == "tpe" and len(spec.objectives) == 1:
+        return optuna.samplers.TPESampler(seed=spec.seed)
+    if spec.search.sampler == "tpe":
+        return optuna.samplers.NSGAIISampler(seed=spec.seed)
+    # grid: every point is enqueued, so the sampler only fills parameters nobody enqueued (none).
+    return optuna.samplers.RandomSampler(seed=spec.seed)
+
+
+@dataclass(frozen=True)
+class _Space:
+    """Define-by-run space: the searched rates on a log scale, plus the fixed ones as constants."""
+
+    searched: tuple[str, ...]
+    ranges: dict[str, tuple[float, float]]
+    fixed: dict[str, float]
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, float]:
+        for rate in self.searched:
+            trial.suggest_float(rate, *self.ranges[rate], log=True)
+        return dict(self.fixed)
+
+
+class _RecordingOptunaSearch(OptunaSearch):
+    """OptunaSearch that stores each trial's metrics and record, and failures with their reason.
+
+    Tune's OptunaSearch keeps only objective values and logs (then drops) a failing ``tell``;
+    here every reported figure becomes a user attribute and nothing is swallowed.
+    """
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        if trial_id in self._completed_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        payload = json.loads(result[PAYLOAD_KEY]) if result and PAYLOAD_KEY in result else {}
+        reported_failure = payload.get("fail_reason")
+        values = (
+            None if reported_failure else objective_values(payload.get("metrics", {}), self._metric)
+        )
+        if values is None:
+            payload["fail_reason"] = reported_failure or (
+                "the trial worker died before reporting (killed, out of memory or a lost node)"
+                if error
+                else f"the trial reported no finite value for {', '.join(self._metric)}"
+            )
+            # A failure the trial reported recurs on a re-run; a dead worker may not.
+            payload["retryable"] = not reported_failure
+        try:
+            record_trial(ot_trial, payload)
+            self._tell(ot_trial, values)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another launch took this one for dead and failed the trial: keep the result as a
+            # trial of its own rather than lose it.
+            self._ot_study.add_trial(_finished_copy(ot_trial, payload, values))
+        self._completed_trials.add(trial_id)
+
+    def _tell(self, ot_trial: optuna.Trial, values: list[float] | None) -> None:
+        if values is None:
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            self._ot_study.tell(ot_trial, values)
+
+
+def _finished_copy(
+    trial: optuna.Trial, payload: dict[str, Any], values: list[float] | None
+) -> optuna.trial.FrozenTrial:
+    """A finished trial with ``trial``'s parameters and what it reported."""
+    return optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL if values is None else optuna.trial.TrialState.COMPLETE,
+        params=trial.params,
+        distributions=trial.distributions,
+        values=values,
+        user_attrs=trial_attrs(payload),
+    )
+
+
+def _prune_checkpoints(stage: Stage, plan: Plan, study: optuna.Study) -> None:
+    """Keep only the best trial's models of a stage that later stages reuse."""
+    if not any(stage.name in later.reuse_from.values() for later in plan.stages):
+        return
+    best = best_trial(study)
+    for trial in study.get_trials(deepcopy=False):
+        checkpoint = trial.user_attrs.get("checkpoint")
+        if checkpoint and (best is None or trial.number != best.number):
+            shutil.rmtree(checkpoint, ignore_errors=True)
