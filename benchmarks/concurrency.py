@@ -5,9 +5,9 @@ The reduced demo workload (benchmarks/_common.py: none, ft_embed x 2 rates, ft_g
 time into a fresh SQLite database on a local Ray: at concurrency 1, then at concurrency 2, every
 trial asking for 1 CPU (dispatch then gives it one torch thread). Printed: both wall times, the
 throughput ratio (trials/s at 2 over trials/s at 1, i.e. wall at 1 / wall at 2; target at least
-1.6) and the load average before and after each. The plan runs stages one after another, so the
-single-trial stage `none` runs alone at either setting, as in the demo. Also printed: the trials'
-own mean wall time at each setting, whose ratio shows how much two trials slowed each other (or
+1.6) and the load average before and after each. The three stages do not depend on each other, so
+at concurrency 2 the launch runs them side by side (the single-trial stage `none` beside an ft_embed
+or ft_gen trial). Also printed: the trials' own mean wall time at each setting, whose ratio shows how much two trials slowed each other (or
 other load slowed them) on the 2 cores.
 Run: .venv/bin/python benchmarks/concurrency.py
 """

@@ -10,8 +10,8 @@ method: the child's peak resident set as the kernel reports it to the parent (`o
 trial's own `peak_mem_mb` metric, and its growth over the peak after loading both models. Last,
 the RAG-objective generator phase (ft_gen through RAG-Token) with all 8 questions of a batch in one
 forward against `training.rag_questions_per_forward: 2` (gradient accumulation over 4 forwards of
-2 questions): the peak during that phase, the ratio, and the two phases' losses (equal up to float
-rounding: the same gradient).
+2 questions): the peak during that phase, the ratio, and the two phases' losses (close, not equal:
+bf16 rounding and dropout draws differ when a batch is split).
 Run: .venv/bin/python benchmarks/memory.py
 """
 

@@ -76,6 +76,7 @@ class StagedSearch(Searcher):
         self._trial_stage: dict[str, str] = {}  # Tune trial id -> stage
         self.started: dict[str, int] = {}  # stage -> trials this launch runs in it
         self.blocked: dict[str, str] = {}  # stage -> why it does not run
+        self.failed = {name: 0 for name in points}  # stage -> trials that ended failed
         self._done: set[str] = set()
         self._start_ready()
 
@@ -122,8 +123,10 @@ class StagedSearch(Searcher):
         name = self._trial_stage.pop(trial_id, None)
         if name is None:
             return
-        self._searches[name].on_trial_complete(trial_id, result=result, error=error)
-        self._trial_ended(name)
+        values = self._searches[name].complete_trial(trial_id, result=result, error=error)
+        # Told here, before the stages this trial's end lets start (Tune tells its callbacks
+        # only after the searcher).
+        self._trial_ended(name, objective=None if values is None else values[0])
 
     def drop_in_flight(self) -> int:
         """Count the trials handed out and not complete as ended: their Tune run stopped and the
@@ -131,8 +134,7 @@ class StagedSearch(Searcher):
         dropped = list(self._trial_stage.values())
         self._trial_stage.clear()
         for name in dropped:
-            self._notify(StageEvent("trial_end", self._plan.stage(name), failed=True))
-            self._trial_ended(name)
+            self._trial_ended(name, objective=None)
         return len(dropped)
 
     def save(self, checkpoint_path: str) -> None:
@@ -142,7 +144,11 @@ class StagedSearch(Searcher):
         """Stages with points that never started (Tune stopped before their sources finished)."""
         return [name for name in self._points if name not in self._done]
 
-    def _trial_ended(self, name: str) -> None:
+    def _trial_ended(self, name: str, objective: float | None) -> None:
+        """Count a trial of stage ``name`` as ended (failed when ``objective`` is None)."""
+        self.failed[name] += objective is None
+        stage = self._plan.stage(name)
+        self._notify(StageEvent("trial_end", stage, failed=objective is None, objective=objective))
         self._finished[name] += 1
         if self._finished[name] == len(self._points[name]):
             _prune_checkpoints(self._plan.stage(name), self._plan, self._studies[name])
@@ -311,6 +317,17 @@ class _RecordingOptunaSearch(OptunaSearch):
     here every reported figure becomes a user attribute and nothing is swallowed.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._values: dict[str, list[float] | None] = {}  # Tune trial id -> objective values
+
+    def complete_trial(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> list[float] | None:
+        """Store the trial's outcome in its study; its objective values (None: failed)."""
+        self.on_trial_complete(trial_id, result=result, error=error)
+        return self._values.get(trial_id)
+
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
@@ -338,6 +355,7 @@ class _RecordingOptunaSearch(OptunaSearch):
             # trial of its own rather than lose it.
             self._ot_study.add_trial(_finished_copy(ot_trial, payload, values))
         self._completed_trials.add(trial_id)
+        self._values[trial_id] = values
 
     def _tell(self, ot_trial: optuna.Trial, values: list[float] | None) -> None:
         if values is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -231,9 +232,12 @@ def launch(
                 log_to_driver=ray_logs,
             )
     except KeyboardInterrupt:
+        # The same options matter (--data-path, --set, --storage): they decide the study.
+        command = shlex.join(["ragsweep", *sys.argv[1:]])
         _print_error(
             "interrupted: completed trials are kept, the running ones are marked failed "
-            f"(retryable); launch {spec} again to finish the study"
+            f"(retryable); launch {spec} again with the same options to finish the study: "
+            f"{command}"
         )
         raise typer.Exit(130) from None
     ran, failed, skipped = (

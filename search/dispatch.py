@@ -159,12 +159,12 @@ def _run_claimed(
             stage.name: stage.n_trials - len(points[stage.name]) for stage in plan.stages
         }
         search = StagedSearch(plan, spec, storage, studies, points, notify)
-        progress = _ProgressCallback(plan, notify, spec.objectives[0].metric)
         if search.has_work:
             trainable = _trainable(spec, plan, runs_dir, cache_dir)
-            _run_tuner(spec, trainable, search, progress, studies, max_retries, runs_dir)
+            starts = _TrialStarts(plan, notify)
+            _run_tuner(spec, trainable, search, starts, studies, max_retries, runs_dir)
         summary.ran = dict(search.started)
-        summary.failed = {name: progress.failed.get(name, 0) for name in search.started}
+        summary.failed = {name: search.failed[name] for name in search.started}
         summary.blocked = dict(search.blocked)
         for name in search.not_started():
             summary.blocked[name] = "the launch stopped before the stages it builds on finished"
@@ -228,7 +228,7 @@ def _run_tuner(
     spec: StudySpec,
     trainable: Any,
     search: StagedSearch,
-    progress: _ProgressCallback,
+    starts: _TrialStarts,
     studies: dict[str, optuna.Study],
     max_retries: int,
     runs_dir: Path,
@@ -252,7 +252,7 @@ def _run_tuner(
                 name=spec.name,
                 storage_path=str((runs_dir / "ray").resolve()),
                 verbose=0,
-                callbacks=[progress],
+                callbacks=[starts],
                 failure_config=tune.FailureConfig(max_failures=max_retries),
             ),
         )
@@ -273,48 +273,29 @@ def _run_tuner(
                 f"Ray stopped the launch's run before the trial finished ({one_line(e)}); "
                 "launching the spec again re-runs it"
             )
-            for name, count in _fail_running(studies, reason).items():
-                progress.failed[name] = progress.failed.get(name, 0) + count
+            _fail_running(studies, reason)
             if not search.drop_in_flight():
                 raise RagsweepError(f"Ray stopped the launch: {one_line(e)}") from e
 
 
-def _fail_running(studies: dict[str, optuna.Study], reason: str) -> dict[str, int]:
-    """Fail (retryable) the RUNNING trials of every stage; how many per stage."""
-    return {name: len(fail_running_trials(study, reason)) for name, study in studies.items()}
+def _fail_running(studies: dict[str, optuna.Study], reason: str) -> None:
+    """Fail (retryable, with ``reason``) the RUNNING trials of every stage."""
+    for study in studies.values():
+        fail_running_trials(study, reason)
 
 
-class _ProgressCallback(tune.Callback):
-    """Turns Tune's trial events into :class:`StageEvent` for the progress view, and counts
-    failed trials per stage."""
+class _TrialStarts(tune.Callback):
+    """Tells the progress view when a trial starts (the searcher tells when one ends)."""
 
-    def __init__(self, plan: Plan, notify: Callable[[StageEvent], None], objective: str) -> None:
-        self._plan, self._notify, self._objective = plan, notify, objective
-        self.failed: dict[str, int] = {}
+    def __init__(self, plan: Plan, notify: Callable[[StageEvent], None]) -> None:
+        self._plan, self._notify = plan, notify
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment state; the live view stays in the driver.
         return {**self.__dict__, "_notify": ignore_event}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._notify(StageEvent("trial_start", self._stage(trial)))
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        payload = json.loads(trial.last_result.get(PAYLOAD_KEY, "{}"))
-        failed = bool(payload.get("fail_reason"))
-        value = None if failed else payload.get("metrics", {}).get(self._objective)
-        self._trial_ended(trial, failed, value)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._trial_ended(trial, True, None)
-
-    def _trial_ended(self, trial: Any, failed: bool, value: float | None) -> None:
-        stage = self._stage(trial)
-        self.failed[stage.name] = self.failed.get(stage.name, 0) + failed
-        self._notify(StageEvent("trial_end", stage, failed=failed, objective=value))
-
-    def _stage(self, trial: Any) -> Stage:
-        return self._plan.stage(trial.config[STAGE_KEY])
+        self._notify(StageEvent("trial_start", self._plan.stage(trial.config[STAGE_KEY])))
 
 
 def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:

@@ -260,6 +260,7 @@ def test_ctrl_c_stops_the_whole_launch_and_a_relaunch_finishes_it(tmp_path, cach
 
     assert driver.returncode == 130, err
     assert "interrupted" in err and f"launch {spec} again" in err and "Traceback" not in err
+    assert f"ragsweep launch {spec} --storage {storage_url}" in " ".join(err.split())
     storage = open_storage(storage_url)
     interrupted = [t for t in stage_trials(storage_url, name) if t.state == FAIL]
     assert interrupted and not [t for t in stage_trials(storage_url, name) if t.state == RUNNING]
