@@ -52,8 +52,8 @@ class StageEvent:
 
 
 class StagedSearch(Searcher):
-    """Hands out the trials of every stage whose dependencies are done, stage by stage through
-    that stage's Optuna study; returns FINISHED once every stage is done or blocked."""
+    """Hands out the trials of every stage whose dependencies are done, each through its stage's
+    Optuna study; returns FINISHED once every stage is done or blocked."""
 
     def __init__(
         self,
@@ -140,8 +140,8 @@ class StagedSearch(Searcher):
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: the stage studies are the state, and a relaunch resumes from them."""
 
-    def not_started(self) -> list[str]:
-        """Stages with points that never started (Tune stopped before their sources finished)."""
+    def unfinished(self) -> list[str]:
+        """Stages that did not end (a Tune run stopped before they, or their sources, finished)."""
         return [name for name in self._points if name not in self._done]
 
     def _trial_ended(self, name: str, objective: float | None) -> None:

@@ -166,8 +166,8 @@ def _run_claimed(
         summary.ran = dict(search.started)
         summary.failed = {name: search.failed[name] for name in search.started}
         summary.blocked = dict(search.blocked)
-        for name in search.not_started():
-            summary.blocked[name] = "the launch stopped before the stages it builds on finished"
+        for name in search.unfinished():
+            summary.blocked[name] = "the launch stopped before the stage finished; launch again"
     finally:
         heartbeat.stop()
         release_studies(studies.values(), owner)

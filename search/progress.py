@@ -128,15 +128,17 @@ class LaunchProgress:
         return table
 
     def _remaining(self) -> str:
-        # Work is weighed in forecast trial-seconds; what is left is the launch's forecast share of
-        # it until trials finish, then the pace measured so far (elapsed per unit of work done).
+        # Work is weighed in forecast trial-seconds, a running trial counted half done; what is
+        # left is the launch's forecast share of it until a trial finishes, then the pace
+        # measured so far (elapsed per unit of work done).
         if self.plan.forecast_s is None:
             return ""
         per_trial = {stage.name: stage.trial_forecast_s or 0.0 for stage in self.plan.stages}
         active = {name: s for name, s in self._states.items() if s.status != "blocked"}
+        done = sum(per_trial[name] * (s.done + s.running / 2) for name, s in active.items())
         left = sum(per_trial[name] * max(0, s.total - s.done) for name, s in active.items())
-        done = sum(per_trial[name] * s.done for name, s in active.items())
-        if done > 0:
+        left -= sum(per_trial[name] * s.running / 2 for name, s in active.items())
+        if any(s.done for s in active.values()):
             estimate = (time.perf_counter() - self._started) * left / done
         else:
             planned = sum(per_trial[stage.name] * stage.n_trials for stage in self.plan.stages)
