@@ -64,9 +64,7 @@ class StagedSearch(Searcher):
         points: dict[str, list[dict[str, float]]],
         notify: Callable[[StageEvent], None],
     ) -> None:
-        objectives = [objective.metric for objective in spec.objectives]
-        modes = ["max" if o.direction == "maximize" else "min" for o in spec.objectives]
-        super().__init__(metric=objectives, mode=modes)
+        super().__init__(**_metric_and_mode(spec))
         self._plan, self._spec, self._storage, self._studies = plan, spec, storage, studies
         self._points, self._notify = points, notify
         self._searches: dict[str, _RecordingOptunaSearch] = {}  # started stages
@@ -279,12 +277,19 @@ def _stage_search(
         }
     return _RecordingOptunaSearch(
         space=_Space(stage.searched, ranges, fixed),
-        metric=[objective.metric for objective in spec.objectives],
-        mode=["max" if o.direction == "maximize" else "min" for o in spec.objectives],
+        **_metric_and_mode(spec),
         sampler=_sampler(spec),
         study_name=study.study_name,
         storage=storage,
     )
+
+
+def _metric_and_mode(spec: StudySpec) -> dict[str, list[str]]:
+    """Tune's ``metric`` and ``mode`` for the spec's objectives, in order."""
+    return {
+        "metric": [objective.metric for objective in spec.objectives],
+        "mode": ["max" if o.direction == "maximize" else "min" for o in spec.objectives],
+    }
 
 
 def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
