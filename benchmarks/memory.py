@@ -1,17 +1,21 @@
-"""Benchmark 7: peak memory of one demo trial for each method.
+"""Benchmark 7: peak memory of one demo trial for each method, and what bounds the RAG step's.
 
-Each method's trial runs in a fresh Python process (`benchmarks/memory.py --child METHOD`), so no
-trial inherits another's high-water mark. The demo spec runs with its batch sizes (8 for training,
-16 for evaluation) on 8 training questions (one training step per phase: later steps reuse the
-same buffers and optimizer state) and 16 validation questions (one full evaluation batch), one
-torch thread as under dispatch, learning rates from the demo grid (lr_embedder 2e-5,
-lr_generator 1e-3). `independent` runs without reuse, so it trains both of its phases. Printed per
-method: the child's peak resident set as the kernel reports it to the parent (`os.wait4`), the
-trial's own `peak_mem_mb` metric, and its growth over the peak after loading both models. Last,
-the RAG-objective generator phase (ft_gen through RAG-Token) with all 8 questions of a batch in one
-forward against `training.rag_questions_per_forward: 2` (gradient accumulation over 4 forwards of
-2 questions): the peak during that phase, the ratio, and the two phases' losses (close, not equal:
-bf16 rounding and dropout draws differ when a batch is split).
+Each trial runs in a fresh Python process (`benchmarks/memory.py --child ...`), so no trial inherits
+another's high-water mark. The demo spec runs with its batch sizes (8 for training, 16 for
+evaluation) on 8 training questions (one training step per phase: later steps reuse the same
+buffers and optimizer state) and 16 validation questions (one full evaluation batch), one torch
+thread as under dispatch, learning rates from the demo grid (lr_embedder 2e-5, lr_generator 1e-3).
+`independent` runs without reuse, so it trains both of its phases.
+
+Printed:
+1. per method, at the spec's precision: the child's peak resident set as the kernel reports it to
+   the parent (`os.wait4`), the trial's own `peak_mem_mb`, its growth over the peak after loading
+   both models, and the plan's forecast for the method's stage without reuse (trainers.memory);
+2. the demo's `ft_gen` trial (RAG-Token, all 8 questions of a batch in one forward) in fp32, the
+   precision of CPUs without native bf16: as before (no activation checkpointing, glibc's default
+   allocator policy) and as now (checkpointing, a fixed mmap threshold: `bound_allocator`), with
+   the generator phase's peak and seconds per training step, and the two ratios; then as now with
+   the questions per forward chosen from `training.activation_memory_mb` (the default).
 Run: .venv/bin/python benchmarks/memory.py
 """
 
@@ -29,20 +33,22 @@ from trainers.config import METHODS
 
 _OVERRIDES: dict[str, object] = {"data.n_train": 8, "data.n_validation": 16}
 _RATES = {"lr_embedder": 2e-5, "lr_generator": 1e-3}
-_PER_FORWARD = 2  # questions per generator forward in the accumulation run
 
 
-def _child(method: str, per_forward: int | None) -> None:
+def _child(method: str, overrides: dict[str, object], unbounded_allocator: bool) -> None:
     """Run one trial in this process and print its metrics as JSON on the last line."""
     import torch
 
+    import trainers.trial
     from search.spec import trial_config
     from trainers import run_trial
     from trainers.methods import trains
 
     cache_dir = setup_environment()
     torch.set_num_threads(1)  # as dispatch runs a trial of 1 CPU
-    spec = reduced_spec(_OVERRIDES | {"training.rag_questions_per_forward": per_forward})
+    if unbounded_allocator:  # the code before bound_allocator existed
+        trainers.trial.bound_allocator = lambda: None  # type: ignore[attr-defined]
+    spec = reduced_spec(_OVERRIDES | overrides)
     trains_embedder, trains_generator = trains(method, spec.training)
     config = trial_config(
         spec,
@@ -54,10 +60,14 @@ def _child(method: str, per_forward: int | None) -> None:
     print(json.dumps(result.metrics | {"losses": result.record["final_losses"]}))
 
 
-def _measure(method: str, per_forward: int | None = None) -> tuple[float, dict]:
+def _measure(
+    method: str, overrides: dict[str, object] | None = None, unbounded_allocator: bool = False
+) -> tuple[float, dict]:
     """(peak RSS in MiB from the kernel's accounting of the child, the trial's metrics, with its
     phases' final losses under "losses")."""
-    extra = ["--per-forward", str(per_forward)] if per_forward else []
+    extra = ["--overrides", json.dumps(overrides or {})]
+    if unbounded_allocator:
+        extra.append("--unbounded-allocator")
     child = subprocess.Popen(
         [sys.executable, __file__, "--child", method, *extra],
         stdout=subprocess.PIPE,
@@ -75,18 +85,38 @@ def _measure(method: str, per_forward: int | None = None) -> tuple[float, dict]:
     return usage.ru_maxrss / 1024, metrics  # KiB on Linux
 
 
+def _forecast_mib(method: str) -> float:
+    """The plan's forecast peak of a trial of ``method`` that trains every phase itself."""
+    from search.plan import method_memory
+
+    forecast = method_memory(reduced_spec(_OVERRIDES), method)
+    return forecast.host_bytes / 2**20 if forecast else float("nan")
+
+
+def _step_s(metrics: dict, phase: str) -> float:
+    return metrics[f"{phase}.wall_s"] / max(1, metrics[f"{phase}.steps"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
-    parser.add_argument("--per-forward", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--unbounded-allocator", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child, args.per_forward)
+        _child(args.child, json.loads(args.overrides), args.unbounded_allocator)
         return
     setup_environment()
     before = load_average()
     results = {method: _measure(method) for method in METHODS}
-    accumulated = _measure("ft_gen", _PER_FORWARD)
+    whole_batch = {"training.precision": "fp32", "training.rag_questions_per_forward": 8}
+    old = _measure(
+        "ft_gen",
+        whole_batch | {"training.gradient_checkpointing": False},
+        unbounded_allocator=True,
+    )
+    new = _measure("ft_gen", whole_batch)
+    auto = _measure("ft_gen", {"training.precision": "fp32"})
     after = load_average()
 
     print(
@@ -94,19 +124,32 @@ def main() -> None:
         "1 torch thread, each in a fresh process"
     )
     print(f"load average: before {before}; after {after}")
-    print("method        peak RSS (wait4)  trial peak_mem_mb  after load  growth in trial")
+    precision = "bf16" if results["none"][1]["bf16"] else "fp32"
+    print(f"1. per method, training.precision auto (here: {precision})")
+    print("method        peak RSS (wait4)  trial peak_mem_mb  after load  growth  forecast")
     for method, (rss_mb, metrics) in results.items():
         loaded = metrics["load.peak_mem_mb"]
         print(
             f"{method:<13} {rss_mb:>11.0f} MiB {metrics['peak_mem_mb']:>13.0f} MiB "
-            f"{loaded:>7.0f} MiB {metrics['peak_mem_mb'] - loaded:>11.0f} MiB"
+            f"{loaded:>7.0f} MiB {metrics['peak_mem_mb'] - loaded:>6.0f} MiB "
+            f"{_forecast_mib(method):>6.0f} MiB"
         )
-    whole, split = results["ft_gen"][1], accumulated[1]
-    peak = "generator.peak_mem_mb"
+    print("2. ft_gen (RAG-Token) in fp32, 8 questions (40 prompt rows) per forward")
+    rows = (
+        ("before: no checkpointing, default allocator", old),
+        ("now: checkpointing, bounded allocator", new),
+        ("now, questions per forward from the budget", auto),
+    )
+    for label, (rss_mb, metrics) in rows:
+        print(
+            f"  {label:<44} peak RSS {rss_mb:>6.0f} MiB, generator phase peak "
+            f"{metrics['generator.peak_mem_mb']:>6.0f} MiB, {_step_s(metrics, 'generator'):5.1f} s "
+            f"per step, {metrics['generator.questions_per_forward'] or 8} per forward, loss "
+            f"{metrics['losses']['generator']:.6f}"
+        )
     print(
-        f"ft_gen generator phase, 8 questions per forward: peak {whole[peak]:.0f} MiB, loss "
-        f"{whole['losses']['generator']:.6f}; {_PER_FORWARD} per forward: peak {split[peak]:.0f} "
-        f"MiB, loss {split['losses']['generator']:.6f}; peak ratio {split[peak] / whole[peak]:.2f}"
+        f"  peak RSS now / before: {new[0] / old[0]:.2f}; seconds per step now / before: "
+        f"{_step_s(new[1], 'generator') / _step_s(old[1], 'generator'):.2f}"
     )
 
 

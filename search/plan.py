@@ -29,16 +29,30 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import torch
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from search.spec import StudySpec
+from trainers.config import TrainingConfig
 from trainers.cost import forward_flops, training_flops
+from trainers.environment import native_bf16
 from trainers.errors import ConfigError
+from trainers.memory import MiB, ModelShape, TrialMemory, token_caps, trial_memory
 from trainers.methods import method_phases
 
-__all__ = ["Plan", "Stage", "grid_points", "make_plan", "render_plan"]
+__all__ = [
+    "Plan",
+    "Stage",
+    "gib_text",
+    "grid_points",
+    "make_plan",
+    "method_memory",
+    "render_plan",
+    "trains_in_bf16",
+    "trial_memory_ask",
+]
 
 LearningRate = Literal["lr_embedder", "lr_generator"]
 _RATES: tuple[LearningRate, ...] = ("lr_embedder", "lr_generator")
@@ -58,44 +72,67 @@ _STAGE_ORDER = (
 )
 
 # --- forecast constants ---------------------------------------------------------------------------
-# Achieved throughput per CPU that a trial asks Ray for. Measured here (2 cores with AVX512-BF16,
-# bf16 autocast, one trial alone): demo trials of SmolLM2-135M (LoRA training, RAG-Token, greedy
-# evaluation) ran at 1.0e11 to 1.3e11 FLOP per CPU-second by trainers.cost's count.
+# Achieved throughput per CPU that a trial asks Ray for. Measured here (2-core CPU, one trial alone,
+# one thread): demo trials of SmolLM2-135M (LoRA training, RAG-Token, greedy evaluation) ran at
+# 1.0e11 to 1.3e11 FLOP per CPU-second by trainers.cost's count in bf16 autocast (AVX512-BF16),
+# and at FP32_CPU_FLOPS in fp32 (CPUs without native bf16, or training.precision: fp32).
 _CPU_FLOPS_PER_CPU = 1e11
+_FP32_CPU_FLOPS_PER_CPU = 3.5e10
 # An A10-class card (125 TFLOP/s bf16 dense peak) at ~25% utilisation, usual for LoRA/QLoRA
 # fine-tuning with short sequences and 4-bit dequantisation (the paper ran on 8 x A10).
 _GPU_FLOPS_PER_GPU = 3e13
 # Per trial, whatever it trains: loading both models and opening (or building) the cached index.
 _TRIAL_OVERHEAD_S = 30.0
-# The paper prompt's instruction, section headers and passage titles, in generator tokens.
-_PROMPT_OVERHEAD_TOKENS = 40
-# Texts fill their token caps only partly: on the demo data a concatenated prompt held 240 of the
-# 448 tokens the caps allow. Counting full caps would double the forecast.
-_CAP_FILL = 0.55
-
-
-@dataclass(frozen=True)
-class _ModelSize:
-    params: int  # all parameters, embeddings included (as trainers.models.parameter_counts)
-    lora_params_per_rank: int = 0  # adapter weights per unit of rank, LoRA on "all-linear"
 
 
 # LoRA per rank = layers x sum(in + out) over q, k, v, o, gate, up, down (peft's "all-linear").
 _LLAMA_8B_LORA = 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
-_EMBEDDERS: dict[str, _ModelSize] = {
-    "minilm": _ModelSize(22_713_216),
-    "sentence-transformers/all-MiniLM-L6-v2": _ModelSize(22_713_216),
-    "sentence-transformers/all-mpnet-base-v2": _ModelSize(109_486_464),
-    "tiny": _ModelSize(153_536),  # trainers._tiny_models: 2-layer BERT, hidden 64
+_SMOLLM2 = ModelShape(
+    134_515_008,
+    lora_params_per_rank=30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * 2112),
+    layers=30,
+    hidden=576,
+    intermediate=1536,
+    kv_hidden=192,
+    vocab=49_152,
+)
+_MINILM = ModelShape(22_713_216)
+_EMBEDDERS: dict[str, ModelShape] = {
+    "minilm": _MINILM,
+    "sentence-transformers/all-MiniLM-L6-v2": _MINILM,
+    "sentence-transformers/all-mpnet-base-v2": ModelShape(109_486_464),
+    "tiny": ModelShape(153_536),  # trainers._tiny_models: 2-layer BERT, hidden 64
 }
-_GENERATORS: dict[str, _ModelSize] = {
-    "smollm2-135m": _ModelSize(134_515_008, 30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * 2112)),
-    "HuggingFaceTB/SmolLM2-135M-Instruct": _ModelSize(
-        134_515_008, 30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * 2112)
+_GENERATORS: dict[str, ModelShape] = {
+    "smollm2-135m": _SMOLLM2,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2,
+    "tiny": ModelShape(  # trainers._tiny_models: 2-layer Llama, hidden 64
+        106_816,
+        lora_params_per_rank=2 * (2 * 128 + 2 * 96 + 3 * 192),
+        layers=2,
+        hidden=64,
+        intermediate=128,
+        kv_hidden=32,
+        vocab=512,
     ),
-    "tiny": _ModelSize(106_816, 2 * (2 * 128 + 2 * 96 + 3 * 192)),  # 2-layer Llama, hidden 64
-    "meta-llama/Meta-Llama-3-8B-Instruct": _ModelSize(8_030_261_248, _LLAMA_8B_LORA),
-    "mistralai/Mistral-7B-Instruct-v0.2": _ModelSize(7_241_732_096, _LLAMA_8B_LORA),
+    "meta-llama/Meta-Llama-3-8B-Instruct": ModelShape(
+        8_030_261_248,
+        lora_params_per_rank=_LLAMA_8B_LORA,
+        layers=32,
+        hidden=4096,
+        intermediate=14336,
+        kv_hidden=1024,
+        vocab=128_256,
+    ),
+    "mistralai/Mistral-7B-Instruct-v0.2": ModelShape(
+        7_241_732_096,
+        lora_params_per_rank=_LLAMA_8B_LORA,
+        layers=32,
+        hidden=4096,
+        intermediate=14336,
+        kv_hidden=1024,
+        vocab=32_000,
+    ),
 }
 # Questions in the hub splits trainers.data reads by default (PopQA has only "test"), for
 # data.n_train: null ("all that remain after validation").
@@ -124,6 +161,8 @@ class Stage:
     depends_on: tuple[str, ...]  # stages that must finish first
     forecast_s: float | None  # wall seconds for the whole stage; None: a model or size unknown
     trial_forecast_s: float | None  # wall seconds of one trial; None: a model or size unknown
+    # Forecast peak memory of one trial (host: what it asks Ray for); None: a model unknown.
+    trial_memory: TrialMemory | None
 
 
 @dataclass(frozen=True)
@@ -235,6 +274,7 @@ def make_plan(spec: StudySpec) -> Plan:
                 depends_on=(),
                 forecast_s=None,
                 trial_forecast_s=None,
+                trial_memory=None,
             )
         return name
 
@@ -310,6 +350,7 @@ def make_plan(spec: StudySpec) -> Plan:
                 stage,
                 forecast_s=None if per_trial is None else waves * per_trial,
                 trial_forecast_s=per_trial,
+                trial_memory=_trial_memory(stage, spec),
             )
         )
     plan = Plan(stages=tuple(stages), methods=methods, rate_trials=(n, m), forecast_s=None)
@@ -339,6 +380,7 @@ def render_plan(plan: Plan, spec: StudySpec) -> RenderableType:
     for column in ("stage", "method", "searches", "trials", "after / takes", "serves"):
         stages.add_column(column, justify="right" if column == "trials" else "left")
     stages.add_column("forecast", justify="right")
+    stages.add_column("memory / trial", justify="right")
     for stage in plan.stages:
         stages.add_row(
             stage.name,
@@ -348,6 +390,7 @@ def render_plan(plan: Plan, spec: StudySpec) -> RenderableType:
             _takes_text(stage),
             ", ".join(stage.serves),
             _duration(stage.forecast_s),
+            _memory_text(stage, spec),
         )
 
     costs = Table(title="search cost per method", title_justify="left")
@@ -381,6 +424,7 @@ def render_plan(plan: Plan, spec: StudySpec) -> RenderableType:
         )
     )
     notes += [Text(f"forecast unknown: {gap}") for gap in _forecast_gaps(spec)]
+    notes.append(Text(_memory_note(spec), style="dim"))
     notes.append(
         Text(
             "forecast: analytic FLOPs per trial (trainers.cost rules; n_train x epochs examples per "
@@ -455,7 +499,8 @@ def _trial_seconds(stage: Stage, spec: StudySpec) -> float | None:
 def _trial_throughput(spec: StudySpec) -> float:
     if spec.resources.gpus > 0:
         return _GPU_FLOPS_PER_GPU * spec.resources.gpus
-    return _CPU_FLOPS_PER_CPU * spec.resources.cpus
+    per_cpu = _CPU_FLOPS_PER_CPU if trains_in_bf16(spec) else _FP32_CPU_FLOPS_PER_CPU
+    return per_cpu * spec.resources.cpus
 
 
 def _trial_flops(stage: Stage, spec: StudySpec) -> float | None:
@@ -464,20 +509,12 @@ def _trial_flops(stage: Stage, spec: StudySpec) -> float | None:
     generator = _GENERATORS.get(spec.models.generator)
     if embedder is None or generator is None:
         return None
-    training = spec.training.model_copy(update=stage.training_overrides)
+    training = _stage_training(stage, spec)
     k = training.k
     question = training.max_question_tokens
-    single = _PROMPT_OVERHEAD_TOKENS + _CAP_FILL * (
-        question + training.max_doc_tokens + training.max_answer_tokens
-    )
-    concat = _PROMPT_OVERHEAD_TOKENS + _CAP_FILL * (
-        question + k * training.max_doc_tokens + training.max_answer_tokens
-    )
-    generator_trainable = (
-        generator.params
-        if spec.models.generator_finetune == "full"
-        else generator.lora_params_per_rank * spec.models.lora_rank
-    )
+    caps = token_caps(training)
+    single, concat = caps.single_prompt, caps.concat_prompt
+    generator_trainable = _generator_trainable(generator, spec)
 
     per_example = 0.0
     for phase in method_phases(stage.method, training):
@@ -503,6 +540,54 @@ def _trial_flops(stage: Stage, spec: StudySpec) -> float | None:
         )
     )
     return n_train * training.epochs * per_example + evaluation
+
+
+def _trial_memory(stage: Stage, spec: StudySpec) -> TrialMemory | None:
+    stage_spec = spec.model_copy(update={"training": _stage_training(stage, spec)})
+    return method_memory(stage_spec, stage.method, reused_phases=tuple(stage.reuse_from))
+
+
+def method_memory(
+    spec: StudySpec, method: str, *, reused_phases: tuple[str, ...] = ()
+) -> TrialMemory | None:
+    """Forecast peak memory of one trial of ``method`` that loads ``reused_phases`` from
+    checkpoints and trains the rest (trainers.memory); None if a model is not in the size table."""
+    embedder = _EMBEDDERS.get(spec.models.embedder)
+    generator = _GENERATORS.get(spec.models.generator)
+    if embedder is None or generator is None:
+        return None
+    trained = tuple(
+        phase for phase in method_phases(method, spec.training) if phase.name not in reused_phases
+    )
+    return trial_memory(
+        trained,
+        embedder=embedder,
+        generator=generator,
+        generator_trainable=_generator_trainable(generator, spec),
+        training=spec.training,
+        bf16=trains_in_bf16(spec),
+        on_gpu=spec.resources.gpus > 0,
+        quantized=spec.models.generator_finetune == "qlora",
+    )
+
+
+def trains_in_bf16(spec: StudySpec) -> bool:
+    """Whether the spec's trials train in bf16 autocast: ``precision: bf16``, or ``auto`` on GPUs
+    and on CPUs with native bf16 (this machine's CPU stands for the cluster's)."""
+    precision = spec.training.precision
+    if precision != "auto":
+        return precision == "bf16"
+    return spec.resources.gpus > 0 or native_bf16(torch.device("cpu"))
+
+
+def _stage_training(stage: Stage, spec: StudySpec) -> TrainingConfig:
+    return spec.training.model_copy(update=stage.training_overrides)
+
+
+def _generator_trainable(generator: ModelShape, spec: StudySpec) -> int:
+    if spec.models.generator_finetune == "full":
+        return generator.params
+    return generator.lora_params_per_rank * spec.models.lora_rank
 
 
 def _n_train(spec: StudySpec) -> int | None:
@@ -610,9 +695,49 @@ def _hardware_text(spec: StudySpec) -> str:
 def _throughput_text(spec: StudySpec) -> str:
     if spec.resources.gpus > 0:
         return f"{_GPU_FLOPS_PER_GPU:.0e} FLOP/s per GPU (A10-class at ~25% of bf16 peak)"
+    if trains_in_bf16(spec):
+        return f"{_CPU_FLOPS_PER_CPU:.0e} FLOP/s per CPU (SmolLM2 LoRA in bf16 autocast, measured on a 2-core CPU)"
+    return f"{_FP32_CPU_FLOPS_PER_CPU:.1e} FLOP/s per CPU (SmolLM2 LoRA in fp32: no native bf16 here, or precision fp32; measured on a 2-core CPU)"
+
+
+def trial_memory_ask(stage: Stage, spec: StudySpec) -> int | None:
+    """Bytes of memory a trial of ``stage`` asks Ray for: ``resources.memory``, else the stage's
+    forecast peak (rounded up to 64 MiB, so stages of one size share warm workers); None when
+    neither is known."""
+    if spec.resources.memory is not None:
+        return int(spec.resources.memory)
+    if stage.trial_memory is None:
+        return None
+    step = 64 * MiB
+    return math.ceil(stage.trial_memory.host_bytes / step) * step
+
+
+def _memory_text(stage: Stage, spec: StudySpec) -> str:
+    ask = trial_memory_ask(stage, spec)
+    text = "unknown" if ask is None else gib_text(ask)
+    if spec.resources.gpus > 0 and stage.trial_memory is not None:
+        text += f" + {gib_text(stage.trial_memory.device_bytes)} GPU"
+    return text
+
+
+def _memory_note(spec: StudySpec) -> str:
+    precision = "bf16 autocast" if trains_in_bf16(spec) else "fp32"
+    if spec.resources.memory is not None:
+        return (
+            f"memory: every trial asks Ray for resources.memory = {gib_text(spec.resources.memory)}"
+        )
     return (
-        f"{_CPU_FLOPS_PER_CPU:.0e} FLOP/s per CPU (SmolLM2 LoRA in bf16, measured on a 2-core CPU)"
+        f"memory: forecast peak per trial in {precision} (weights, optimizer state, activations "
+        "of a training forward with gradient checkpointing "
+        + ("on" if spec.training.gradient_checkpointing else "off")
+        + ", evaluation), asked of Ray so it queues trials that would not fit; "
+        "resources.memory overrides it"
     )
+
+
+def gib_text(n_bytes: float) -> str:
+    """Bytes as GiB with one decimal, as every memory figure is shown."""
+    return f"{n_bytes / 2**30:.1f} GiB"
 
 
 def _duration(seconds: float | None) -> str:

@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import (
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     PositiveFloat,
@@ -96,6 +97,9 @@ class ResourcesSpec(_Strict):
 
     cpus: PositiveFloat = 1.0
     gpus: float = Field(0.0, ge=0.0)
+    # Memory per trial (bytes, or "6GiB", "512MB"): Ray starts a trial only where this much is
+    # free. None: each stage's forecast peak (``ragsweep plan`` shows it).
+    memory: ByteSize | None = Field(None, gt=0)
 
 
 class StudySpec(_Strict):

@@ -107,8 +107,18 @@ class TrainingConfig(_Strict):
     # RAG-Token / RAG-Sequence steps forward k prompts per question: a batch of 8 at k = 5 holds
     # 40 rows of activations. A number here runs that many questions per forward and accumulates
     # the gradients over the batch: the same loss (a mean over questions), a fraction of the
-    # memory. None: the whole batch at once; left out of dumps then, as index_cache.
+    # memory. None: as many questions as fit in activation_memory_mb (trainers.memory forecasts
+    # a forward's activations from the generator's shape and the token caps); left out of dumps
+    # then, as index_cache.
     rag_questions_per_forward: PositiveInt | None = Field(None, exclude_if=lambda n: n is None)
+    # The activation memory one training forward of the generator may hold, in MiB.
+    activation_memory_mb: PositiveInt = Field(1024, exclude_if=lambda mb: mb == 1024)
+    # Activation checkpointing of the generator while it trains: each decoder layer keeps only its
+    # input and recomputes the rest in the backward pass. A RAG-Token step of SmolLM2-135M on 40
+    # prompt rows held ~10 GB of activations in fp32 without it (every layer's attention and MLP
+    # intermediates); with it, about one layer's worth plus the layer inputs, for one more forward
+    # of compute. The embedder is left alone: it encodes short questions only (benchmarks/memory.py).
+    gradient_checkpointing: bool = Field(True, exclude_if=lambda on: on)
     eval_batch_size: PositiveInt = 16
     prompt_template: str = PAPER_PROMPT
     precision: Literal["auto", "fp32", "bf16"] = (

@@ -55,6 +55,9 @@ class PhaseCost:
     flops: int = 0
     peak_mem_mb: float = 0.0
     steps: int = 0
+    # RAG objectives: questions per generator forward (training.rag_questions_per_forward, or
+    # what fit in training.activation_memory_mb); 0: the whole batch.
+    questions_per_forward: int = 0
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["environment_record"]
+__all__ = ["environment_record", "native_bf16"]
 
 _PACKAGES = (
     "ragsweep",
@@ -33,6 +33,15 @@ def environment_record() -> dict[str, object]:
         "git": _git_state(),
         "hardware": _hardware(),
     }
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (CUDA, or a CPU with AVX512-BF16 / AMX): where
+    it does, ``training.precision: auto`` trains in bf16 autocast, with about half the activation
+    memory and a third of the time of fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _versions() -> dict[str, str]:

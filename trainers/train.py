@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -23,11 +24,12 @@ from trainers.losses import (
     rag_token_loss,
     retrieval_logprobs,
 )
+from trainers.memory import questions_per_forward, shape_of
 from trainers.methods import Phase
 from trainers.models import parameter_counts
 from trainers.pipeline import Pipeline
 
-__all__ = ["train_phase", "linear_lr_factor"]
+__all__ = ["activation_checkpointing", "linear_lr_factor", "train_phase"]
 
 
 class _Item(NamedTuple):
@@ -77,41 +79,61 @@ def train_phase(
         optimizer, lambda step: linear_lr_factor(step, total_steps, warmup_steps)
     )
     flops_per_token = _FlopCounter(phase, pipeline)
+    per_forward = _questions_per_forward(phase, pipeline)
+    cost.questions_per_forward = per_forward or 0
 
     losses: list[float] = []
     embedder.train(phase.trains_embedder)
     generator.train(phase.trains_generator)
+    checkpointing = phase.trains_generator and training.gradient_checkpointing
     try:
-        for epoch in range(training.epochs):
-            for batch in _shuffled_batches(
-                items, _batch_size(phase, pipeline), f"{seed}/{phase.name}/{epoch}"
-            ):
-                batch_loss = 0.0
-                for chunk in _forward_chunks(phase, pipeline, batch):
-                    loss, embedder_tokens, generator_tokens = _loss(phase, pipeline, chunk)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"phase '{phase.name}' diverged: loss is {loss.item()} at step {cost.steps + 1}; "
-                            "lower the learning rate"
-                        )
-                    # Chunk losses are means over their questions: weighted, they sum to the
-                    # batch's mean, and so do their gradients.
-                    (loss * len(chunk) / len(batch)).backward()
-                    batch_loss += loss.item() * len(chunk) / len(batch)
-                    cost.tokens += embedder_tokens + generator_tokens
-                    cost.flops += flops_per_token.embedder(
-                        embedder_tokens
-                    ) + flops_per_token.generator(generator_tokens)
-                torch.nn.utils.clip_grad_norm_(trained, training.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(batch_loss)
-                cost.steps += 1
+        with activation_checkpointing(generator, checkpointing):
+            for epoch in range(training.epochs):
+                for batch in _shuffled_batches(
+                    items, _batch_size(phase, pipeline), f"{seed}/{phase.name}/{epoch}"
+                ):
+                    batch_loss = 0.0
+                    for chunk in _forward_chunks(batch, per_forward):
+                        loss, embedder_tokens, generator_tokens = _loss(phase, pipeline, chunk)
+                        if not torch.isfinite(loss):
+                            raise TrainingError(
+                                f"phase '{phase.name}' diverged: loss is {loss.item()} at step {cost.steps + 1}; "
+                                "lower the learning rate"
+                            )
+                        # Chunk losses are means over their questions: weighted, they sum to the
+                        # batch's mean, and so do their gradients.
+                        (loss * len(chunk) / len(batch)).backward()
+                        batch_loss += loss.item() * len(chunk) / len(batch)
+                        cost.tokens += embedder_tokens + generator_tokens
+                        cost.flops += flops_per_token.embedder(
+                            embedder_tokens
+                        ) + flops_per_token.generator(generator_tokens)
+                    torch.nn.utils.clip_grad_norm_(trained, training.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(batch_loss)
+                    cost.steps += 1
     finally:
         embedder.eval()
         generator.eval()
     return losses
+
+
+@contextmanager
+def activation_checkpointing(generator: torch.nn.Module, on: bool) -> Iterator[None]:
+    """Within the block, each decoder layer of ``generator`` keeps only its input for the
+    backward pass and recomputes the rest there (transformers' gradient checkpointing)."""
+    if not on:
+        yield
+        return
+    # Non-reentrant: LoRA leaves the layer inputs without grad, and the reentrant variant would
+    # then drop the adapters' gradients (torch.utils.checkpoint's documented caveat).
+    generator.activation_checkpointing_enable({"use_reentrant": False})  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        generator.activation_checkpointing_disable()  # type: ignore[operator]
 
 
 def _loss(
@@ -231,13 +253,28 @@ def _batch_size(phase: Phase, pipeline: Pipeline) -> int:
     )
 
 
-def _forward_chunks(phase: Phase, pipeline: Pipeline, batch: list[_Item]) -> list[list[_Item]]:
-    """The batch split for ``training.rag_questions_per_forward``; whole for the other objectives
-    (MNRL's in-batch negatives and nll_concat's token mean need the whole batch together)."""
-    size = pipeline.training.rag_questions_per_forward
-    if size is None or phase.objective not in ("rag_token", "rag_sequence"):
+def _questions_per_forward(phase: Phase, pipeline: Pipeline) -> int | None:
+    """Questions per generator forward for RAG objectives: ``training.rag_questions_per_forward``,
+    else as many as fit in ``training.activation_memory_mb``. None (the whole batch) for the other
+    objectives: MNRL's in-batch negatives and nll_concat's token mean need the batch together."""
+    if phase.objective not in ("rag_token", "rag_sequence"):
+        return None
+    training = pipeline.training
+    if training.rag_questions_per_forward is not None:
+        return training.rag_questions_per_forward
+    return questions_per_forward(
+        shape_of(pipeline.generator.model),
+        training,
+        bf16=pipeline.autocast_dtype is not None,
+        grad=phase.trains_generator,
+        checkpointing=phase.trains_generator and training.gradient_checkpointing,
+    )
+
+
+def _forward_chunks(batch: list[_Item], per_forward: int | None) -> list[list[_Item]]:
+    if per_forward is None:
         return [batch]
-    return [batch[start : start + size] for start in range(0, len(batch), size)]
+    return [batch[start : start + per_forward] for start in range(0, len(batch), per_forward)]
 
 
 def _shuffled_batches(items: Sequence[_Item], batch_size: int, seed: str) -> list[list[_Item]]:

@@ -16,10 +16,11 @@ import torch
 from trainers.config import TrialConfig
 from trainers.cost import CostMeter, forward_flops
 from trainers.data import RagData, load_data
-from trainers.environment import environment_record
+from trainers.environment import environment_record, native_bf16
 from trainers.errors import ConfigError
 from trainers.evaluate import evaluate_pipeline
 from trainers.index import build_index
+from trainers.memory import bound_allocator
 from trainers.methods import Phase, method_phases
 from trainers.models import (
     load_embedder,
@@ -73,6 +74,7 @@ def run_trial(
     """
     phases = method_phases(config.method, config.training)
     _check_learning_rates(config, phases)
+    bound_allocator()
     _seed_everything(config.seed)
     meter = CostMeter(resolve_device(config.training.device))
     data, pipeline = build_pipeline(config, cache_dir=cache_dir, meter=meter)
@@ -224,15 +226,10 @@ def _phase_seed(seed: int, phase_name: str) -> int:
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the device has native bf16 (CUDA, or CPUs with AVX512-BF16 / AMX)."""
+    """bf16 autocast where the device has native bf16, unless ``precision`` says fp32."""
     if precision == "fp32":
         return None
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = (
-            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        )
+    supported = native_bf16(device)
     if precision == "bf16" and not supported:
         raise ConfigError(
             f"training.precision is bf16 but device {device} has no native bf16; use 'auto' or 'fp32'"

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from search.plan import Plan, grid_points, make_plan, render_plan
+from search.plan import (
+    Plan,
+    gib_text,
+    grid_points,
+    make_plan,
+    method_memory,
+    render_plan,
+    trial_memory_ask,
+)
 from search.spec import PAPER_GRID, StudySpec, load_spec
 from trainers.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_HOTPOTQA = REPO / "studies" / "paper-hotpotqa.yaml"
+DEMO = REPO / "studies" / "demo.yaml"
 
 
 def _paper(**overrides: object) -> StudySpec:
@@ -246,3 +259,98 @@ def test_search_cost_of_a_method_outside_the_study_is_a_config_error():
         plan.search_cost("two_phase")
     with pytest.raises(KeyError):
         plan.stage("two_phase")
+
+
+def test_plan_shows_each_stages_forecast_memory_and_resources_memory_overrides_it():
+    spec = load_spec(DEMO)
+    plan = make_plan(spec)
+    text = _text(plan, spec)
+    assert "memory / trial" in text and "asked of Ray" in text
+    for stage in plan.stages:
+        row = next(line for line in text.splitlines() if line.startswith(f"│ {stage.name} "))
+        assert gib_text(trial_memory_ask(stage, spec) or 0) in row
+    none, ft_gen = plan.stage("none").trial_memory, plan.stage("ft_gen").trial_memory
+    assert none and ft_gen and ft_gen.host_bytes > none.host_bytes  # a RAG step on top
+    fixed = load_spec(DEMO, {"resources.memory": "3GiB"})
+    assert {trial_memory_ask(stage, fixed) for stage in make_plan(fixed).stages} == {3 * 2**30}
+    assert "resources.memory = 3.0 GiB" in _text(make_plan(fixed), fixed)
+
+
+def test_fp32_forecasts_more_memory_and_time_than_bf16():
+    fp32, bf16 = (load_spec(DEMO, {"training.precision": p}) for p in ("fp32", "bf16"))
+    slow, fast = make_plan(fp32).stage("ft_gen"), make_plan(bf16).stage("ft_gen")
+    assert slow.trial_forecast_s and fast.trial_forecast_s
+    assert slow.trial_forecast_s > 2 * fast.trial_forecast_s
+    assert slow.trial_memory and fast.trial_memory
+    assert slow.trial_memory.host_bytes > fast.trial_memory.host_bytes
+
+
+def test_checkpointing_off_forecasts_more_memory_for_rag_training_only():
+    on, off = (
+        load_spec(DEMO, {"training.gradient_checkpointing": flag, "training.precision": "fp32"})
+        for flag in (True, False)
+    )
+    memory = {
+        (method, flag): method_memory(spec, method)
+        for method in ("none", "ft_gen")
+        for flag, spec in (("on", on), ("off", off))
+    }
+    assert memory["ft_gen", "off"].host_bytes > memory["ft_gen", "on"].host_bytes  # type: ignore[union-attr]
+    assert memory["none", "off"] == memory["none", "on"]
+
+
+def test_a_gpu_spec_forecasts_gpu_memory_with_4bit_weights():
+    spec = load_spec(PAPER_HOTPOTQA)  # Llama-3-8B with QLoRA on one GPU per trial
+    memory = make_plan(spec).stage("ft_gen").trial_memory
+    assert memory is not None
+    # 8B parameters at 4 bits are ~4.5 GB: the trial fits a 24 GB card (the paper's A10s).
+    assert 4.5e9 < memory.device_bytes < 24e9
+    assert "GPU" in _text(make_plan(spec), spec)
+
+
+# The demo's stages that train every phase themselves (the others load earlier stages' models).
+_MEASURED_METHODS = ("none", "ft_embed", "ft_gen", "rag_token")
+
+
+@pytest.mark.slow
+def test_forecast_peak_memory_is_within_30_percent_of_a_real_demo_trial(cache_dir):
+    # The demo spec on 8 training questions (one step of the demo's batch) and 16 validation
+    # questions (one evaluation batch): the peak does not grow with more steps or batches.
+    overrides = {"data.n_train": 8, "data.n_validation": 16}
+    spec = load_spec(DEMO, overrides)
+    settings = [f"--set={key}={value}" for key, value in overrides.items()]
+    env = os.environ | {"RAGSWEEP_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    # Each trial in a fresh process (a worker's high-water mark is its own), all at once: the
+    # peaks do not depend on the cores they share.
+    trials = {
+        method: subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from search.cli import main; main()",
+                "train",
+                "--spec",
+                str(DEMO),
+                "--method",
+                method,
+                "--lr-embedder=2e-5",
+                "--lr-generator=1e-3",
+                *settings,
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        for method in _MEASURED_METHODS
+    }
+    measured = {}
+    for method, process in trials.items():
+        output, _ = process.communicate(timeout=900)
+        assert process.returncode == 0, f"the {method} trial failed"
+        measured[method] = json.loads(output)["metrics"]["peak_mem_mb"] * 2**20
+    for method, peak in measured.items():
+        forecast = method_memory(spec, method)
+        assert forecast is not None
+        assert forecast.host_bytes == pytest.approx(peak, rel=0.3), method
