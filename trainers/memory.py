@@ -45,6 +45,10 @@ CAP_FILL = 0.55
 # residuals (~12 h), and the MLP's gate, up, activation and product (~5 i). Calibrated on SmolLM2.
 _LAYER_HIDDEN_ELEMENTS = 12
 _LAYER_MLP_ELEMENTS = 5
+# A forward without grad keeps nothing, but its transients (a layer's intermediates, the attention
+# mask and rotary tables, allocator slack) measured 2.4 layers' worth at the peak (SmolLM2, greedy
+# evaluation of 16 concatenated prompts in fp32).
+_NO_GRAD_LAYERS = 2.4
 # Bytes per activation element: fp32, or bf16 autocast (matmul outputs in bf16, norms and
 # softmax kept in fp32).
 _BYTES_FP32 = 4.0
@@ -54,8 +58,9 @@ _BYTES_BF16 = 2.5
 _LOGIT_COPIES = 3
 # A 4-bit weight with its NF4 block scales (bitsandbytes, block size 64).
 _BYTES_4BIT = 0.56
-# Python, torch, transformers, sentence-transformers, FAISS and a Ray worker, before any model.
-_RUNTIME_BYTES = 700 * MiB
+# Python, torch, transformers, sentence-transformers, FAISS and a Ray worker, before any model
+# (a `ragsweep train` process measured 330 MiB; a Ray worker holds Ray's core besides).
+_RUNTIME_BYTES = 500 * MiB
 # What CUDA and its kernels take on a GPU before any tensor.
 _CUDA_CONTEXT_BYTES = 500 * MiB
 # AdamW keeps two moments per trained weight, plus the gradient itself.
@@ -151,7 +156,7 @@ def forward_activation_bytes(
     tokens = rows * tokens_per_row
     layer = _LAYER_HIDDEN_ELEMENTS * generator.hidden + _LAYER_MLP_ELEMENTS * generator.intermediate
     if not grad:
-        per_token = layer
+        per_token = _NO_GRAD_LAYERS * layer
     elif checkpointing:
         per_token = generator.layers * generator.hidden + layer
     else:

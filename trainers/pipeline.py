@@ -118,6 +118,10 @@ class Pipeline:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=self.training.max_new_tokens,
+                # Logits of the last position only: transformers does this itself for plain
+                # models, but cannot see the argument through peft's wrapper and computed the
+                # prompt's whole (R, L, V) logits (SmolLM2, 16 prompts: ~0.9 GB in fp32).
+                logits_to_keep=1,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
