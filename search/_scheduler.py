@@ -4,7 +4,8 @@ A stage starts once the stages it builds on are done, so stages that do not depe
 share the launch's slots (none, ft_embed and ft_gen at once; rag_token beside rag_sequence). Free
 slots go to ready stages in :attr:`search.plan.Plan.start_order`. Each started stage hands out its
 points through its own Optuna study (an ``OptunaSearch``), which records every trial's metrics,
-record and failure reason.
+record and failure reason. A trial whose worker died runs again under its Optuna trial once a slot
+is free; after Ray's memory monitor killed one, the launch runs fewer trials at once.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ class StagedSearch(Searcher):
         self._finished = {name: 0 for name in points}
         self._reuse: dict[str, str] = {}  # stage -> its trials' REUSE_KEY value
         self._trial_stage: dict[str, str] = {}  # Tune trial id -> stage
+        # A trial whose worker died runs again under its Optuna trial, up to max_retries times,
+        # once fewer than max_concurrent trials run (lowered by each memory kill).
+        self.max_retries = 0
+        self.max_concurrent: int | None = None  # None: Tune sets no limit
+        self._retries: list[tuple[str, str]] = []  # (stage, Tune trial id of the dead try)
+        self._deaths: dict[str, int] = {}  # Tune trial id -> its point's dead tries before it
+        self._memory_kills: dict[str, str] = {}  # Tune trial id -> Ray's message
         self.started: dict[str, int] = {}  # stage -> trials this launch runs in it
         self.blocked: dict[str, str] = {}  # stage -> why it does not run
         self.failed = {name: 0 for name in points}  # stage -> trials that ended failed
@@ -85,8 +93,9 @@ class StagedSearch(Searcher):
 
     @property
     def trials_left(self) -> int:
-        """Trials not handed out yet, those of stages not started included (an upper bound)."""
-        return sum(
+        """Trials not handed out yet, those of stages not started and re-runs included (an upper
+        bound)."""
+        return len(self._retries) + sum(
             len(points) - self._suggested[name]
             for name, points in self._points.items()
             if name not in self.blocked
@@ -101,7 +110,22 @@ class StagedSearch(Searcher):
     ) -> bool:
         return True  # the stages' spaces are their own; Tune passes no param_space
 
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        # Tune's max_concurrent_trials, kept here rather than in Tune's ConcurrencyLimiter so that
+        # a memory kill lowers it for the rest of the launch (a later Tune run passes it again).
+        if self.max_concurrent is None or max_concurrent < self.max_concurrent:
+            self.max_concurrent = max_concurrent
+        return True
+
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.max_concurrent is not None and len(self._trial_stage) >= self.max_concurrent:
+            return None
+        if self._retries:  # before new points: stages may be waiting on it
+            name, dead_trial_id = self._retries.pop(0)
+            config = self._searches[name].retry(dead_trial_id, trial_id)
+            self._deaths[trial_id] = self._deaths.pop(dead_trial_id)
+            self._trial_stage[trial_id] = name
+            return {**config, STAGE_KEY: name, REUSE_KEY: self._reuse[name]}
         for name in self._plan.start_order:
             if name in self._searches and self._suggested[name] < len(self._points[name]):
                 config = self._searches[name].suggest(trial_id)
@@ -118,22 +142,43 @@ class StagedSearch(Searcher):
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
+        memory_kill = self._memory_kills.pop(trial_id, None)
+        death = _memory_kill_reason(memory_kill) if memory_kill else None
+        self._complete(trial_id, result, error, death)
+
+    def killed_for_memory(self, trial_id: str, message: str) -> None:
+        """Ray's memory monitor killed ``trial_id``'s worker (``message`` is Ray's): from now on,
+        run one trial fewer at once than ran then (at least one), so its re-run has fewer beside
+        it. Told before the trial's failure (:class:`search._memory_kills.MemoryKillReports`)."""
+        running = len(self._trial_stage)  # the killed trial included
+        self.max_concurrent = max(1, min(self.max_concurrent or running, running) - 1)
+        self._memory_kills[trial_id] = message
+
+    def stop_in_flight(self, reason: str) -> int:
+        """The trials handed out and not complete, after Tune gave up on their run: each runs
+        again in the next run (its worker died), or, out of retries, fails with ``reason``
+        (retryable). Stages they finish end; the next may start. Returns how many there were."""
+        in_flight = list(self._trial_stage)
+        for trial_id in in_flight:
+            self._complete(trial_id, result=None, error=True, death=reason)
+        return len(in_flight)
+
+    def _complete(self, trial_id: str, result: dict | None, error: bool, death: str | None) -> None:
         name = self._trial_stage.pop(trial_id, None)
         if name is None:
             return
-        values = self._searches[name].complete_trial(trial_id, result=result, error=error)
+        died = error and not (result and PAYLOAD_KEY in result)  # no outcome reported
+        deaths = self._deaths.pop(trial_id, 0) + died
+        if died and deaths <= self.max_retries:
+            self._deaths[trial_id] = deaths
+            self._retries.append((name, trial_id))
+            return
+        values = self._searches[name].complete_trial(
+            trial_id, result=result, error=error, death=death
+        )
         # Told here, before the stages this trial's end lets start (Tune tells its callbacks
         # only after the searcher).
         self._trial_ended(name, objective=None if values is None else values[0])
-
-    def drop_in_flight(self) -> int:
-        """Count the trials handed out and not complete as ended: their Tune run stopped and the
-        caller failed them in the studies. Stages they finish end; the next may start."""
-        dropped = list(self._trial_stage.values())
-        self._trial_stage.clear()
-        for name in dropped:
-            self._trial_ended(name, objective=None)
-        return len(dropped)
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: the stage studies are the state, and a relaunch resumes from them."""
@@ -197,6 +242,16 @@ class StagedSearch(Searcher):
     def _end(self, name: str, blocked: str | None = None) -> None:
         self._done.add(name)
         self._notify(StageEvent("stage_end", self._plan.stage(name), blocked=blocked))
+
+
+def _memory_kill_reason(message: str) -> str:
+    """A trial's failure reason from Ray's memory-kill message (its first line)."""
+    first = next((line.strip() for line in message.splitlines() if line.strip()), message)
+    return (
+        f"Ray's memory monitor killed the trial worker ({first.rstrip('.')}); launching the spec "
+        "again re-runs it; if it recurs, run fewer trials at once (--concurrency) or give each "
+        "less to hold (training.rag_questions_per_forward)"
+    )
 
 
 def ignore_event(event: StageEvent) -> None:
@@ -325,13 +380,27 @@ class _RecordingOptunaSearch(OptunaSearch):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._values: dict[str, list[float] | None] = {}  # Tune trial id -> objective values
+        self._death_reasons: dict[str, str] = {}  # Tune trial id -> why its worker died
 
     def complete_trial(
-        self, trial_id: str, result: dict | None = None, error: bool = False
+        self,
+        trial_id: str,
+        result: dict | None = None,
+        error: bool = False,
+        death: str | None = None,
     ) -> list[float] | None:
-        """Store the trial's outcome in its study; its objective values (None: failed)."""
+        """Store the trial's outcome in its study; its objective values (None: failed).
+        ``death``: why its worker died, where known."""
+        if death:
+            self._death_reasons[trial_id] = death
         self.on_trial_complete(trial_id, result=result, error=error)
         return self._values.get(trial_id)
+
+    def retry(self, dead_trial_id: str, trial_id: str) -> dict | None:
+        """The config of ``dead_trial_id``'s Optuna trial, handed out again as ``trial_id``: the
+        re-run of a trial whose worker died reports to the same Optuna trial."""
+        self._ot_trials[trial_id] = self._ot_trials.pop(dead_trial_id)
+        return self.suggest(trial_id)
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
@@ -345,8 +414,11 @@ class _RecordingOptunaSearch(OptunaSearch):
             None if reported_failure else objective_values(payload.get("metrics", {}), self._metric)
         )
         if values is None:
-            payload["fail_reason"] = reported_failure or (
+            died = self._death_reasons.pop(trial_id, None) or (
                 "the trial worker died before reporting (killed, out of memory or a lost node)"
+            )
+            payload["fail_reason"] = reported_failure or (
+                died
                 if error
                 else f"the trial reported no finite value for {', '.join(self._metric)}"
             )

@@ -26,6 +26,7 @@ import optuna
 import ray
 from ray import tune
 
+from search._memory_kills import MemoryKillReports, memory_kills_as_actor_deaths
 from search._scheduler import (
     PAYLOAD_KEY,
     REUSE_KEY,
@@ -35,7 +36,7 @@ from search._scheduler import (
     ignore_event,
     remaining_points,
 )
-from search.plan import Plan, Stage, make_plan
+from search.plan import Plan, Stage, gib_text, make_plan, trial_memory_ask
 from search.spec import StudySpec, trial_config
 from search.store import (
     LAUNCH_ATTR,
@@ -81,7 +82,7 @@ def launch(
     cache_dir: Path,
     address: str | None = None,
     on_event: Callable[[StageEvent], None] | None = None,
-    max_retries: int = 0,
+    max_retries: int = 1,
     log_to_driver: bool = False,
     heartbeat_s: float = 30.0,
 ) -> LaunchSummary:
@@ -111,7 +112,7 @@ def launch(
     _prepare_shared(spec, plan, cache_dir)
     try:
         _start_ray(address, log_to_driver)
-        _check_resources(spec)
+        _check_resources(spec, plan)
         studies = {stage.name: open_stage_study(storage, spec, stage.name) for stage in plan.stages}
         _run_claimed(
             spec,
@@ -220,7 +221,20 @@ def _trainable(spec: StudySpec, plan: Plan, runs_dir: Path, cache_dir: Path) -> 
         "cache_dir": str(cache_dir),
         "cpus": spec.resources.cpus,
     }
-    resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+    # Per stage: memory is the stage's forecast peak (or resources.memory), so Ray starts a
+    # trial only where it fits and queues it otherwise, instead of starting it and killing it.
+    bundles = {
+        stage.name: {
+            "CPU": spec.resources.cpus,
+            "GPU": spec.resources.gpus,
+            "memory": trial_memory_ask(stage, spec) or 0,
+        }
+        for stage in plan.stages
+    }
+
+    def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
+        return tune.PlacementGroupFactory([bundles[config[STAGE_KEY]]])
+
     return tune.with_resources(tune.with_parameters(_run_trial, job=job), resources)
 
 
@@ -233,18 +247,23 @@ def _run_tuner(
     max_retries: int,
     runs_dir: Path,
 ) -> None:
-    """Tune runs over every stage's remaining points until none is left. When Tune gives up on a
-    run, its running trials fail (retryable, so the next launch runs them) and a new run goes on
-    with what does not build on them."""
+    """Tune runs over every stage's remaining points until none is left. A trial whose worker dies
+    (killed for memory, SIGKILL, a lost node) runs again under its Optuna trial, up to
+    ``max_retries`` times, and after a memory kill with fewer trials at once; the trials beside it
+    go on. When Tune gives up on a whole run, its running trials count as such deaths and a new
+    run goes on."""
+    search.max_retries = max_retries
     while search.trials_left:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=search,
-                # An upper bound: stages found blocked give back their share (the searcher says
-                # FINISHED once every stage is done or blocked).
-                num_samples=search.trials_left,
+                # An upper bound, re-runs included: stages found blocked give back their share
+                # (the searcher says FINISHED once every stage is done or blocked).
+                num_samples=search.trials_left * (max_retries + 1),
+                # The searcher keeps the limit, and lowers it after a memory kill.
                 max_concurrent_trials=spec.concurrency,
+                scheduler=MemoryKillReports(search.killed_for_memory),
                 # One pool of warm trial workers for the whole launch, every stage included.
                 reuse_actors=True,
             ),
@@ -253,11 +272,13 @@ def _run_tuner(
                 storage_path=str((runs_dir / "ray").resolve()),
                 verbose=0,
                 callbacks=[starts],
-                failure_config=tune.FailureConfig(max_failures=max_retries),
+                # The searcher re-runs dead workers' trials, once a slot is free; Tune would at once.
+                failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
         try:
-            tuner.fit()
+            with memory_kills_as_actor_deaths():
+                tuner.fit()
             return
         except KeyboardInterrupt:
             _fail_running(
@@ -267,14 +288,14 @@ def _run_tuner(
             )
             raise
         except Exception as e:
-            # Tune gives up on a whole run for some cluster faults (Ray's memory monitor killing
-            # a trial's actor while it starts).
+            # Tune gave up on the whole run (a fault of Ray's or Tune's own, not of one trial):
+            # the trials it was running stopped as if their workers had died.
             reason = (
                 f"Ray stopped the launch's run before the trial finished ({one_line(e)}); "
                 "launching the spec again re-runs it"
             )
-            _fail_running(studies, reason)
-            if not search.drop_in_flight():
+            if not search.stop_in_flight(reason):
+                _fail_running(studies, reason)  # re-runs still waiting for a slot
                 raise RagsweepError(f"Ray stopped the launch: {one_line(e)}") from e
 
 
@@ -435,8 +456,9 @@ def _check_reachable(address: str) -> None:
         ) from e
 
 
-def _check_resources(spec: StudySpec) -> None:
-    """Refuse a trial size no Ray node can hold: Tune would wait for it forever."""
+def _check_resources(spec: StudySpec, plan: Plan) -> None:
+    """Refuse a trial no Ray node can hold: Tune would wait for it forever (CPUs, GPUs, memory),
+    or start it on a GPU too small and see it die (GPU memory, checked on this machine's GPU)."""
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     for key, name in (("CPU", "cpus"), ("GPU", "gpus")):
         asked = getattr(spec.resources, name)
@@ -446,3 +468,43 @@ def _check_resources(spec: StudySpec) -> None:
                 f"resources.{name} is {asked:g} per trial but the largest Ray node has "
                 f"{largest:g} {key}s; lower resources.{name} or add a node that has them"
             )
+    largest_memory = max((node.get("memory", 0.0) for node in nodes), default=0.0)
+    for stage in plan.stages:
+        asked_memory = trial_memory_ask(stage, spec) or 0
+        if asked_memory > largest_memory:
+            raise ConfigError(
+                f"a {stage.name} trial needs {gib_text(asked_memory)} of memory "
+                f"({_memory_source(spec)}) but the largest Ray node offers {gib_text(largest_memory)}; "
+                f"{_memory_fix(spec)}"
+            )
+    if spec.resources.gpus > 0 and _local_gpu_bytes() is not None:
+        gpu_bytes = _local_gpu_bytes() or 0
+        for stage in plan.stages:
+            needed = stage.trial_memory.device_bytes if stage.trial_memory else 0.0
+            if needed > gpu_bytes * max(spec.resources.gpus, 1.0):
+                raise ConfigError(
+                    f"a {stage.name} trial needs {gib_text(needed)} of GPU memory (forecast) but "
+                    f"this machine's GPU has {gib_text(gpu_bytes)}; {_memory_fix(spec)}"
+                )
+
+
+def _memory_source(spec: StudySpec) -> str:
+    return "resources.memory" if spec.resources.memory is not None else "forecast peak"
+
+
+def _memory_fix(spec: StudySpec) -> str:
+    if spec.resources.memory is not None:
+        return "lower resources.memory, or run on a node with more memory"
+    return (
+        "lower training.activation_memory_mb, training.batch_size_generator or "
+        "training.eval_batch_size, keep training.gradient_checkpointing on, or run on a node "
+        "with more memory (resources.memory overrides the forecast)"
+    )
+
+
+def _local_gpu_bytes() -> int | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.get_device_properties(0).total_memory)

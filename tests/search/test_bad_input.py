@@ -258,6 +258,26 @@ def test_more_cpus_per_trial_than_any_node_has(tmp_path, db, cache_dir):
     assert_one_line_error(result, "resources.cpus is 512", "lower resources.cpus")
 
 
+def test_more_memory_per_trial_than_any_node_has(tmp_path, db, cache_dir):
+    spec = GOOD | {"resources": {"memory": "1TiB"}}
+    result = _launch(tmp_path, db, spec, cache_dir=cache_dir)
+    assert_one_line_error(
+        result, "needs 1024.0 GiB of memory (resources.memory)", "lower resources.memory"
+    )
+
+
+@pytest.mark.slow
+def test_a_trial_forecast_larger_than_any_node_is_refused(tmp_path, db, cache_dir):
+    # SmolLM2 generating for 100k validation questions at once: terabytes of activations.
+    training = TINY_SPEC["training"] | {"eval_batch_size": 100_000}
+    spec = GOOD | {
+        "models": {"embedder": "tiny", "generator": "smollm2-135m"},
+        "training": training,
+    }
+    result = _launch(tmp_path, db, spec, cache_dir=cache_dir)
+    assert_one_line_error(result, "forecast peak", "lower training.", "resources.memory")
+
+
 @NO_GPU
 def test_gpus_per_trial_on_a_cluster_without_gpus(tmp_path, db, cache_dir):
     spec = GOOD | {"resources": {"gpus": 1}}

@@ -34,7 +34,12 @@ def tiny_spec(tmp_path: Path, **changes) -> StudySpec:
     return load_spec(path)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+# Under xdist, one worker runs the tests on each backend's launch (``launched``); the PostgreSQL
+# ones join the group of every test on that database (tests/conftest.py).
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param("sqlite", marks=pytest.mark.xdist_group("test_dispatch")), "postgresql"],
+)
 def storage_url(request, tmp_path_factory) -> str:
     return storage_url_for(request.param, tmp_path_factory.mktemp("db"))
 
@@ -247,8 +252,13 @@ def test_when_tune_gives_up_the_running_trial_fails_retryable_and_the_rest_runs(
             raise RuntimeError("the progress view broke")
 
     runs_dir = tmp_path / "runs"
-    summary = launch(
-        spec, storage_url=storage_url, runs_dir=runs_dir, cache_dir=cache_dir, on_event=on_event
+    summary = launch(  # no re-runs: the stopped trial is failed (test_faults.py: re-run)
+        spec,
+        storage_url=storage_url,
+        runs_dir=runs_dir,
+        cache_dir=cache_dir,
+        on_event=on_event,
+        max_retries=0,
     )
     assert broke == ["ft_embed"]  # ft_embed and ft_gen tie; ft_embed comes first in run order
     storage = open_storage(storage_url)

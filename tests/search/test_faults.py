@@ -1,8 +1,10 @@
-"""Faults injected for real: a SIGKILLed trial worker, a SIGKILLed driver and a relaunch, two
-launches writing one database at once, and launches on other hosts that stopped heartbeating."""
+"""Faults injected for real: a SIGKILLed trial worker, a trial worker killed by Ray's memory
+monitor, a SIGKILLed driver and a relaunch, two launches writing one database at once, and launches
+on other hosts that stopped heartbeating."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -17,9 +19,10 @@ from pathlib import Path
 import optuna
 import psutil
 import pytest
+import ray
 import yaml
 
-from search.dispatch import launch
+from search.dispatch import StageEvent, launch
 from search.spec import load_spec
 from search.store import (
     LAUNCH_ATTR,
@@ -34,6 +37,7 @@ from tests.storage import storage_url_for
 from tests.tiny import TINY_SPEC
 from trainers.errors import ConfigError
 
+GiB = 2**30
 GRID = [1e-4, 1e-3, 3e-3]
 FAULT_SPEC = TINY_SPEC | {"methods": ["ft_embed"], "search": {"lr_embedder": GRID}}
 OK, FAIL, RUNNING = (
@@ -112,6 +116,25 @@ def kill_tree_leftovers(processes: list[psutil.Process], wait_s: float = 20.0) -
         process.kill()
 
 
+def training_workers() -> list[psutil.Process]:
+    """This test process's Ray workers that are inside a trial (the trainable's train())."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "ImplicitFunc.train" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 class WorkerKiller(threading.Thread):
     """SIGKILLs the first Ray worker of this test process that is running a trial."""
 
@@ -121,19 +144,81 @@ class WorkerKiller(threading.Thread):
         self._done = threading.Event()
 
     def run(self) -> None:
-        me = psutil.Process()
         while not self._done.is_set() and self.killed is None:
-            for process in me.children(recursive=True):
-                try:
-                    title = " ".join(process.cmdline())
-                except psutil.Error:
-                    continue
-                if "ImplicitFunc.train" in title:  # the worker is inside the trainable
-                    time.sleep(0.3)  # well into the trial: models loading or training
-                    os.kill(process.pid, signal.SIGKILL)
-                    self.killed = process.pid
-                    return
+            for process in training_workers():
+                time.sleep(0.3)  # well into the trial: models loading or training
+                os.kill(process.pid, signal.SIGKILL)
+                self.killed = process.pid
+                return
             time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+def start_ray_with_memory_monitor(headroom: int) -> int:
+    """Start the local Ray a launch starts, its memory monitor set to kill once the node uses
+    ``headroom`` bytes more than now; the threshold in bytes. Ray's monitor counts what psutil
+    calls "used" (measured here: they agree within a few MB)."""
+    memory = psutil.virtual_memory()
+    threshold = memory.used + headroom
+    if threshold > 0.9 * memory.total:
+        pytest.skip(f"the node has less than {headroom / GiB:.0f} GiB free to fill")
+    ray.init(
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+        _node_ip_address="127.0.0.1",
+        _system_config={
+            "memory_usage_threshold": threshold / memory.total,
+            "memory_monitor_refresh_ms": 100,
+            # Ray kills newest workers first until the excess and a buffer (5% of the node's
+            # memory, 1.2 GiB on 24 GiB) are freed: two tiny-model workers of 0.4 GiB, where one
+            # real trial's worker (GiBs) suffices. Without the buffer it kills one here too.
+            "max_kill_memory_buffer_bytes": 0,
+        },
+    )
+    return threshold
+
+
+class MemoryFiller(threading.Thread):
+    """Once two trials train at once, grows this process's memory past Ray's threshold, step by
+    step, until the memory monitor kills a trial worker, then frees it: a node running low."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__(daemon=True)
+        self.threshold = threshold
+        self.training: list[int] = []  # the two workers' pids
+        self.killed: list[int] = []  # those the memory monitor killed
+        self.filled = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        workers = training_workers()
+        while len(workers) < 2:
+            if self._done.wait(0.05):
+                return
+            workers = training_workers()
+        time.sleep(1.0)  # both well into their trials
+        self.training = [worker.pid for worker in workers]
+        ballast = []
+        while not self._done.is_set() and all(alive(worker) for worker in workers):
+            left = self.threshold - psutil.virtual_memory().used
+            if left < -GiB:
+                break  # far past the threshold and nobody killed: the test says so
+            # Big steps while far below; near it, small ones, slower than the monitor looks
+            # (every 100 ms), so the excess stays far below what one worker frees.
+            step = 256 * 2**20 if left > GiB else 32 * 2**20
+            chunk = bytearray(step)
+            chunk[::4096] = b"\x01" * (step // 4096)  # touched: resident, as a trial's tensors
+            ballast.append(chunk)
+            self.filled += step
+            if step < 256 * 2**20:
+                time.sleep(0.15)
+        ballast.clear()
+        time.sleep(1.0)  # a second kill would have come within the monitor's next looks
+        self.killed = [worker.pid for worker in workers if not alive(worker)]
 
     def stop(self) -> None:
         self._done.set()
@@ -154,7 +239,13 @@ def test_a_killed_worker_is_failed_as_retryable_and_its_point_reruns(tmp_path, c
     storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
     killer = WorkerKiller()
     killer.start()
-    summary = launch(spec, storage_url=storage_url, runs_dir=tmp_path / "runs", cache_dir=cache_dir)
+    summary = launch(
+        spec,
+        storage_url=storage_url,
+        runs_dir=tmp_path / "runs",
+        cache_dir=cache_dir,
+        max_retries=0,
+    )
     killer.stop()
     assert killer.killed is not None, "no trial worker was found to kill"
     trials = stage_trials(storage_url, spec.name)
@@ -190,9 +281,82 @@ def test_a_killed_worker_is_retried_by_ray_within_max_retries(tmp_path, cache_di
     killer.stop()
     assert killer.killed is not None, "no trial worker was found to kill"
     trials = stage_trials(storage_url, spec.name)
-    # Ray re-ran the killed trial under the same Optuna trial: no failure, no duplicate.
+    # The launch re-ran the killed trial under the same Optuna trial: no failure, no duplicate.
     assert [t.state for t in trials] == [OK, OK] and summary.failed == {"ft_embed": 0}
     assert completed_rates(trials) == sorted(GRID[:2])
+
+
+@pytest.mark.slow
+def test_a_trial_killed_by_rays_memory_monitor_reruns_and_the_one_beside_it_finishes(
+    tmp_path, cache_dir
+):
+    # Ray reports a memory kill as OutOfMemoryError, not as the actor death a SIGKILL is: only
+    # its real memory monitor shows what Tune does with it. Trials of about 20 s here, so that
+    # both still train while memory fills.
+    training = FAULT_SPEC["training"] | {"epochs": 200}
+    spec = load_spec(write_spec(tmp_path, "memory-kill", concurrency=2, training=training))
+    storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
+    filler = MemoryFiller(start_ray_with_memory_monitor(headroom=4 * GiB))
+    filler.start()
+    try:
+        summary = launch(
+            spec, storage_url=storage_url, runs_dir=tmp_path / "runs", cache_dir=cache_dir
+        )
+    finally:
+        filler.stop()
+        ray.shutdown()  # also when launch stopped before it shut Ray down
+    assert len(filler.training) == 2, "two trials never trained at once"
+    assert len(filler.killed) == 1, (
+        f"Ray's memory monitor killed {len(filler.killed)} of the 2 trial workers "
+        f"({filler.filled / GiB:.2f} GiB filled)"
+    )
+    trials = stage_trials(storage_url, spec.name)
+    # The trial beside the killed one finished, and the killed one ran again (the default
+    # max_retries) under its own Optuna trial: no failure, no duplicate.
+    outcomes = [(t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
+    assert [t.state for t in trials] == [OK, OK, OK], outcomes
+    assert summary.failed == {"ft_embed": 0} and completed_rates(trials) == sorted(GRID)
+    # From the kill on, one trial at a time: the third point was handed out only after the
+    # killed trial's re-run and the trial beside it had both finished.
+    times = [(t.datetime_start, t.datetime_complete) for t in trials]
+    assert trials[2].datetime_start >= max(t.datetime_complete for t in trials[:2]), times
+
+
+@pytest.mark.parametrize(
+    ("max_retries", "states"), [(1, [OK, OK, OK]), (0, [FAIL, OK, OK])], ids=["rerun", "no_retries"]
+)
+def test_when_tune_gives_up_on_its_run_the_running_trial_reruns_in_a_new_one(
+    tmp_path, cache_dir, max_retries, states
+):
+    # An exception inside Tune's loop (here from the progress view, as a fault of Ray's or Tune's
+    # own can raise one) ends Tune's whole run and stops the trial it was running.
+    spec = load_spec(write_spec(tmp_path, "tune-stops"))
+    storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
+    broke: list[str] = []
+
+    def on_event(event: StageEvent) -> None:
+        if event.kind == "trial_start" and not broke:
+            broke.append(event.stage.name)
+            raise RuntimeError("the progress view broke")
+
+    summary = launch(
+        spec,
+        storage_url=storage_url,
+        runs_dir=tmp_path / "runs",
+        cache_dir=cache_dir,
+        on_event=on_event,
+        max_retries=max_retries,
+    )
+    assert broke == ["ft_embed"]
+    trials = stage_trials(storage_url, spec.name)
+    # Within its retries it ran again under its Optuna trial, in a new Tune run; out of them it
+    # failed with Ray's reason, for a relaunch to run. Either way the launch went on.
+    assert [t.state for t in trials] == states and len(completed_rates(trials)) == 2 + max_retries
+    assert summary.failed == {"ft_embed": 1 - max_retries}
+    if not max_retries:
+        assert "Ray stopped the launch's run" in trials[0].user_attrs["fail_reason"]
+        assert "RuntimeError: the progress view broke" in trials[0].user_attrs["fail_reason"]
+        assert trials[0].user_attrs["retryable"] is True
 
 
 @pytest.mark.slow
