@@ -21,6 +21,8 @@ demo: setup
 	$(VENV)/bin/ragsweep launch studies/demo.yaml
 	$(VENV)/bin/ragsweep compare demo --storage sqlite:///studies/demo.db
 
+# On every core with pytest-xdist (its options are in pyproject.toml); `.venv/bin/pytest -n0` runs
+# the suite in one process.
 test: setup
 	$(VENV)/bin/pytest -q
 

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# The xdist group of every test on the PostgreSQL database: one worker runs them one after another,
+# as one process would, since some compare whole listings of the database before and after, which a
+# launch on another worker would change in between (tests/conftest.py adds it to each test run on
+# PostgreSQL).
+POSTGRESQL_GROUP = "postgresql"
+
 
 def storage_url_for(backend: str, folder: Path) -> str:
     """A SQLite URL in ``folder``, or the PostgreSQL URL (the test skips when none is set)."""

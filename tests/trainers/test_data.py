@@ -23,6 +23,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 POPQA_SUBSET = SHARED_DATA / "popqa_hipporag2_subset" / "popqa.json"
 HOTPOTQA_DEV = SHARED_DATA / "hotpotqa_ircot_dev500" / "dev_subsampled.jsonl"
 
+# One worker runs this module under xdist: its tests share one fresh-process run (``child``).
+pytestmark = pytest.mark.xdist_group("test_data")
+
 
 def _all_questions(**generated: int | float) -> RagData:
     """The generated data with every question in a split (validation 1, train the rest)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -10,15 +12,39 @@ from tests.tiny import TINY_DATA, TINY_TRAINING, tiny_config
 from trainers.data import load_data
 from trainers.errors import ConfigError
 from trainers.methods import method_phases
-from trainers.trial import run_trial
+from trainers.trial import TrialResult, run_trial
+
+# One worker runs this module under xdist: its tests share the trials ``default_trial`` ran.
+pytestmark = pytest.mark.xdist_group("test_trial")
+
+
+@pytest.fixture(scope="module")
+def trial_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("trials")
+
+
+@pytest.fixture(scope="module")
+def default_trial(cache_dir: Path, trial_dir: Path) -> Callable[[str], TrialResult]:
+    """Each method's default tiny trial, run once for the module (several tests read the same
+    run); its models are saved under ``trial_dir/<method>`` for the tests that reuse them."""
+    results: dict[str, TrialResult] = {}
+
+    def run(method: str) -> TrialResult:
+        if method not in results:
+            results[method] = run_trial(
+                tiny_config(method), cache_dir=cache_dir, out_dir=trial_dir / method
+            )
+        return results[method]
+
+    return run
 
 
 @pytest.mark.parametrize(
     "method",
     ["none", "ft_embed", "ft_gen", "independent", "two_phase", "rag_token", "rag_sequence"],
 )
-def test_every_method_runs_and_reports_quality_and_cost(method, cache_dir):
-    result = run_trial(tiny_config(method), cache_dir=cache_dir)
+def test_every_method_runs_and_reports_quality_and_cost(method, default_trial):
+    result = default_trial(method)
     metrics = result.metrics
     assert 0.0 <= metrics["em"] <= metrics["f1"] <= 1.0
     assert 0.0 <= metrics["recall_at_k"] <= 1.0
@@ -35,8 +61,8 @@ def test_every_method_runs_and_reports_quality_and_cost(method, cache_dir):
     assert len(result.predictions) == 8
 
 
-def test_same_trial_twice_gives_the_same_metrics(cache_dir):
-    first = run_trial(tiny_config("rag_token"), cache_dir=cache_dir)
+def test_same_trial_twice_gives_the_same_metrics(default_trial, cache_dir):
+    first = default_trial("rag_token")
     second = run_trial(tiny_config("rag_token"), cache_dir=cache_dir)
     quality = ("em", "f1", "recall_at_k")
     assert {k: first.metrics[k] for k in quality} == {k: second.metrics[k] for k in quality}
@@ -44,8 +70,8 @@ def test_same_trial_twice_gives_the_same_metrics(cache_dir):
     assert first.record["final_losses"] == second.record["final_losses"]
 
 
-def test_a_different_seed_trains_differently(cache_dir):
-    first = run_trial(tiny_config("ft_gen"), cache_dir=cache_dir)
+def test_a_different_seed_trains_differently(default_trial, cache_dir):
+    first = default_trial("ft_gen")
     second = run_trial(tiny_config("ft_gen", seed=1), cache_dir=cache_dir)
     assert first.record["final_losses"] != second.record["final_losses"]
 
@@ -60,17 +86,17 @@ def test_the_index_is_encoded_once_and_then_read_from_cache(tmp_path):
     assert first.metrics["recall_at_k"] == second.metrics["recall_at_k"]
 
 
-def test_independent_composed_from_checkpoints_equals_independent_trained(cache_dir, tmp_path):
-    ft_gen = run_trial(tiny_config("ft_gen"), cache_dir=cache_dir, out_dir=tmp_path / "ft_gen")
-    ft_embed = run_trial(
-        tiny_config("ft_embed"), cache_dir=cache_dir, out_dir=tmp_path / "ft_embed"
-    )
+def test_independent_composed_from_checkpoints_equals_independent_trained(
+    default_trial, trial_dir, cache_dir
+):
+    ft_gen = default_trial("ft_gen")
+    ft_embed = default_trial("ft_embed")
     reuse = {
-        "generator": str(tmp_path / "ft_gen" / "generator"),
-        "embedder": str(tmp_path / "ft_embed" / "embedder"),
+        "generator": str(trial_dir / "ft_gen" / "generator"),
+        "embedder": str(trial_dir / "ft_embed" / "embedder"),
     }
     composed = run_trial(tiny_config("independent", reuse=reuse), cache_dir=cache_dir)
-    trained = run_trial(tiny_config("independent"), cache_dir=cache_dir)
+    trained = default_trial("independent")
     assert composed.metrics["train_steps"] == 0
     assert (
         composed.metrics["recall_at_k"]
@@ -81,9 +107,11 @@ def test_independent_composed_from_checkpoints_equals_independent_trained(cache_
     assert ft_gen.record["final_losses"]["generator"] == trained.record["final_losses"]["generator"]
 
 
-def test_two_phase_refuses_a_phase_one_trained_with_another_objective(cache_dir, tmp_path):
-    run_trial(tiny_config("ft_gen"), cache_dir=cache_dir, out_dir=tmp_path / "ft_gen")  # nll_concat
-    reuse = {"generator": str(tmp_path / "ft_gen" / "generator")}
+def test_two_phase_refuses_a_phase_one_trained_with_another_objective(
+    default_trial, trial_dir, cache_dir
+):
+    default_trial("ft_gen")  # nll_concat
+    reuse = {"generator": str(trial_dir / "ft_gen" / "generator")}
     with pytest.raises(ConfigError, match="objective 'nll_concat'"):
         run_trial(tiny_config("two_phase", reuse=reuse), cache_dir=cache_dir)
 
