@@ -58,9 +58,10 @@ _BYTES_BF16 = 2.5
 _LOGIT_COPIES = 3
 # A 4-bit weight with its NF4 block scales (bitsandbytes, block size 64).
 _BYTES_4BIT = 0.56
-# Python, torch, transformers, sentence-transformers, FAISS and a Ray worker, before any model
-# (a `ragsweep train` process measured 330 MiB; a Ray worker holds Ray's core besides).
-_RUNTIME_BYTES = 500 * MiB
+# Python, torch, transformers, sentence-transformers, FAISS and a Ray worker, before any model.
+# Between what was measured: a `ragsweep train` process holds ~330 MiB; a reused Ray trial worker
+# peaked ~700 MiB above the same trial in such a process (Ray's core, earlier trials' leftovers).
+_RUNTIME_BYTES = 650 * MiB
 # What CUDA and its kernels take on a GPU before any tensor.
 _CUDA_CONTEXT_BYTES = 500 * MiB
 # AdamW keeps two moments per trained weight, plus the gradient itself.
