@@ -15,7 +15,13 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, ParamSpec, TypeVar
 
-import typer
+# transformers' GGUF conversion (SmolLM2, once per cache) draws a bare tqdm bar; tqdm reads this
+# once, when something first imports it (Ray and the launch's own imports do, before any command
+# body runs), so it is set here; --debug keeps the bars.
+if "--debug" not in sys.argv:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+import typer  # noqa: E402
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -75,9 +81,6 @@ def _quiet_libraries() -> None:
     # Library progress bars and advice drown the one line a user needs; --debug keeps them.
     if "--debug" in sys.argv:
         return
-    # transformers' GGUF conversion (SmolLM2, once per cache) draws a bare tqdm bar; tqdm reads
-    # this when it is first imported, so before the libraries below.
-    os.environ.setdefault("TQDM_DISABLE", "1")
     import logging
     import warnings
 
