@@ -477,8 +477,8 @@ def _check_resources(spec: StudySpec, plan: Plan) -> None:
                 f"({_memory_source(spec)}) but the largest Ray node offers {gib_text(largest_memory)}; "
                 f"{_memory_fix(spec)}"
             )
-    if spec.resources.gpus > 0 and _local_gpu_bytes() is not None:
-        gpu_bytes = _local_gpu_bytes() or 0
+    gpu_bytes = _local_gpu_bytes() if spec.resources.gpus > 0 else None
+    if gpu_bytes is not None:
         for stage in plan.stages:
             needed = stage.trial_memory.device_bytes if stage.trial_memory else 0.0
             if needed > gpu_bytes * max(spec.resources.gpus, 1.0):
