@@ -96,6 +96,15 @@ _SMOLLM2 = ModelShape(
     kv_hidden=192,
     vocab=49_152,
 )
+_LLAMA_3_8B = ModelShape(
+    8_030_261_248,
+    lora_params_per_rank=_LLAMA_8B_LORA,
+    layers=32,
+    hidden=4096,
+    intermediate=14336,
+    kv_hidden=1024,
+    vocab=128_256,
+)
 _MINILM = ModelShape(22_713_216)
 _EMBEDDERS: dict[str, ModelShape] = {
     "minilm": _MINILM,
@@ -115,24 +124,9 @@ _GENERATORS: dict[str, ModelShape] = {
         kv_hidden=32,
         vocab=512,
     ),
-    "meta-llama/Meta-Llama-3-8B-Instruct": ModelShape(
-        8_030_261_248,
-        lora_params_per_rank=_LLAMA_8B_LORA,
-        layers=32,
-        hidden=4096,
-        intermediate=14336,
-        kv_hidden=1024,
-        vocab=128_256,
-    ),
-    "mistralai/Mistral-7B-Instruct-v0.2": ModelShape(
-        7_241_732_096,
-        lora_params_per_rank=_LLAMA_8B_LORA,
-        layers=32,
-        hidden=4096,
-        intermediate=14336,
-        kv_hidden=1024,
-        vocab=32_000,
-    ),
+    "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA_3_8B,
+    # The same decoder layers as Llama-3-8B; a smaller vocabulary.
+    "mistralai/Mistral-7B-Instruct-v0.2": replace(_LLAMA_3_8B, params=7_241_732_096, vocab=32_000),
 }
 # Questions in the hub splits trainers.data reads by default (PopQA has only "test"), for
 # data.n_train: null ("all that remain after validation").
