@@ -73,7 +73,7 @@ def run_study(spec: StudySpec, *, cache_dir: Path, workdir: Path) -> StudyRun:
     """Launch ``spec`` on a local Ray into a fresh SQLite file under ``workdir``, the real service."""
     import optuna
 
-    from search.dispatch import launch
+    from search.launch.dispatch import launch
     from search.plan import make_plan
     from search.store import best_trial, open_storage, stage_study_name
 

@@ -1,7 +1,7 @@
 """Benchmark 2: study throughput at concurrency 2 against concurrency 1 (one thread per trial).
 
 The reduced demo workload (benchmarks/_common.py: none, ft_embed x 2 rates, ft_gen x 2 rates on
-16 training and 16 validation questions) is launched twice through `search.dispatch.launch`, each
+16 training and 16 validation questions) is launched twice through `search.launch.dispatch.launch`, each
 time into a fresh SQLite database on a local Ray: at concurrency 1, then at concurrency 2, every
 trial asking for 1 CPU (dispatch then gives it one torch thread). Printed: both wall times, the
 throughput ratio (trials/s at 2 over trials/s at 1, i.e. wall at 1 / wall at 2; target at least

@@ -4,7 +4,7 @@ The reduced demo workload (benchmarks/_common.py: none, ft_embed x 2 rates, ft_g
 16 training and 16 validation questions) runs twice: first back to back as plain
 `trainers.run_trial` calls with one torch thread (what a Ray trial of 1 CPU gets), in one fresh
 child process after one untimed warm-up trial there (first imports, a cold page cache); then as a
-study through `search.dispatch.launch` at concurrency 1 (a local Ray, Tune + Optuna, a fresh
+study through `search.launch.dispatch.launch` at concurrency 1 (a local Ray, Tune + Optuna, a fresh
 SQLite database), timed from the call to its return. The cache is warm for both, so the
 difference is Ray start-up, worker imports, the shared preparation and storage. Printed: both wall
 times, how much of each the trials themselves account for (their own `wall_s`, from loading models

@@ -2,7 +2,7 @@
 
 The reduced demo workload (benchmarks/_common.py: none, ft_embed x 2 rates, ft_gen x 2 rates on
 16 training and 16 validation questions; the full demo corpus of 1,470 passages) is launched twice
-through `search.dispatch.launch` at the demo's concurrency 2, each into a fresh SQLite database:
+through `search.launch.dispatch.launch` at the demo's concurrency 2, each into a fresh SQLite database:
 once as the service runs it (every trial reads the document vectors cached under RAGSWEEP_CACHE),
 once with `training.index_cache: false` (every trial encodes the corpus with MiniLM itself).
 Printed: the trials' summed wall time, mean index seconds per trial (the trial's own `index.wall_s`) for each, their ratio, the

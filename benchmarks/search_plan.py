@@ -3,7 +3,7 @@
 Same small grid for both: the demo's (lr_embedder in {5e-6, 2e-5}, lr_generator in {3e-4, 1e-3}),
 the demo spec with only two_phase, 16 training questions (two steps of the demo's batch of 8 per
 phase) and 16 validation questions.
-- separable: the service's plan, launched through `search.dispatch.launch` (concurrency 2, 1 CPU
+- separable: the service's plan, launched through `search.launch.dispatch.launch` (concurrency 2, 1 CPU
   per trial, fresh SQLite): ft_gen (= two_phase's phase 1) searches lr_generator (m trials), then
   two_phase searches lr_embedder (n trials) on the best phase-1 checkpoint; n + m trials.
 - Cartesian: every (lr_embedder, lr_generator) pair as a complete two_phase trial, both phases

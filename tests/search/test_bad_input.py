@@ -18,8 +18,9 @@ import pytest
 import torch
 import yaml
 
+from search.launch._lease import LAUNCH_ATTR, LaunchOwner
 from search.spec import load_spec
-from search.store import LAUNCH_ATTR, LaunchOwner, open_stage_study, open_storage
+from search.store import open_stage_study, open_storage
 from tests.search.test_cli import assert_one_line_error, ragsweep
 from tests.tiny import TINY_SPEC
 

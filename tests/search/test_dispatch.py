@@ -12,7 +12,7 @@ import optuna
 import pytest
 import yaml
 
-from search.dispatch import StageEvent, launch
+from search.launch.dispatch import StageEvent, launch
 from search.spec import StudySpec, load_spec
 from search.store import open_storage
 from tests.storage import storage_url_for

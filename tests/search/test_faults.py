@@ -22,17 +22,16 @@ import pytest
 import ray
 import yaml
 
-from search.dispatch import StageEvent, launch
-from search.spec import load_spec
-from search.store import (
+from search.launch._lease import (
     LAUNCH_ATTR,
     LaunchOwner,
     check_not_running,
     claim_studies,
     fail_abandoned_trials,
-    finished_params,
-    open_storage,
 )
+from search.launch.dispatch import StageEvent, launch
+from search.spec import load_spec
+from search.store import finished_params, open_storage
 from tests.storage import storage_url_for
 from tests.tiny import TINY_SPEC
 from trainers.errors import ConfigError

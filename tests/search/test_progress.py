@@ -10,9 +10,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from search.dispatch import StageEvent
+from search.launch.dispatch import StageEvent
+from search.launch.progress import LaunchProgress
 from search.plan import make_plan
-from search.progress import LaunchProgress
 from search.spec import load_spec
 
 DEMO = load_spec(Path(__file__).resolve().parents[2] / "studies" / "demo.yaml")

@@ -24,7 +24,7 @@ import matplotlib.image
 import optuna
 import pytest
 
-from search.dispatch import launch
+from search.launch.dispatch import launch
 from search.spec import load_spec
 from search.store import open_storage
 from tests.search.test_cli import assert_one_line_error

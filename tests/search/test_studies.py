@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search.dispatch import launch
+from search.launch.dispatch import launch
 from search.plan import make_plan
 from search.spec import load_spec
 from search.store import open_storage

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from search.report import TrialRow
+from search.query.report import TrialRow
 from trainers.config import TrialConfig
 from trainers.errors import ConfigError
 from trainers.methods import method_phases

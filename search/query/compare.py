@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from search.report import QUALITY, StudyReport, TrialRow, quality_key, run_cost
+from search.query.report import QUALITY, StudyReport, TrialRow, quality_key, run_cost
 
 __all__ = ["Comparison", "MethodResult", "compare"]
 

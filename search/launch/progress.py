@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from search.dispatch import StageEvent
+from search.launch.dispatch import StageEvent
 from search.plan import Plan
 
 __all__ = ["LaunchProgress"]

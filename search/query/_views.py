@@ -14,9 +14,9 @@ from typing import Any
 
 from rich.table import Table
 
-from search.compare import Comparison
-from search.report import StudyReport, StudySummary, TrialRow, run_cost
-from search.reproduce import Reproduction
+from search.query.compare import Comparison
+from search.query.report import StudyReport, StudySummary, TrialRow, run_cost
+from search.query.reproduce import Reproduction
 
 
 def studies_records(summaries: Sequence[StudySummary]) -> list[dict[str, Any]]:

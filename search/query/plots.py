@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from search.report import QUALITY, StudyReport, TrialRow, pareto_front
+from search.query.report import QUALITY, StudyReport, TrialRow, pareto_front
 from trainers.errors import ConfigError
 
 __all__ = ["plot_study"]

@@ -1,7 +1,7 @@
 """The query commands: what a study database holds, read back as tables, JSON or CSV.
 
-Registered on :data:`search.cli.app` when ``search.cli`` is imported; the flags and environment
-variables of these commands are read here, as the rest are in ``search.cli``.
+Their flags and environment variables are read here; ``search.cli`` adds :data:`app`'s commands to
+``ragsweep``.
 """
 
 from __future__ import annotations
@@ -12,25 +12,27 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from search.cli import _bad_choice, _cache_dir, _console, _one_line_errors, _quiet_libraries, app
+from search.cli_common import (
+    DebugOption,
+    StorageOption,
+    bad_choice,
+    cache_dir,
+    console,
+    one_line_errors,
+    quiet_libraries,
+    storage_url,
+)
 from trainers.errors import RagsweepError
 
 if TYPE_CHECKING:
     import optuna
 
-    from search.report import StudyReport
+    from search.query.report import StudyReport
 
-_StorageOption = Annotated[
-    str | None,
-    typer.Option(
-        "--storage",
-        help="Optuna storage URL (default: RAGSWEEP_STORAGE, else studies/<study>.db if it exists).",
-    ),
-]
+app = typer.Typer()
 _FormatOption = Annotated[
     str, typer.Option("--format", help="table, markdown (the table, for docs), json or csv.")
 ]
-_DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 _StudyArgument = Annotated[
     str,
     typer.Argument(help="Study name (the spec's name), or one stage study such as demo/ft_gen."),
@@ -52,13 +54,13 @@ _TRIAL_COLUMNS = [
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def studies(
-    storage: _StorageOption = None, fmt: _FormatOption = "table", debug: _DebugOption = False
+    storage: StorageOption = None, fmt: _FormatOption = "table", debug: DebugOption = False
 ) -> None:
     """Every study in the database: methods, trials by state, best F1 and compute spent."""
-    from search._views import studies_records
-    from search.report import summarize_studies
+    from search.query._views import studies_records
+    from search.query.report import summarize_studies
     from search.store import mask_url
 
     url = _query_url(storage, None)
@@ -77,7 +79,7 @@ def studies(
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def trials(
     study: _StudyArgument,
     method: Annotated[str | None, typer.Option("--method", help="Only this method.")] = None,
@@ -91,13 +93,13 @@ def trials(
             help="f1, em, recall_at_k (best first), a cost such as train_flops (lowest first), lr_embedder, ...",
         ),
     ] = None,
-    storage: _StorageOption = None,
+    storage: StorageOption = None,
     fmt: _FormatOption = "table",
-    debug: _DebugOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """One row per trial: learning rates, EM, F1, Recall@k, cost, state and why it failed."""
-    from search._views import trial_record
-    from search.report import select_trials
+    from search.query._views import trial_record
+    from search.query.report import select_trials
 
     report = _load_report(study, storage)
     rows = select_trials(report, method=method, state=state, sort=sort)
@@ -106,18 +108,18 @@ def trials(
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def best(
     study: _StudyArgument,
     metric: Annotated[str, typer.Option("--metric", help="f1, em or recall.")] = "f1",
     method: Annotated[str | None, typer.Option("--method", help="Only this method.")] = None,
-    storage: _StorageOption = None,
+    storage: StorageOption = None,
     fmt: _FormatOption = "table",
-    debug: _DebugOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """The best completed trial on a validation metric, with everything recorded about it."""
-    from search._views import as_json, trial_record
-    from search.report import best_of, export_rows
+    from search.query._views import as_json, trial_record
+    from search.query.report import best_of, export_rows
 
     _check_format(fmt, ("table", "json"))
     report = _load_report(study, storage)
@@ -126,13 +128,13 @@ def best(
         everything = next(r for r in export_rows(report) if r["trial"] == row.id)
         print(as_json(everything | {"run_flops": trial_record(report, row)["run_flops"]}))
         return
-    from search._views import trial_detail
+    from search.query._views import trial_detail
 
-    _console.print(trial_detail(report, row, f"best trial of {report.name} on {metric}"))
+    console.print(trial_detail(report, row, f"best trial of {report.name} on {metric}"))
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def pareto(
     study: _StudyArgument,
     cost: Annotated[
@@ -142,12 +144,12 @@ def pareto(
         ),
     ] = "train_flops",
     metric: Annotated[str, typer.Option("--metric", help="f1, em or recall.")] = "f1",
-    storage: _StorageOption = None,
+    storage: StorageOption = None,
     fmt: _FormatOption = "table",
-    debug: _DebugOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """The trials no other trial beats on both quality and cost, across methods, cheapest first."""
-    from search.report import pareto_front
+    from search.query.report import pareto_front
 
     report = _load_report(study, storage)
     points, front = pareto_front(report, metric=metric, cost=cost)
@@ -169,16 +171,16 @@ def pareto(
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def compare(
     study: _StudyArgument,
-    storage: _StorageOption = None,
+    storage: StorageOption = None,
     fmt: _FormatOption = "table",
-    debug: _DebugOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """The paper's table: each method's chosen run, its cost and its search's cost, and advice."""
-    from search._views import compare_records
-    from search.compare import compare as compare_methods
+    from search.query._views import compare_records
+    from search.query.compare import compare as compare_methods
 
     _check_format(fmt, _FORMATS)
     report = _load_report(study, storage)
@@ -200,28 +202,28 @@ def compare(
         "search_device_s",
     ]
     _emit(records, fmt, f"study {report.name}: methods at their best validation run", columns)
-    _console.print(
+    console.print(
         f"whole study: {comparison.total_trials} trials, "
         f"{_cell('flops', comparison.total_flops)}FLOPs, {_cell('_s', comparison.total_device_s)} of training"
         " (shared stages counted once)"
     )
     for note in comparison.notes:
-        _console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {note}", highlight=False)
     for line in comparison.recommendation:
-        _console.print(f"[bold]advice:[/] {line}", highlight=False)
+        console.print(f"[bold]advice:[/] {line}", highlight=False)
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def export(
     study: _StudyArgument,
     out: Annotated[Path, typer.Option("-o", "--out", help="A .json or .csv file.")],
-    storage: _StorageOption = None,
-    debug: _DebugOption = False,
+    storage: StorageOption = None,
+    debug: DebugOption = False,
 ) -> None:
     """Every trial with every recorded attribute, to JSON or CSV (by the file's suffix)."""
-    from search._views import as_csv, as_json
-    from search.report import export_rows
+    from search.query._views import as_csv, as_json
+    from search.query.report import export_rows
 
     if out.suffix.lower() not in (".json", ".csv"):
         raise _bad_suffix(out, (".json", ".csv"))
@@ -229,11 +231,11 @@ def export(
     rows = export_rows(report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(as_json(rows) if out.suffix.lower() == ".json" else as_csv(rows))
-    _console.print(f"wrote {len(rows)} trials of {report.name} to {out}")
+    console.print(f"wrote {len(rows)} trials of {report.name} to {out}")
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def plot(
     study: _StudyArgument,
     out: Annotated[Path, typer.Option("-o", "--out", help="A .png, .svg or .pdf file.")],
@@ -241,18 +243,18 @@ def plot(
     cost: Annotated[
         str, typer.Option("--cost", help="train_flops, train_device_s, ...")
     ] = "train_flops",
-    storage: _StorageOption = None,
-    debug: _DebugOption = False,
+    storage: StorageOption = None,
+    debug: DebugOption = False,
 ) -> None:
     """Quality against cost for every trial (front marked), and heat maps of coupled LR grids."""
-    from search.plots import plot_study
+    from search.query.plots import plot_study
 
     report = _load_report(study, storage)
-    _console.print(f"wrote {plot_study(report, out, metric=metric, cost=cost)}")
+    console.print(f"wrote {plot_study(report, out, metric=metric, cost=cost)}")
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def reproduce(
     study: _StudyArgument,
     trial: Annotated[
@@ -274,14 +276,14 @@ def reproduce(
     data_path: Annotated[
         str | None, typer.Option("--data-path", help="Where the trial's data file is now.")
     ] = None,
-    storage: _StorageOption = None,
+    storage: StorageOption = None,
     fmt: _FormatOption = "table",
-    debug: _DebugOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Re-run a trial from its stored record; exit 1 when metrics differ beyond the tolerance."""
-    from search._views import as_json, reproduction_record, reproduction_report
-    from search.report import best_of
-    from search.reproduce import reproduce_trial
+    from search.query._views import as_json, reproduction_record, reproduction_report
+    from search.query.report import best_of
+    from search.query.reproduce import reproduce_trial
     from trainers.errors import ConfigError
 
     _check_format(fmt, ("table", "json"))
@@ -289,12 +291,12 @@ def reproduce(
         raise ConfigError("say which trial: --trial <stage>/<number> or --best (one of them)")
     report = _load_report(study, storage)
     row = best_of(report) if best_trial else report.trial(trial or "")
-    _quiet_libraries()
+    quiet_libraries(debug)
     if fmt == "table":
-        _console.print(f"reproducing {report.name} {row.id} ({row.method}) from its record ...")
+        console.print(f"reproducing {report.name} {row.id} ({row.method}) from its record ...")
     reproduction = reproduce_trial(
         row,
-        cache_dir=_cache_dir(),
+        cache_dir=cache_dir(),
         out_dir=out,
         merged=merged,
         tolerance=tolerance,
@@ -304,21 +306,21 @@ def reproduce(
         print(as_json(reproduction_record(reproduction)))
     else:
         for renderable in reproduction_report(reproduction):
-            _console.print(renderable, highlight=False)
+            console.print(renderable, highlight=False)
     if not reproduction.matches:
         raise typer.Exit(1)
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def dashboard(
-    storage: _StorageOption = None,
+    storage: StorageOption = None,
     study: Annotated[
         str | None, typer.Option("--study", help="Find the database as studies/<study>.db.")
     ] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
-    debug: _DebugOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """optuna-dashboard on the study database, on 127.0.0.1 unless --host says otherwise."""
     from search.store import mask_url
@@ -332,7 +334,7 @@ def dashboard(
         ) from e
     url = _query_url(storage, study)
     opened = _open_existing(url)
-    _console.print(
+    console.print(
         f"optuna-dashboard for {mask_url(url)} on http://{host}:{port} (Ctrl-C stops it)",
         highlight=False,
     )
@@ -340,15 +342,13 @@ def dashboard(
 
 
 def _query_url(explicit: str | None, study: str | None) -> str:
-    """--storage, else RAGSWEEP_STORAGE, else studies/<study>.db where `make demo` writes it."""
+    """The launch's rule (:func:`search.cli_common.storage_url`) without a spec: the default
+    studies/<study>.db, where `make demo` writes it, only when that file exists."""
     from trainers.errors import ConfigError
 
-    url = explicit or os.environ.get("RAGSWEEP_STORAGE")
-    if url:
-        return url
-    candidate = Path("studies") / f"{(study or '').split('/')[0]}.db"
-    if study and candidate.is_file():
-        return f"sqlite:///{candidate.resolve()}"
+    default_file = Path("studies") / f"{(study or '').split('/')[0]}.db"
+    if explicit or os.environ.get("RAGSWEEP_STORAGE") or (study and default_file.is_file()):
+        return storage_url(explicit, None, default_file)
     raise ConfigError(
         "which database? pass --storage URL (e.g. sqlite:///studies/demo.db) or set RAGSWEEP_STORAGE"
     )
@@ -375,7 +375,7 @@ def _open_existing(url: str) -> optuna.storages.RDBStorage:
 
 
 def _load_report(study: str, storage: str | None) -> StudyReport:
-    from search.report import load_study
+    from search.query.report import load_study
 
     url = _query_url(storage, study)
     return load_study(_open_existing(url), study, url)
@@ -383,11 +383,11 @@ def _load_report(study: str, storage: str | None) -> StudyReport:
 
 def _check_format(fmt: str, allowed: tuple[str, ...]) -> None:
     if fmt not in allowed:
-        raise _bad_choice("--format", fmt, allowed)
+        raise bad_choice("--format", fmt, allowed)
 
 
 def _emit(records: list[dict], fmt: str, title: str, columns: list[str]) -> None:
-    from search._views import as_csv, as_json, as_markdown, as_table
+    from search.query._views import as_csv, as_json, as_markdown, as_table
 
     _check_format(fmt, _FORMATS)
     if fmt == "json":
@@ -397,11 +397,11 @@ def _emit(records: list[dict], fmt: str, title: str, columns: list[str]) -> None
     elif fmt == "markdown":
         print(as_markdown(records, columns))
     else:
-        _console.print(as_table(title, records, columns))
+        console.print(as_table(title, records, columns))
 
 
 def _cell(column: str, value: object) -> str:
-    from search._views import cell
+    from search.query._views import cell
 
     return cell(column, value) + (" " if column == "flops" else "")
 

@@ -1,7 +1,7 @@
 """Run a study's plan through Ray Tune, with Optuna as the searcher.
 
 This module translates: a launch is one ``tune.Tuner`` run whose searcher
-(:class:`search._scheduler.StagedSearch`) starts each plan stage once the stages it builds on are
+(:class:`search.launch._scheduler.StagedSearch`) starts each plan stage once the stages it builds on are
 done and hands out its points through the stage's Optuna study; a trial's metrics and record become
 Optuna user attributes. Decisions (which stages, which grid points, what is reused) come from
 ``search.plan``.
@@ -26,8 +26,17 @@ import optuna
 import ray
 from ray import tune
 
-from search._memory_kills import MemoryKillReports, memory_kills_as_actor_deaths
-from search._scheduler import (
+from search.launch._lease import (
+    LAUNCH_ATTR,
+    LaunchOwner,
+    check_not_running,
+    claim_studies,
+    fail_abandoned_trials,
+    heartbeat_studies,
+    release_studies,
+)
+from search.launch._memory_kills import MemoryKillReports, memory_kills_as_actor_deaths
+from search.launch._scheduler import (
     PAYLOAD_KEY,
     REUSE_KEY,
     STAGE_KEY,
@@ -39,18 +48,11 @@ from search._scheduler import (
 from search.plan import Plan, Stage, gib_text, make_plan, trial_memory_ask
 from search.spec import StudySpec, trial_config
 from search.store import (
-    LAUNCH_ATTR,
-    LaunchOwner,
-    check_not_running,
     check_spec_matches,
-    claim_studies,
     existing_stage_study,
-    fail_abandoned_trials,
     fail_running_trials,
-    heartbeat_studies,
     open_stage_study,
     open_storage,
-    release_studies,
     stage_study_name,
 )
 from trainers.errors import ConfigError, RagsweepError, one_line

@@ -149,7 +149,7 @@ class StagedSearch(Searcher):
     def killed_for_memory(self, trial_id: str, message: str) -> None:
         """Ray's memory monitor killed ``trial_id``'s worker (``message`` is Ray's): from now on,
         run one trial fewer at once than ran then (at least one), so its re-run has fewer beside
-        it. Told before the trial's failure (:class:`search._memory_kills.MemoryKillReports`)."""
+        it. Told before the trial's failure (:class:`search.launch._memory_kills.MemoryKillReports`)."""
         running = len(self._trial_stage)  # the killed trial included
         self.max_concurrent = max(1, min(self.max_concurrent or running, running) - 1)
         self._memory_kills[trial_id] = message

@@ -1,0 +1,236 @@
+"""The commands that plan and run: ``train`` (one trial here), ``plan`` (what a study would run
+and cost) and ``launch`` (the whole study on Ray). Their flags are read here; ``search.cli`` adds
+:data:`app`'s commands to ``ragsweep``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from search.cli_common import (
+    DebugOption,
+    SetOption,
+    bad_choice,
+    cache_dir,
+    console,
+    error_console,
+    one_line_errors,
+    print_error,
+    quiet_libraries,
+    storage_url,
+)
+from trainers.config import METHODS
+from trainers.errors import ConfigError
+
+app = typer.Typer()
+
+
+@app.command()
+@one_line_errors
+def train(
+    spec: Annotated[Path, typer.Option("--spec", help="Study spec YAML (studies/demo.yaml).")],
+    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")],
+    lr_embedder: Annotated[
+        float | None, typer.Option("--lr-embedder", help="Embedder learning rate.")
+    ] = None,
+    lr_generator: Annotated[
+        float | None, typer.Option("--lr-generator", help="Generator learning rate.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Trial seed (default: the spec's).")
+    ] = None,
+    data_path: Annotated[
+        str | None, typer.Option("--data-path", help="Override data.path (a local file).")
+    ] = None,
+    settings: SetOption = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Save trained models and trial.json here.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print metrics and record as JSON.")
+    ] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Run one trial in this process and print its metrics."""
+    from search.spec import load_spec, trial_config
+
+    if method not in METHODS:
+        raise bad_choice("--method", method, METHODS)
+    study = load_spec(spec, _spec_overrides(settings, {"data.path": data_path}))
+    config = trial_config(
+        study, method, lr_embedder=lr_embedder, lr_generator=lr_generator, seed=seed
+    )
+    quiet_libraries(debug)
+    from trainers import run_trial
+
+    result = run_trial(config, cache_dir=cache_dir(), out_dir=out)
+    if as_json:
+        print(json.dumps({"metrics": result.metrics, "record": result.record}, indent=2))
+        return
+    console.print(_metrics_table(method, result.metrics))
+
+
+@app.command()
+@one_line_errors
+def plan(
+    spec: Annotated[Path, typer.Argument(help="Study spec YAML.")],
+    settings: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Print the stages, trial counts, shared work and cost forecast of a study; runs nothing."""
+    from search.plan import make_plan, render_plan
+    from search.spec import load_spec
+
+    study = load_spec(spec, _spec_overrides(settings, {}))
+    console.print(render_plan(make_plan(study), study))
+
+
+@app.command()
+@one_line_errors
+def launch(
+    spec: Annotated[Path, typer.Argument(help="Study spec YAML.")],
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Optuna storage URL (default: RAGSWEEP_STORAGE, the spec's, or studies/<name>.db).",
+        ),
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="An existing Ray cluster (default: local Ray).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Study name (default: the spec's).")
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", min=1, help="Trials at once (default: the spec's)."),
+    ] = None,
+    data_path: Annotated[
+        str | None, typer.Option("--data-path", help="Override data.path (a local file).")
+    ] = None,
+    settings: SetOption = None,
+    runs_dir: Annotated[
+        Path | None,
+        typer.Option("--runs-dir", help="Checkpoints later stages reuse (default: studies/runs)."),
+    ] = None,
+    max_retries: Annotated[
+        int, typer.Option("--max-retries", min=0, help="Retries of a trial whose worker died.")
+    ] = 1,
+    ray_logs: Annotated[
+        bool, typer.Option("--ray-logs", help="Show Ray's and the workers' own output.")
+    ] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Run every stage of the study's plan on Ray; trials already complete are not re-run."""
+    from search.launch.dispatch import launch as run_launch
+    from search.launch.progress import LaunchProgress
+    from search.plan import make_plan
+    from search.spec import load_spec
+    from search.store import mask_url
+
+    overrides = {"name": name, "data.path": data_path, "concurrency": concurrency}
+    study = load_spec(spec, _spec_overrides(settings, overrides))
+    url = storage_url(storage, study.storage, spec.parent / f"{study.name}.db")
+    quiet_libraries(debug)
+    os.environ.setdefault(
+        "RAY_TMPDIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "ragsweep-ray")
+    )
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    plan = make_plan(study)
+    first = study.objectives[0]
+    console.print(
+        f"study [bold]{study.name}[/] -> {mask_url(url)}  ({plan.total_trials} trials planned)"
+    )
+    try:
+        with LaunchProgress(plan, first.metric, first.direction == "maximize", console) as progress:
+            summary = run_launch(
+                study,
+                storage_url=url,
+                runs_dir=runs_dir or spec.parent / "runs",
+                cache_dir=cache_dir(),
+                address=address,
+                on_event=progress,
+                max_retries=max_retries,
+                log_to_driver=ray_logs,
+            )
+    except KeyboardInterrupt:
+        # The same options matter (--data-path, --set, --storage): they decide the study.
+        command = shlex.join(["ragsweep", *sys.argv[1:]])
+        print_error(
+            "interrupted: completed trials are kept, the running ones are marked failed "
+            f"(retryable); launch {spec} again with the same options to finish the study: "
+            f"{command}"
+        )
+        raise typer.Exit(130) from None
+    ran, failed, skipped = (
+        sum(summary.ran.values()),
+        sum(summary.failed.values()),
+        sum(summary.skipped.values()),
+    )
+    console.print(
+        f"ran {ran} trials ({failed} failed), {skipped} already complete, in {summary.wall_s / 60:.1f} min"
+    )
+    abandoned = sum(summary.abandoned.values())
+    if abandoned:
+        console.print(
+            f"{abandoned} left running by a stopped launch were marked failed (retryable) and run again"
+        )
+    for stage, reason in summary.blocked.items():
+        error_console.print(f"stage {stage} did not run: {reason}", highlight=False, soft_wrap=True)
+    if summary.blocked:
+        raise typer.Exit(1)
+
+
+def _spec_overrides(settings: list[str] | None, options: dict[str, object]) -> dict[str, object]:
+    """Dotted spec overrides: each --set KEY=VALUE, then the dedicated options that were given."""
+    import yaml
+
+    overrides: dict[str, object] = {}
+    for setting in settings or []:
+        key, equals, value = setting.partition("=")
+        if not equals or not key.strip():
+            raise ConfigError(
+                f"--set '{setting}' is not KEY=VALUE; write e.g. --set search.joint=cartesian"
+            )
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"--set {key.strip()}: '{value}' is not a YAML value; quote lists, e.g. "
+                "--set 'methods=[rag_token]'"
+            ) from e
+    return overrides | {key: value for key, value in options.items() if value is not None}
+
+
+def _metrics_table(method: str, metrics: dict[str, float]) -> Table:
+    table = Table(title=f"trial: {method}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    headline = [
+        "em",
+        "f1",
+        "recall_at_k",
+        "wall_s",
+        "train_wall_s",
+        "device_s",
+        "tokens",
+        "flops",
+        "peak_mem_mb",
+        "index_build_s",
+        "index_cache_hit",
+    ]
+    for key in headline + sorted(k for k in metrics if "." in k):
+        if key in metrics:
+            value = metrics[key]
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    return table
