@@ -9,12 +9,7 @@ Optuna user attributes. Decisions (which stages, which grid points, what is reus
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import json
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +21,7 @@ import optuna
 import ray
 from ray import tune
 
+from search.launch._cluster import check_resources, start_ray
 from search.launch._lease import (
     LAUNCH_ATTR,
     LaunchOwner,
@@ -37,23 +33,21 @@ from search.launch._lease import (
 )
 from search.launch._memory_kills import MemoryKillReports, memory_kills_as_actor_deaths
 from search.launch._scheduler import (
-    PAYLOAD_KEY,
-    REUSE_KEY,
     STAGE_KEY,
     StagedSearch,
     StageEvent,
     ignore_event,
     remaining_points,
 )
-from search.plan import Plan, Stage, gib_text, make_plan, trial_memory_ask
-from search.spec import StudySpec, trial_config
+from search.launch._trainable import make_trainable
+from search.plan import Plan, Stage, make_plan
+from search.spec import StudySpec
 from search.store import (
     check_spec_matches,
     existing_stage_study,
     fail_running_trials,
     open_stage_study,
     open_storage,
-    stage_study_name,
 )
 from trainers.errors import ConfigError, RagsweepError, one_line
 
@@ -113,8 +107,8 @@ def launch(
     # leaves the database as it was.
     _prepare_shared(spec, plan, cache_dir)
     try:
-        _start_ray(address, log_to_driver)
-        _check_resources(spec, plan)
+        start_ray(address, log_to_driver)
+        check_resources(spec, plan)
         studies = {stage.name: open_stage_study(storage, spec, stage.name) for stage in plan.stages}
         _run_claimed(
             spec,
@@ -163,7 +157,7 @@ def _run_claimed(
         }
         search = StagedSearch(plan, spec, storage, studies, points, notify)
         if search.has_work:
-            trainable = _trainable(spec, plan, runs_dir, cache_dir)
+            trainable = make_trainable(spec, plan, runs_dir, cache_dir)
             starts = _TrialStarts(plan, notify)
             _run_tuner(spec, trainable, search, starts, studies, max_retries, runs_dir)
         summary.ran = dict(search.started)
@@ -202,42 +196,6 @@ def _has_work(stage: Stage, spec: StudySpec, study: optuna.Study | None) -> bool
         return True
     running = (optuna.trial.TrialState.RUNNING,)
     return study is not None and bool(study.get_trials(deepcopy=False, states=running))
-
-
-def _trainable(spec: StudySpec, plan: Plan, runs_dir: Path, cache_dir: Path) -> Any:
-    """The Tune trainable with what every trial needs besides its config, as plain data."""
-    stages = {
-        stage.name: {
-            "method": stage.method,
-            "training_overrides": stage.training_overrides,
-            # Checkpoints are kept only where a later stage loads them.
-            "out_dir": str(runs_dir / stage_study_name(spec, stage.name))
-            if any(stage.name in later.reuse_from.values() for later in plan.stages)
-            else None,
-        }
-        for stage in plan.stages
-    }
-    job = {
-        "spec": spec.model_dump(mode="json"),
-        "stages": stages,
-        "cache_dir": str(cache_dir),
-        "cpus": spec.resources.cpus,
-    }
-    # Per stage: memory is the stage's forecast peak (or resources.memory), so Ray starts a
-    # trial only where it fits and queues it otherwise, instead of starting it and killing it.
-    bundles = {
-        stage.name: {
-            "CPU": spec.resources.cpus,
-            "GPU": spec.resources.gpus,
-            "memory": trial_memory_ask(stage, spec) or 0,
-        }
-        for stage in plan.stages
-    }
-
-    def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
-        return tune.PlacementGroupFactory([bundles[config[STAGE_KEY]]])
-
-    return tune.with_resources(tune.with_parameters(_run_trial, job=job), resources)
 
 
 def _run_tuner(
@@ -321,67 +279,6 @@ class _TrialStarts(tune.Callback):
         self._notify(StageEvent("trial_start", self._plan.stage(trial.config[STAGE_KEY])))
 
 
-def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
-    """The Tune trainable: one trainers trial; failures are reported with their reason, not raised."""
-    import torch
-
-    from trainers import run_trial
-
-    torch.set_num_threads(max(1, int(job["cpus"])))  # one thread per requested CPU
-    stage = job["stages"][config[STAGE_KEY]]
-    payload: dict[str, Any] = {
-        "method": stage["method"],
-        "stage": config[STAGE_KEY],
-        "node": ray.get_runtime_context().get_node_id(),
-    }
-    try:
-        spec = StudySpec.model_validate(job["spec"])
-        if stage["training_overrides"]:
-            spec = spec.model_copy(
-                update={"training": spec.training.model_copy(update=stage["training_overrides"])}
-            )
-        trial = trial_config(
-            spec,
-            stage["method"],
-            lr_embedder=config.get("lr_embedder"),
-            lr_generator=config.get("lr_generator"),
-            reuse=json.loads(config[REUSE_KEY]),
-        )
-        out_dir = (
-            Path(stage["out_dir"]) / tune.get_context().get_trial_id() if stage["out_dir"] else None
-        )
-        result = run_trial(trial, cache_dir=Path(job["cache_dir"]), out_dir=out_dir)
-        payload |= {
-            "metrics": result.metrics,
-            "record": result.record,
-            "checkpoint": str(out_dir) if out_dir else None,
-        }
-    except RagsweepError as e:
-        payload["fail_reason"] = str(e)
-    except (
-        Exception
-    ) as e:  # a bug or a library error: recorded as the trial's failure, study goes on
-        payload["fail_reason"] = one_line(e)
-    _release_memory()
-    tune.report(
-        {
-            PAYLOAD_KEY: json.dumps(payload),
-            **{k: v for k, v in payload.get("metrics", {}).items() if "." not in k},
-        }
-    )
-
-
-def _release_memory() -> None:
-    """Hand a finished trial's memory back to the OS: the worker is reused for the next trial, and
-    glibc keeps freed model and activation memory otherwise (measured: a worker grew from 4.3 to
-    9.0 GiB over three SmolLM2 trials)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
-
-
 def _prepare_shared(spec: StudySpec, plan: Plan, cache_dir: Path) -> None:
     """Check data against every stage, convert built-in models and build the frozen index once,
     before trials race to do it (a mistake found here fails the launch, not every trial)."""
@@ -415,98 +312,3 @@ def _prepare_shared(spec: StudySpec, plan: Plan, cache_dir: Path) -> None:
     )
     if spec.models.generator_finetune != "qlora":
         load_generator(spec.models.generator, cache_dir=cache_dir, device=device, finetune="full")
-
-
-def _start_ray(address: str | None, log_to_driver: bool) -> None:
-    # A failed trial reports its reason and no objective; Tune must pass that on to the searcher,
-    # which records it as FAIL, instead of rejecting the result.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Tune's own Ctrl-C handler ends the stage's run as if it were done, and the launch would go
-    # on to the next stage; without it, Ctrl-C stops the whole launch.
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    if ray.is_initialized():
-        return
-    try:
-        if address is None:
-            # Local Ray stays on loopback and keeps its dashboard off.
-            ray.init(
-                include_dashboard=False,
-                log_to_driver=log_to_driver,
-                logging_level=logging.ERROR,
-                _node_ip_address="127.0.0.1",
-            )
-        else:
-            _check_reachable(address)
-            ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.ERROR)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ConfigError(
-            f"cannot connect to the Ray cluster at '{address}': {one_line(e)}; start it with `ray start --head` or drop --address"
-        ) from e
-
-
-def _check_reachable(address: str) -> None:
-    """Fail fast on a HOST:PORT nobody listens on: ray.init would retry it for minutes."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or "://" in address:
-        return  # "auto", ray:// client addresses: Ray resolves those itself
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as e:
-        raise ConfigError(
-            f"no Ray cluster answers at '{address}' ({one_line(e)}); start it with "
-            "`ray start --head` there, fix --address, or drop --address for a local Ray"
-        ) from e
-
-
-def _check_resources(spec: StudySpec, plan: Plan) -> None:
-    """Refuse a trial no Ray node can hold: Tune would wait for it forever (CPUs, GPUs, memory),
-    or start it on a GPU too small and see it die (GPU memory, checked on this machine's GPU)."""
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    for key, name in (("CPU", "cpus"), ("GPU", "gpus")):
-        asked = getattr(spec.resources, name)
-        largest = max((node.get(key, 0.0) for node in nodes), default=0.0)
-        if asked > largest:
-            raise ConfigError(
-                f"resources.{name} is {asked:g} per trial but the largest Ray node has "
-                f"{largest:g} {key}s; lower resources.{name} or add a node that has them"
-            )
-    largest_memory = max((node.get("memory", 0.0) for node in nodes), default=0.0)
-    for stage in plan.stages:
-        asked_memory = trial_memory_ask(stage, spec) or 0
-        if asked_memory > largest_memory:
-            raise ConfigError(
-                f"a {stage.name} trial needs {gib_text(asked_memory)} of memory "
-                f"({_memory_source(spec)}) but the largest Ray node offers {gib_text(largest_memory)}; "
-                f"{_memory_fix(spec)}"
-            )
-    gpu_bytes = _local_gpu_bytes() if spec.resources.gpus > 0 else None
-    if gpu_bytes is not None:
-        for stage in plan.stages:
-            needed = stage.trial_memory.device_bytes if stage.trial_memory else 0.0
-            if needed > gpu_bytes * max(spec.resources.gpus, 1.0):
-                raise ConfigError(
-                    f"a {stage.name} trial needs {gib_text(needed)} of GPU memory (forecast) but "
-                    f"this machine's GPU has {gib_text(gpu_bytes)}; {_memory_fix(spec)}"
-                )
-
-
-def _memory_source(spec: StudySpec) -> str:
-    return "resources.memory" if spec.resources.memory is not None else "forecast peak"
-
-
-def _memory_fix(spec: StudySpec) -> str:
-    if spec.resources.memory is not None:
-        return "lower resources.memory, or run on a node with more memory"
-    return (
-        "lower training.activation_memory_mb, training.batch_size_generator or "
-        "training.eval_batch_size, keep training.gradient_checkpointing on, or run on a node "
-        "with more memory (resources.memory overrides the forecast)"
-    )
-
-
-def _local_gpu_bytes() -> int | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return int(torch.cuda.get_device_properties(0).total_memory)

@@ -1,0 +1,121 @@
+"""The Tune trainable: what runs in a trial worker, and the resources each stage's trials ask of
+Ray. A trial runs one :func:`trainers.run_trial` and reports its metrics and record as one JSON
+payload (:data:`search.launch._scheduler.PAYLOAD_KEY`); a failure is reported with its reason, never
+raised, so the study goes on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from search.launch._scheduler import PAYLOAD_KEY, REUSE_KEY, STAGE_KEY
+from search.plan import Plan, trial_memory_ask
+from search.spec import StudySpec, trial_config
+from search.store import stage_study_name
+from trainers.errors import RagsweepError, one_line
+
+__all__ = ["make_trainable"]
+
+
+def make_trainable(spec: StudySpec, plan: Plan, runs_dir: Path, cache_dir: Path) -> Any:
+    """The Tune trainable with what every trial needs besides its config, as plain data."""
+    stages = {
+        stage.name: {
+            "method": stage.method,
+            "training_overrides": stage.training_overrides,
+            # Checkpoints are kept only where a later stage loads them.
+            "out_dir": str(runs_dir / stage_study_name(spec, stage.name))
+            if any(stage.name in later.reuse_from.values() for later in plan.stages)
+            else None,
+        }
+        for stage in plan.stages
+    }
+    job = {
+        "spec": spec.model_dump(mode="json"),
+        "stages": stages,
+        "cache_dir": str(cache_dir),
+        "cpus": spec.resources.cpus,
+    }
+    # Per stage: memory is the stage's forecast peak (or resources.memory), so Ray starts a
+    # trial only where it fits and queues it otherwise, instead of starting it and killing it.
+    bundles = {
+        stage.name: {
+            "CPU": spec.resources.cpus,
+            "GPU": spec.resources.gpus,
+            "memory": trial_memory_ask(stage, spec) or 0,
+        }
+        for stage in plan.stages
+    }
+
+    def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
+        return tune.PlacementGroupFactory([bundles[config[STAGE_KEY]]])
+
+    return tune.with_resources(tune.with_parameters(_run_trial, job=job), resources)
+
+
+def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
+    """The Tune trainable: one trainers trial; failures are reported with their reason, not raised."""
+    import torch
+
+    from trainers import run_trial
+
+    torch.set_num_threads(max(1, int(job["cpus"])))  # one thread per requested CPU
+    stage = job["stages"][config[STAGE_KEY]]
+    payload: dict[str, Any] = {
+        "method": stage["method"],
+        "stage": config[STAGE_KEY],
+        "node": ray.get_runtime_context().get_node_id(),
+    }
+    try:
+        spec = StudySpec.model_validate(job["spec"])
+        if stage["training_overrides"]:
+            spec = spec.model_copy(
+                update={"training": spec.training.model_copy(update=stage["training_overrides"])}
+            )
+        trial = trial_config(
+            spec,
+            stage["method"],
+            lr_embedder=config.get("lr_embedder"),
+            lr_generator=config.get("lr_generator"),
+            reuse=json.loads(config[REUSE_KEY]),
+        )
+        out_dir = (
+            Path(stage["out_dir"]) / tune.get_context().get_trial_id() if stage["out_dir"] else None
+        )
+        result = run_trial(trial, cache_dir=Path(job["cache_dir"]), out_dir=out_dir)
+        payload |= {
+            "metrics": result.metrics,
+            "record": result.record,
+            "checkpoint": str(out_dir) if out_dir else None,
+        }
+    except RagsweepError as e:
+        payload["fail_reason"] = str(e)
+    except (
+        Exception
+    ) as e:  # a bug or a library error: recorded as the trial's failure, study goes on
+        payload["fail_reason"] = one_line(e)
+    _release_memory()
+    tune.report(
+        {
+            PAYLOAD_KEY: json.dumps(payload),
+            **{k: v for k, v in payload.get("metrics", {}).items() if "." not in k},
+        }
+    )
+
+
+def _release_memory() -> None:
+    """Hand a finished trial's memory back to the OS: the worker is reused for the next trial, and
+    glibc keeps freed model and activation memory otherwise (measured: a worker grew from 4.3 to
+    9.0 GiB over three SmolLM2 trials)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
