@@ -26,8 +26,11 @@ demo: setup
 test: setup
 	$(VENV)/bin/pytest -q
 
+# ruff (lint and format) everywhere; mypy --strict (settings in pyproject.toml) on the two packages.
 lint: setup
 	$(VENV)/bin/ruff check search trainers tests benchmarks
+	$(VENV)/bin/ruff format --check search trainers tests benchmarks
+	$(VENV)/bin/mypy search trainers
 
 # Every script in benchmarks/ (helpers start with _), one after another: run it on an idle machine.
 bench: setup

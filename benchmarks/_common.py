@@ -75,7 +75,7 @@ def run_study(spec: StudySpec, *, cache_dir: Path, workdir: Path) -> StudyRun:
 
     from search.launch.dispatch import launch
     from search.plan import make_plan
-    from search.store import best_trial, open_storage, stage_study_name
+    from search.store import best_trial, open_storage, read_trials, stage_study_name
 
     storage_url = f"sqlite:///{workdir / f'{spec.name}.db'}"
     start = time.perf_counter()
@@ -85,12 +85,12 @@ def run_study(spec: StudySpec, *, cache_dir: Path, workdir: Path) -> StudyRun:
     trials, best_rates = {}, {}
     for stage in make_plan(spec).stages:
         study = optuna.load_study(study_name=stage_study_name(spec, stage.name), storage=storage)
-        trials[stage.name] = [
-            trial.user_attrs.get("metrics", {}) for trial in study.get_trials(deepcopy=False)
-        ]
-        best = best_trial(study)  # the service's own choice (ties go to the earliest trial)
+        records = read_trials(study)
+        trials[stage.name] = [dict(trial.metrics) for trial in records]
+        first = spec.objectives[0]  # the service's own choice (ties go to the earliest trial)
+        best = best_trial(records, first.metric, maximize=first.direction == "maximize")
         if best is not None:
-            config = best.user_attrs["record"]["config"]
+            config = best.config
             best_rates[stage.name] = {
                 rate: config[rate] for rate in ("lr_embedder", "lr_generator")
             }

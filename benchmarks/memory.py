@@ -88,7 +88,7 @@ def _measure(
 
 def _forecast_mib(method: str) -> float:
     """The plan's forecast peak of a trial of ``method`` that trains every phase itself."""
-    from search.plan import method_memory
+    from search.forecast import method_memory
 
     forecast = method_memory(reduced_spec(_OVERRIDES), method)
     return forecast.host_bytes / 2**20 if forecast else float("nan")

@@ -192,7 +192,7 @@ def trial_config(
     """The resolved configuration of one trial of ``spec``."""
     try:
         return TrialConfig(
-            method=method,  # type: ignore[arg-type]
+            method=method,
             lr_embedder=lr_embedder,
             lr_generator=lr_generator,
             seed=spec.seed if seed is None else seed,

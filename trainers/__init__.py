@@ -1,39 +1,134 @@
 """ragsweep's science: RAG fine-tuning methods on real models with frozen FAISS retrieval.
 
-Plain PyTorch, transformers and FAISS; importable without Ray, Optuna or ``search``.
+Plain PyTorch, transformers and FAISS; importable without Ray, Optuna or ``search``. Importing
+this package, its configuration, its method declarations, the FLOP formulas and the memory model
+loads no torch either: torch and transformers load when a name that needs them is first used, so
+``ragsweep plan`` and the query commands start in well under a second.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from trainers.config import METHODS, DataConfig, ModelsConfig, TrainingConfig, TrialConfig
-from trainers.errors import ConfigError, DataError, ModelError, RagsweepError, TrainingError
+from trainers.config import (
+    EMBEDDER_ALIASES,
+    GENERATOR_ALIASES,
+    METHODS,
+    DataConfig,
+    Method,
+    ModelsConfig,
+    TrainingConfig,
+    TrialConfig,
+)
+from trainers.errors import (
+    ConfigError,
+    DataError,
+    ModelError,
+    RagsweepError,
+    TrainingError,
+    one_line,
+    or_list,
+)
+from trainers.methods import (
+    FT_GEN_OBJECTIVE,
+    RATES,
+    LearningRate,
+    LoadedPhase,
+    MethodDeclaration,
+    Objective,
+    Phase,
+    TrainedPhase,
+    method_declaration,
+    method_declarations,
+    method_names,
+    method_phases,
+    needs_context_labels,
+    phase_rates,
+    register_method,
+    trains,
+)
 
 if TYPE_CHECKING:
+    from trainers.cost import forward_flops, training_flops
+    from trainers.data import load_data
+    from trainers.environment import environment_record, native_bf16
+    from trainers.memory import MiB, ModelShape, TrialMemory, token_caps, trial_memory
+    from trainers.preflight import prepare
     from trainers.trial import TrialResult, run_trial
 
 __all__ = [
+    "EMBEDDER_ALIASES",
+    "FT_GEN_OBJECTIVE",
+    "GENERATOR_ALIASES",
     "METHODS",
+    "RATES",
     "ConfigError",
     "DataConfig",
     "DataError",
+    "LearningRate",
+    "LoadedPhase",
+    "Method",
+    "MethodDeclaration",
+    "MiB",
     "ModelError",
+    "ModelShape",
     "ModelsConfig",
+    "Objective",
+    "Phase",
     "RagsweepError",
+    "TrainedPhase",
     "TrainingConfig",
     "TrainingError",
     "TrialConfig",
+    "TrialMemory",
     "TrialResult",
+    "environment_record",
+    "forward_flops",
+    "load_data",
+    "method_declaration",
+    "method_declarations",
+    "method_names",
+    "method_phases",
+    "native_bf16",
+    "needs_context_labels",
+    "one_line",
+    "or_list",
+    "phase_rates",
+    "prepare",
+    "register_method",
     "run_trial",
+    "token_caps",
+    "training_flops",
+    "trains",
+    "trial_memory",
 ]
+
+# Public names whose modules load on first use (torch, transformers, FAISS or datasets behind them,
+# or simply not needed to import the package).
+_LAZY = {
+    "forward_flops": "trainers.cost",
+    "training_flops": "trainers.cost",
+    "load_data": "trainers.data",
+    "environment_record": "trainers.environment",
+    "native_bf16": "trainers.environment",
+    "MiB": "trainers.memory",
+    "ModelShape": "trainers.memory",
+    "TrialMemory": "trainers.memory",
+    "token_caps": "trainers.memory",
+    "trial_memory": "trainers.memory",
+    "prepare": "trainers.preflight",
+    "TrialResult": "trainers.trial",
+    "run_trial": "trainers.trial",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # torch and transformers load on first use, so `ragsweep trials` and other queries start in
-    # well under a second instead of importing the whole training stack.
-    if name in ("TrialResult", "run_trial"):
-        from trainers import trial
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trainers' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
-        return getattr(trial, name)
-    raise AttributeError(f"module 'trainers' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -2,8 +2,7 @@
 
 People with invented names live in invented towns, belong to invented guilds, marry each other and
 play instruments. Every fact is drawn at random from ``GeneratedDataConfig.seed``, so the only place
-an answer exists is its passage. What makes it a useful test of fine-tuning (DESIGN.md, "Models and
-data"):
+an answer exists is its passage. What makes it a useful test of fine-tuning:
 
 - each person has one short passage per attribute and a few anecdotes, all naming the person, so
   they look alike to an embedder, and look-alike people ("Orlen Vasko" / "Orlen Vasco") compete

@@ -7,14 +7,42 @@ reads back.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
 
-Method = Literal[
-    "none", "ft_embed", "ft_gen", "independent", "two_phase", "rag_token", "rag_sequence"
+from trainers.methods import METHODS, method_names
+
+__all__ = [
+    "EMBEDDER_ALIASES",
+    "GENERATOR_ALIASES",
+    "METHODS",
+    "PAPER_PROMPT",
+    "DataConfig",
+    "GeneratedDataConfig",
+    "Method",
+    "ModelsConfig",
+    "TrainingConfig",
+    "TrialConfig",
 ]
-METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
+
+
+def _registered(name: str) -> str:
+    if name not in method_names():
+        raise ValueError(f"unknown method '{name}'; use one of {', '.join(method_names())}")
+    return name
+
+
+# A method's name: one declared in trainers.methods, the paper's or one registered since.
+Method = Annotated[str, AfterValidator(_registered)]
 
 # The paper's prompt (section 4): an instruction, then Context / Question / Answer sections.
 PAPER_PROMPT = (

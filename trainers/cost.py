@@ -24,18 +24,24 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+if TYPE_CHECKING:  # torch loads where a meter runs: search's plan uses the formulas without it
+    import torch
 
 __all__ = ["PhaseCost", "CostMeter", "forward_flops", "training_flops"]
 
 
-def forward_flops(n_params: int, tokens: int) -> int:
+# Token counts are whole in a trial and fractional in a forecast (caps filled in part).
+_Tokens = TypeVar("_Tokens", int, float)
+
+
+def forward_flops(n_params: int, tokens: _Tokens) -> _Tokens:
     """FLOPs of a forward pass over ``tokens`` tokens."""
     return 2 * n_params * tokens
 
 
-def training_flops(n_params: int, n_trainable: int, tokens: int) -> int:
+def training_flops(n_params: int, n_trainable: int, tokens: _Tokens) -> _Tokens:
     """FLOPs of forward + backward when ``n_trainable`` of ``n_params`` weights are trained."""
     if n_trainable == 0:
         return forward_flops(n_params, tokens)
@@ -70,6 +76,8 @@ class CostMeter:
     @contextmanager
     def phase(self, name: str) -> Iterator[PhaseCost]:
         """Time a phase; the body adds tokens, FLOPs and steps to the yielded record."""
+        import torch
+
         cost = PhaseCost(name)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -115,6 +123,8 @@ def _reset_peak_rss() -> None:
 
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
         with open("/proc/self/status") as status:

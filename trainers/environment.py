@@ -7,8 +7,10 @@ import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["environment_record", "native_bf16"]
 
@@ -35,13 +37,19 @@ def environment_record() -> dict[str, object]:
     }
 
 
-def native_bf16(device: torch.device) -> bool:
+def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` computes in bf16 natively (CUDA, or a CPU with AVX512-BF16 / AMX): where
     it does, ``training.precision: auto`` trains in bf16 autocast, with about half the activation
     memory and a third of the time of fp32 on CPU."""
+    import torch  # here: importing this module (search's plan does) loads no torch
+
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    # The op's result is untyped: a Python bool.
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -73,6 +81,8 @@ def _git_state() -> dict[str, object] | None:
 
 
 def _hardware() -> dict[str, object]:
+    import torch
+
     hardware: dict[str, object] = {
         "machine": platform.machine(),
         "cpu": _cpu_model(),

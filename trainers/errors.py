@@ -6,6 +6,18 @@ names the problem and the fix. The CLI catches it once, prints the line and exit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "RagsweepError",
+    "TrainingError",
+    "one_line",
+    "or_list",
+]
+
 
 class RagsweepError(Exception):
     """Base class: a problem the user can fix; the message says how."""
@@ -32,3 +44,10 @@ def one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0][:200].rstrip(".") if lines else "no message"
     return f"{type(error).__name__}: {text}"
+
+
+def or_list(names: Sequence[str]) -> str:
+    """``a, b or c``: the choices a message offers."""
+    if len(names) < 2:
+        return "".join(names) or "none"
+    return f"{', '.join(names[:-1])} or {names[-1]}"

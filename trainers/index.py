@@ -1,7 +1,8 @@
 """The frozen document index: passage vectors computed once, cached on disk, searched with FAISS.
 
-Only question vectors change when the embedder trains (DESIGN.md: the index is never re-encoded),
-so the vectors depend on (embedder weights, corpus, max length) alone; that triple is the cache key.
+Only question vectors change when the embedder trains (the index is never re-encoded, as in the
+paper), so the vectors depend on (embedder weights, corpus, max length) alone; that triple is the
+cache key.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ _gpu_resources: list[faiss.StandardGpuResources] = []  # must outlive every GPU 
 
 
 def _faiss_index(doc_vectors: np.ndarray) -> faiss.Index:
-    index = faiss.IndexFlatIP(doc_vectors.shape[1])
+    index: faiss.Index = faiss.IndexFlatIP(doc_vectors.shape[1])
     if faiss.get_num_gpus() > 0:
         if not _gpu_resources:
             _gpu_resources.append(faiss.StandardGpuResources())

@@ -13,11 +13,13 @@ from __future__ import annotations
 import ctypes
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from trainers.config import TrainingConfig
 from trainers.methods import Phase
+
+if TYPE_CHECKING:  # the model is pure arithmetic: search's plan uses it without loading torch
+    import torch
 
 __all__ = [
     "MiB",
@@ -127,7 +129,8 @@ def token_caps(training: TrainingConfig) -> TokenCaps:
 
 def shape_of(model: torch.nn.Module) -> ModelShape:
     """The shape of a loaded transformers causal LM (a peft wrapper included)."""
-    config = model.config  # type: ignore[union-attr]
+    # A transformers PretrainedConfig; torch types any Module attribute as Tensor | Module.
+    config: Any = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return ModelShape(

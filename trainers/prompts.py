@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -54,7 +55,7 @@ class PromptBuilder:
         token_ids = self._tokenizer(text, add_special_tokens=False).input_ids
         if len(token_ids) <= max_tokens:
             return text
-        return self._tokenizer.decode(token_ids[:max_tokens])
+        return cast(str, self._tokenizer.decode(token_ids[:max_tokens]))  # one sequence: one str
 
 
 @dataclass(frozen=True)

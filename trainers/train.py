@@ -10,7 +10,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -60,7 +60,7 @@ def train_phase(
     """Train what ``phase`` trains on ``records`` for the configured epochs; returns step losses."""
     training = pipeline.training
     embedder, generator = pipeline.embedder, pipeline.generator.model
-    groups = []
+    groups: list[dict[str, Any]] = []  # AdamW parameter groups: params and lr
     if phase.trains_embedder:
         groups.append(
             {"params": [p for p in embedder.parameters() if p.requires_grad], "lr": lr_embedder}
@@ -144,7 +144,7 @@ def _loss(
     questions = [record.question for record in records]
     if phase.objective == "mnrl":
         question_vectors, question_tokens = pipeline.encode_questions(questions)
-        candidate_ids = [item.doc_id for item in batch] + [
+        candidate_ids = [_gold_id(item) for item in batch] + [
             n for item in batch for n in item.negative_ids
         ]
         positions = [pipeline.index.position(doc_id) for doc_id in candidate_ids]
@@ -205,13 +205,19 @@ def _loss(
     )
 
 
+def _gold_id(item: _Item) -> str:
+    if item.doc_id is None:  # _items pairs every MNRL question with a gold document
+        raise TrainingError(f"question {item.record.id} reached MNRL without a gold document")
+    return item.doc_id
+
+
 def _items(
     phase: Phase, pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseCost
 ) -> list[_Item]:
     if phase.objective != "mnrl":
         return [_Item(record) for record in records]
     negatives = _hard_negatives(pipeline, records, pipeline.training.mnrl_hard_negatives, cost)
-    # A question with two gold documents (two-hop) is one item per gold document (DESIGN.md (a)).
+    # A question with two gold documents (two-hop) is one item per gold document (sub-process (a)).
     return [
         _Item(record, doc_id, negatives[record.id])
         for record in records

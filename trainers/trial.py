@@ -17,11 +17,11 @@ from trainers.config import TrialConfig
 from trainers.cost import CostMeter, forward_flops
 from trainers.data import RagData, load_data
 from trainers.environment import environment_record, native_bf16
-from trainers.errors import ConfigError
+from trainers.errors import ConfigError, or_list
 from trainers.evaluate import evaluate_pipeline
 from trainers.index import build_index
 from trainers.memory import bound_allocator
-from trainers.methods import Phase, method_phases
+from trainers.methods import Phase, label_free_embedder_methods, method_phases
 from trainers.models import (
     load_embedder,
     load_embedder_checkpoint,
@@ -207,7 +207,7 @@ def _check_data(config: TrialConfig, phases: tuple[Phase, ...], data: RagData) -
     if needs_labels and not data.has_context_labels:
         raise ConfigError(
             f"method '{config.method}' trains the embedder on context labels, but the training questions have "
-            "no gold documents; use two_phase, rag_token or rag_sequence, or provide gold_doc_ids"
+            f"no gold documents; use {or_list(label_free_embedder_methods())}, or provide gold_doc_ids"
         )
     if config.training.k > len(data.corpus):
         raise ConfigError(

@@ -9,7 +9,8 @@ import socket
 
 import ray
 
-from search.plan import Plan, gib_text, trial_memory_ask
+from search.forecast import gib_text, trial_memory_ask
+from search.plan import Plan
 from search.spec import StudySpec
 from trainers.errors import ConfigError, one_line
 

@@ -126,8 +126,9 @@ def _alive(owner: dict[str, Any], stale_after_s: float) -> bool:
         try:
             process = psutil.Process(int(owner["pid"]))
             # The start time tells a reused pid apart from the launch's own process.
-            return process.status() != psutil.STATUS_ZOMBIE and (
-                abs(process.create_time() - float(owner["pid_started"])) < 1.0
+            return bool(
+                process.status() != psutil.STATUS_ZOMBIE
+                and abs(process.create_time() - float(owner["pid_started"])) < 1.0
             )
         except (psutil.Error, KeyError, ValueError):
             return False

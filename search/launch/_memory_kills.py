@@ -79,7 +79,7 @@ class MemoryKillReports(FIFOScheduler):
     so the searcher knows the cause when it records the trial."""
 
     def __init__(self, on_kill: Callable[[str, str], None]) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
         self._on_kill = on_kill
 
     def on_trial_error(self, tune_controller: Any, trial: Any) -> None:

@@ -3,9 +3,10 @@
 A stage starts once the stages it builds on are done, so stages that do not depend on each other
 share the launch's slots (none, ft_embed and ft_gen at once; rag_token beside rag_sequence). Free
 slots go to ready stages in :attr:`search.plan.Plan.start_order`. Each started stage hands out its
-points through its own Optuna study (an ``OptunaSearch``), which records every trial's metrics,
-record and failure reason. A trial whose worker died runs again under its Optuna trial once a slot
-is free; after Ray's memory monitor killed one, the launch runs fewer trials at once.
+points through its own Optuna study (:class:`search.launch._optuna_search.StageSearch`), which
+records every trial's metrics, record and failure reason. A trial whose worker died runs again
+under its Optuna trial once a slot is free; after Ray's memory monitor killed one, the launch runs
+fewer trials at once.
 """
 
 from __future__ import annotations
@@ -19,25 +20,27 @@ from typing import Any
 
 import optuna
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
+from search.launch._optuna_search import PAYLOAD_KEY, StageSearch, stage_search
 from search.plan import Plan, Stage, grid_points
 from search.spec import StudySpec
-from search.store import (
-    best_trial,
-    finished_params,
-    objective_values,
-    record_trial,
-    trial_attrs,
-    waiting_params,
-)
-from trainers.errors import ConfigError
+from search.store import TrialRecord, best_trial, finished_params, read_trials
+from trainers import ConfigError
 
-# Keys a trial's config carries besides its learning rates (no "/": Tune's OptunaSearch splits
-# keys on it).
+__all__ = [
+    "PAYLOAD_KEY",
+    "REUSE_KEY",
+    "STAGE_KEY",
+    "StageEvent",
+    "StagedSearch",
+    "blocked_by",
+    "ignore_event",
+    "remaining_points",
+]
+
+# Keys a trial's config carries besides its learning rates (no "/": Tune reads it as nesting).
 STAGE_KEY = "ragsweep_stage"
 REUSE_KEY = "ragsweep_reuse"  # phase -> checkpoint folder, as JSON
-PAYLOAD_KEY = "ragsweep_payload"  # the result key carrying a trial's metrics and record as JSON
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,11 @@ class StagedSearch(Searcher):
         points: dict[str, list[dict[str, float]]],
         notify: Callable[[StageEvent], None],
     ) -> None:
-        super().__init__(**_metric_and_mode(spec))
+        # Tune takes a list per argument for several objectives; its annotation says str.
+        super().__init__(**_metric_and_mode(spec))  # type: ignore[arg-type]
         self._plan, self._spec, self._storage, self._studies = plan, spec, storage, studies
         self._points, self._notify = points, notify
-        self._searches: dict[str, _RecordingOptunaSearch] = {}  # started stages
+        self._searches: dict[str, StageSearch] = {}  # started stages
         self._suggested = {name: 0 for name in points}
         self._finished = {name: 0 for name in points}
         self._reuse: dict[str, str] = {}  # stage -> its trials' REUSE_KEY value
@@ -106,7 +110,7 @@ class StagedSearch(Searcher):
         return {**self.__dict__, "_notify": ignore_event}
 
     def set_search_properties(
-        self, metric: str | None, mode: str | None, config: dict, **spec: Any
+        self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any
     ) -> bool:
         return True  # the stages' spaces are their own; Tune passes no param_space
 
@@ -117,7 +121,8 @@ class StagedSearch(Searcher):
             self.max_concurrent = max_concurrent
         return True
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    # Searcher.FINISHED is a str, which Tune's annotation of suggest leaves out.
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if self.max_concurrent is not None and len(self._trial_stage) >= self.max_concurrent:
             return None
         if self._retries:  # before new points: stages may be waiting on it
@@ -136,11 +141,8 @@ class StagedSearch(Searcher):
             return None  # trials still running: the stages waiting on them start when they end
         return Searcher.FINISHED
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self._searches[self._trial_stage[trial_id]].on_trial_result(trial_id, result)
-
     def on_trial_complete(
-        self, trial_id: str, result: dict | None = None, error: bool = False
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
         memory_kill = self._memory_kills.pop(trial_id, None)
         death = _memory_kill_reason(memory_kill) if memory_kill else None
@@ -163,7 +165,9 @@ class StagedSearch(Searcher):
             self._complete(trial_id, result=None, error=True, death=reason)
         return len(in_flight)
 
-    def _complete(self, trial_id: str, result: dict | None, error: bool, death: str | None) -> None:
+    def _complete(
+        self, trial_id: str, result: dict[str, Any] | None, error: bool, death: str | None
+    ) -> None:
         name = self._trial_stage.pop(trial_id, None)
         if name is None:
             return
@@ -194,7 +198,7 @@ class StagedSearch(Searcher):
         self._notify(StageEvent("trial_end", stage, failed=objective is None, objective=objective))
         self._finished[name] += 1
         if self._finished[name] == len(self._points[name]):
-            _prune_checkpoints(self._plan.stage(name), self._plan, self._studies[name])
+            _prune_checkpoints(self._plan.stage(name), self._plan, self._spec, self._studies[name])
             self._end(name)
             self._start_ready()
 
@@ -224,16 +228,15 @@ class StagedSearch(Searcher):
             self._end(stage.name, blocked=blocked)
             return
         study = self._studies[stage.name]
-        fixed = {
-            rate: _best_record(self._studies[source], source)["config"][rate]
-            for rate, source in stage.fixed_from.items()
-        }
+        sources = sorted({*stage.fixed_from.values(), *stage.reuse_from.values()})
+        best = {source: _best(self._studies[source], source, self._spec) for source in sources}
+        fixed = {rate: best[source].config[rate] for rate, source in stage.fixed_from.items()}
         reuse = {
-            phase: str(Path(_best(self._studies[source], source).user_attrs["checkpoint"]) / phase)
+            phase: str(Path(_checkpoint(best[source])) / phase)
             for phase, source in stage.reuse_from.items()
         }
         self._reuse[stage.name] = json.dumps(reuse)
-        self._searches[stage.name] = _stage_search(
+        self._searches[stage.name] = stage_search(
             stage, self._spec, self._storage, study, points, fixed
         )
         self.started[stage.name] = len(points)
@@ -275,7 +278,7 @@ def blocked_by(
     trial, or has points still to run (trials Ray stopped), so its best is not known yet."""
     for source in sorted({*stage.fixed_from.values(), *stage.reuse_from.values()}):
         study_name = studies[source].study_name
-        if best_trial(studies[source]) is None:
+        if _best_of(studies[source], spec) is None:
             return (
                 f"stage '{source}', which it builds on, has no completed trial; see "
                 f"`ragsweep trials {study_name}` for why, fix it and launch again"
@@ -291,8 +294,14 @@ def blocked_by(
     return None
 
 
-def _best(study: optuna.Study, stage_name: str) -> optuna.trial.FrozenTrial:
-    best = best_trial(study)
+def _best_of(study: optuna.Study, spec: StudySpec) -> TrialRecord | None:
+    """The stage's best trial on the spec's first objective (:func:`search.store.best_trial`)."""
+    first = spec.objectives[0]
+    return best_trial(read_trials(study), first.metric, maximize=first.direction == "maximize")
+
+
+def _best(study: optuna.Study, stage_name: str, spec: StudySpec) -> TrialRecord:
+    best = _best_of(study, spec)
     if best is None:
         raise ConfigError(
             f"stage '{stage_name}' has no completed trial to build on (all failed); see `ragsweep trials` "
@@ -301,42 +310,13 @@ def _best(study: optuna.Study, stage_name: str) -> optuna.trial.FrozenTrial:
     return best
 
 
-def _best_record(study: optuna.Study, stage_name: str) -> dict[str, Any]:
-    return _best(study, stage_name).user_attrs["record"]
-
-
-def _stage_search(
-    stage: Stage,
-    spec: StudySpec,
-    storage: optuna.storages.BaseStorage,
-    study: optuna.Study,
-    points: list[dict[str, float]],
-    fixed: dict[str, float],
-) -> _RecordingOptunaSearch:
-    """The stage's OptunaSearch over its study, its grid points enqueued."""
-    if spec.search.sampler == "grid":
-        # Points a killed launch enqueued but never started are still queued; Optuna's
-        # skip_if_exists would also skip points whose trial failed, so they would never re-run.
-        queued = waiting_params(study)
-        for point in points:
-            if point and point not in queued:
-                study.enqueue_trial(point)
-        ranges = {
-            rate: (min(getattr(spec.search, rate)), max(getattr(spec.search, rate)))
-            for rate in stage.searched
-        }
-    else:
-        ranges = {
-            "lr_embedder": spec.search.lr_embedder_range,
-            "lr_generator": spec.search.lr_generator_range,
-        }
-    return _RecordingOptunaSearch(
-        space=_Space(stage.searched, ranges, fixed),
-        **_metric_and_mode(spec),
-        sampler=_sampler(spec),
-        study_name=study.study_name,
-        storage=storage,
-    )
+def _checkpoint(trial: TrialRecord) -> str:
+    if trial.checkpoint is None:
+        raise ConfigError(
+            f"trial {trial.id}, whose models a later stage reuses, saved none; launch the spec "
+            "again with a new name to train it anew"
+        )
+    return trial.checkpoint
 
 
 def _metric_and_mode(spec: StudySpec) -> dict[str, list[str]]:
@@ -347,119 +327,11 @@ def _metric_and_mode(spec: StudySpec) -> dict[str, list[str]]:
     }
 
 
-def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    if spec.search.sampler == "tpe" and len(spec.objectives) == 1:
-        return optuna.samplers.TPESampler(seed=spec.seed)
-    if spec.search.sampler == "tpe":
-        return optuna.samplers.NSGAIISampler(seed=spec.seed)
-    # grid: every point is enqueued, so the sampler only fills parameters nobody enqueued (none).
-    return optuna.samplers.RandomSampler(seed=spec.seed)
-
-
-@dataclass(frozen=True)
-class _Space:
-    """Define-by-run space: the searched rates on a log scale, plus the fixed ones as constants."""
-
-    searched: tuple[str, ...]
-    ranges: dict[str, tuple[float, float]]
-    fixed: dict[str, float]
-
-    def __call__(self, trial: optuna.Trial) -> dict[str, float]:
-        for rate in self.searched:
-            trial.suggest_float(rate, *self.ranges[rate], log=True)
-        return dict(self.fixed)
-
-
-class _RecordingOptunaSearch(OptunaSearch):
-    """OptunaSearch that stores each trial's metrics and record, and failures with their reason.
-
-    Tune's OptunaSearch keeps only objective values and logs (then drops) a failing ``tell``;
-    here every reported figure becomes a user attribute and nothing is swallowed.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._values: dict[str, list[float] | None] = {}  # Tune trial id -> objective values
-        self._death_reasons: dict[str, str] = {}  # Tune trial id -> why its worker died
-
-    def complete_trial(
-        self,
-        trial_id: str,
-        result: dict | None = None,
-        error: bool = False,
-        death: str | None = None,
-    ) -> list[float] | None:
-        """Store the trial's outcome in its study; its objective values (None: failed).
-        ``death``: why its worker died, where known."""
-        if death:
-            self._death_reasons[trial_id] = death
-        self.on_trial_complete(trial_id, result=result, error=error)
-        return self._values.get(trial_id)
-
-    def retry(self, dead_trial_id: str, trial_id: str) -> dict | None:
-        """The config of ``dead_trial_id``'s Optuna trial, handed out again as ``trial_id``: the
-        re-run of a trial whose worker died reports to the same Optuna trial."""
-        self._ot_trials[trial_id] = self._ot_trials.pop(dead_trial_id)
-        return self.suggest(trial_id)
-
-    def on_trial_complete(
-        self, trial_id: str, result: dict | None = None, error: bool = False
-    ) -> None:
-        if trial_id in self._completed_trials:
-            return
-        ot_trial = self._ot_trials[trial_id]
-        payload = json.loads(result[PAYLOAD_KEY]) if result and PAYLOAD_KEY in result else {}
-        reported_failure = payload.get("fail_reason")
-        values = (
-            None if reported_failure else objective_values(payload.get("metrics", {}), self._metric)
-        )
-        if values is None:
-            died = self._death_reasons.pop(trial_id, None) or (
-                "the trial worker died before reporting (killed, out of memory or a lost node)"
-            )
-            payload["fail_reason"] = reported_failure or (
-                died
-                if error
-                else f"the trial reported no finite value for {', '.join(self._metric)}"
-            )
-            # A failure the trial reported recurs on a re-run; a dead worker may not.
-            payload["retryable"] = not reported_failure
-        try:
-            record_trial(ot_trial, payload)
-            self._tell(ot_trial, values)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            # Another launch took this one for dead and failed the trial: keep the result as a
-            # trial of its own rather than lose it.
-            self._ot_study.add_trial(_finished_copy(ot_trial, payload, values))
-        self._completed_trials.add(trial_id)
-        self._values[trial_id] = values
-
-    def _tell(self, ot_trial: optuna.Trial, values: list[float] | None) -> None:
-        if values is None:
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
-        else:
-            self._ot_study.tell(ot_trial, values)
-
-
-def _finished_copy(
-    trial: optuna.Trial, payload: dict[str, Any], values: list[float] | None
-) -> optuna.trial.FrozenTrial:
-    """A finished trial with ``trial``'s parameters and what it reported."""
-    return optuna.trial.create_trial(
-        state=optuna.trial.TrialState.FAIL if values is None else optuna.trial.TrialState.COMPLETE,
-        params=trial.params,
-        distributions=trial.distributions,
-        values=values,
-        user_attrs=trial_attrs(payload),
-    )
-
-
-def _prune_checkpoints(stage: Stage, plan: Plan, study: optuna.Study) -> None:
+def _prune_checkpoints(stage: Stage, plan: Plan, spec: StudySpec, study: optuna.Study) -> None:
     """Keep only the best trial's models of a stage that later stages reuse."""
     if not any(stage.name in later.reuse_from.values() for later in plan.stages):
         return
-    best = best_trial(study)
-    for trial in study.get_trials(deepcopy=False):
-        checkpoint = trial.user_attrs.get("checkpoint")
-        if checkpoint and (best is None or trial.number != best.number):
-            shutil.rmtree(checkpoint, ignore_errors=True)
+    best = _best_of(study, spec)
+    for trial in read_trials(study):
+        if trial.checkpoint and (best is None or trial.number != best.number):
+            shutil.rmtree(trial.checkpoint, ignore_errors=True)

@@ -15,11 +15,12 @@ from typing import Any
 import ray
 from ray import tune
 
+from search.forecast import trial_memory_ask
 from search.launch._scheduler import PAYLOAD_KEY, REUSE_KEY, STAGE_KEY
-from search.plan import Plan, trial_memory_ask
+from search.plan import Plan
 from search.spec import StudySpec, trial_config
 from search.store import stage_study_name
-from trainers.errors import RagsweepError, one_line
+from trainers import RagsweepError, method_declarations, one_line, register_method
 
 __all__ = ["make_trainable"]
 
@@ -42,6 +43,9 @@ def make_trainable(spec: StudySpec, plan: Plan, runs_dir: Path, cache_dir: Path)
         "stages": stages,
         "cache_dir": str(cache_dir),
         "cpus": spec.resources.cpus,
+        # Methods registered in the driver after import (register_method) travel with the job:
+        # a worker process knows only the built-in ones.
+        "methods": method_declarations(),
     }
     # Per stage: memory is the stage's forecast peak (or resources.memory), so Ray starts a
     # trial only where it fits and queues it otherwise, instead of starting it and killing it.
@@ -74,6 +78,8 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         "node": ray.get_runtime_context().get_node_id(),
     }
     try:
+        for declaration in job["methods"]:
+            register_method(declaration)
         spec = StudySpec.model_validate(job["spec"])
         if stage["training_overrides"]:
             spec = spec.model_copy(

@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -86,7 +87,8 @@ def plan(
     debug: DebugOption = False,
 ) -> None:
     """Print the stages, trial counts, shared work and cost forecast of a study; runs nothing."""
-    from search.plan import make_plan, render_plan
+    from search.plan import make_plan
+    from search.plan_table import render_plan
     from search.spec import load_spec
 
     study = load_spec(spec, _spec_overrides(settings, {}))
@@ -191,7 +193,7 @@ def launch(
         raise typer.Exit(1)
 
 
-def _spec_overrides(settings: list[str] | None, options: dict[str, object]) -> dict[str, object]:
+def _spec_overrides(settings: list[str] | None, options: Mapping[str, object]) -> dict[str, object]:
     """Dotted spec overrides: each --set KEY=VALUE, then the dedicated options that were given."""
     import yaml
 
@@ -216,20 +218,9 @@ def _metrics_table(method: str, metrics: dict[str, float]) -> Table:
     table = Table(title=f"trial: {method}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    headline = [
-        "em",
-        "f1",
-        "recall_at_k",
-        "wall_s",
-        "train_wall_s",
-        "device_s",
-        "tokens",
-        "flops",
-        "peak_mem_mb",
-        "index_build_s",
-        "index_cache_hit",
-    ]
-    for key in headline + sorted(k for k in metrics if "." in k):
+    from search.store import HEADLINE_METRICS
+
+    for key in [*HEADLINE_METRICS, *sorted(k for k in metrics if "." in k)]:
         if key in metrics:
             value = metrics[key]
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))

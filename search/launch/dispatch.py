@@ -49,7 +49,7 @@ from search.store import (
     open_stage_study,
     open_storage,
 )
-from trainers.errors import ConfigError, RagsweepError, one_line
+from trainers.errors import RagsweepError, one_line
 
 __all__ = ["LaunchSummary", "StageEvent", "launch"]
 
@@ -105,7 +105,7 @@ def launch(
         return summary
     # Data, models and the Ray cluster are checked before anything is written, so bad input
     # leaves the database as it was.
-    _prepare_shared(spec, plan, cache_dir)
+    _prepare(spec, plan, cache_dir)
     try:
         start_ray(address, log_to_driver)
         check_resources(spec, plan)
@@ -275,40 +275,17 @@ class _TrialStarts(tune.Callback):
         # Tune pickles its callbacks with the experiment state; the live view stays in the driver.
         return {**self.__dict__, "_notify": ignore_event}
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._notify(StageEvent("trial_start", self._plan.stage(trial.config[STAGE_KEY])))
 
 
-def _prepare_shared(spec: StudySpec, plan: Plan, cache_dir: Path) -> None:
-    """Check data against every stage, convert built-in models and build the frozen index once,
-    before trials race to do it (a mistake found here fails the launch, not every trial)."""
-    import torch
+def _prepare(spec: StudySpec, plan: Plan, cache_dir: Path) -> None:
+    """Check the data against every stage, convert built-in models and build the frozen index
+    once, before trials race to do it (a mistake found here fails the launch, not every trial)."""
+    from trainers import prepare
 
-    from trainers.data import load_data
-    from trainers.index import build_index
-    from trainers.methods import needs_context_labels
-    from trainers.models import load_embedder, load_generator
-    from trainers.trial import resolve_device
-
-    resolve_device(spec.training.device)
-    device = torch.device("cpu")
-    data = load_data(spec.data)
-    if spec.training.k > len(data.corpus):
-        raise ConfigError(
-            f"training.k is {spec.training.k} but the corpus has only {len(data.corpus)} "
-            "documents; lower training.k"
-        )
-    for stage in plan.stages:
-        training = spec.training.model_copy(update=stage.training_overrides)
-        if needs_context_labels(stage.method, training) and not data.has_context_labels:
-            raise ConfigError(
-                f"method '{stage.method}' trains the embedder on context labels, but the training "
-                "questions have no gold documents; drop it from methods (use two_phase, rag_token "
-                "or rag_sequence) or provide gold_doc_ids"
-            )
-    embedder = load_embedder(spec.models.embedder, cache_dir=cache_dir, device=device)
-    build_index(
-        embedder, data.corpus, cache_dir=cache_dir, max_length=spec.training.embedder_max_length
-    )
-    if spec.models.generator_finetune != "qlora":
-        load_generator(spec.models.generator, cache_dir=cache_dir, device=device, finetune="full")
+    stage_trainings = [
+        (stage.method, spec.training.model_copy(update=stage.training_overrides))
+        for stage in plan.stages
+    ]
+    prepare(spec.data, spec.models, stage_trainings, cache_dir=cache_dir)

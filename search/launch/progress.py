@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from rich.console import Console
 from rich.live import Live
@@ -48,10 +49,15 @@ class LaunchProgress:
             self._live.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         if self._live is not None:
             self._live.update(self._table())
-            self._live.__exit__(*exc)
+            self._live.__exit__(exc_type, exc, traceback)
         else:
             self.console.print(self._table())
 

@@ -15,8 +15,59 @@ from typing import Any
 from rich.table import Table
 
 from search.query.compare import Comparison
-from search.query.report import StudyReport, StudySummary, TrialRow, run_cost
+from search.query.report import StudyReport, StudySummary, run_cost
 from search.query.reproduce import Reproduction
+from search.store import QUALITY_METRICS, TrialRecord
+
+__all__ = [
+    "COMPARE_COLUMNS",
+    "STUDIES_COLUMNS",
+    "TRIAL_COLUMNS",
+    "as_csv",
+    "as_json",
+    "as_markdown",
+    "as_table",
+    "cell",
+    "compare_records",
+    "reproduction_record",
+    "reproduction_report",
+    "studies_records",
+    "trial_detail",
+    "trial_record",
+]
+
+# The columns each table shows (JSON and CSV carry every key of the records).
+STUDIES_COLUMNS = (
+    "study",
+    "methods",
+    "complete",
+    "failed",
+    "running",
+    "best_f1",
+    "train_flops",
+    "train_device_s",
+)
+TRIAL_COLUMNS = (
+    "trial",
+    "method",
+    "state",
+    "lr_embedder",
+    "lr_generator",
+    *QUALITY_METRICS,
+    "train_flops",
+    "train_device_s",
+    "fail_reason",
+)
+COMPARE_COLUMNS = (
+    "method",
+    "lr_embedder",
+    "lr_generator",
+    *QUALITY_METRICS,
+    "run_flops",
+    "run_device_s",
+    "search_stages",
+    "search_device_s",
+)
 
 
 def studies_records(summaries: Sequence[StudySummary]) -> list[dict[str, Any]]:
@@ -35,7 +86,7 @@ def studies_records(summaries: Sequence[StudySummary]) -> list[dict[str, Any]]:
     ]
 
 
-def trial_record(report: StudyReport, row: TrialRow) -> dict[str, Any]:
+def trial_record(report: StudyReport, row: TrialRecord) -> dict[str, Any]:
     """The columns of ``ragsweep trials`` for one trial."""
     return {
         "trial": row.id,
@@ -43,9 +94,7 @@ def trial_record(report: StudyReport, row: TrialRow) -> dict[str, Any]:
         "state": row.state.lower(),
         "lr_embedder": row.lr_embedder,
         "lr_generator": row.lr_generator,
-        "em": row.metrics.get("em"),
-        "f1": row.metrics.get("f1"),
-        "recall_at_k": row.metrics.get("recall_at_k"),
+        **{metric: row.metrics.get(metric) for metric in QUALITY_METRICS},
         "train_flops": row.metrics.get("train_flops"),
         "train_device_s": row.metrics.get("train_device_s"),
         "run_flops": run_cost(report, row, "train_flops"),
@@ -64,9 +113,10 @@ def compare_records(comparison: Comparison) -> list[dict[str, Any]]:
                 "trial": chosen.id if chosen else None,
                 "lr_embedder": chosen.lr_embedder if chosen else None,
                 "lr_generator": chosen.lr_generator if chosen else None,
-                "em": chosen.metrics.get("em") if chosen else None,
-                "f1": chosen.metrics.get("f1") if chosen else None,
-                "recall_at_k": chosen.metrics.get("recall_at_k") if chosen else None,
+                **{
+                    metric: chosen.metrics.get(metric) if chosen else None
+                    for metric in QUALITY_METRICS
+                },
                 "run_flops": result.run_flops,
                 "run_device_s": result.run_device_s,
                 "search_trials": sum(result.search_stages.values()),
@@ -192,16 +242,16 @@ def _seconds(value: float) -> str:
     return f"{value:.1f} s"
 
 
-def trial_detail(report: StudyReport, row: TrialRow, title: str) -> Table:
+def trial_detail(report: StudyReport, row: TrialRecord, title: str) -> Table:
     """``ragsweep best``: the headline figures, then what the record says about the run."""
-    record = row.attrs.get("record") or {}
+    record = row.record
     environment = record.get("environment") or {}
     summary = trial_record(report, row)
     table = Table(title=title, title_justify="left", show_header=False)
     table.add_column("field")
     table.add_column("value")
-    headline = ("trial", "method", "state", "lr_embedder", "lr_generator", "em", "f1")
-    for key in (*headline, "recall_at_k", "train_flops", "run_flops", "train_device_s", "wall_s"):
+    headline = ("trial", "method", "state", "lr_embedder", "lr_generator", *QUALITY_METRICS)
+    for key in (*headline, "train_flops", "run_flops", "train_device_s", "wall_s"):
         table.add_row(key, cell(key, summary[key]))
     git = environment.get("git") or {}
     details = {
@@ -210,7 +260,7 @@ def trial_detail(report: StudyReport, row: TrialRow, title: str) -> Table:
         "phases": ", ".join(record.get("phases", [])) or "none",
         "reused phases": ", ".join(record.get("reused_phases", [])) or "none",
         "final losses": record.get("final_losses"),
-        "checkpoint": row.attrs.get("checkpoint"),
+        "checkpoint": row.checkpoint,
         "git commit": f"{git.get('commit')}{' (uncommitted changes)' if git.get('dirty') else ''}"
         if git
         else None,

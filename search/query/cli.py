@@ -6,9 +6,11 @@ Their flags and environment variables are read here; ``search.cli`` adds :data:`
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -22,11 +24,9 @@ from search.cli_common import (
     quiet_libraries,
     storage_url,
 )
-from trainers.errors import RagsweepError
+from trainers import RagsweepError
 
 if TYPE_CHECKING:
-    import optuna
-
     from search.query.report import StudyReport
 
 app = typer.Typer()
@@ -38,19 +38,6 @@ _StudyArgument = Annotated[
     typer.Argument(help="Study name (the spec's name), or one stage study such as demo/ft_gen."),
 ]
 _FORMATS = ("table", "markdown", "json", "csv")
-_TRIAL_COLUMNS = [
-    "trial",
-    "method",
-    "state",
-    "lr_embedder",
-    "lr_generator",
-    "em",
-    "f1",
-    "recall_at_k",
-    "train_flops",
-    "train_device_s",
-    "fail_reason",
-]
 
 
 @app.command()
@@ -59,23 +46,15 @@ def studies(
     storage: StorageOption = None, fmt: _FormatOption = "table", debug: DebugOption = False
 ) -> None:
     """Every study in the database: methods, trials by state, best F1 and compute spent."""
-    from search.query._views import studies_records
+    from search.query._views import STUDIES_COLUMNS, studies_records
     from search.query.report import summarize_studies
-    from search.store import mask_url
+    from search.store import mask_url, open_database
 
     url = _query_url(storage, None)
-    records = studies_records(summarize_studies(_open_existing(url)))
-    columns = [
-        "study",
-        "methods",
-        "complete",
-        "failed",
-        "running",
-        "best_f1",
-        "train_flops",
-        "train_device_s",
-    ]
-    _emit(records, fmt, f"studies in {mask_url(url)}", columns)
+    summaries = summarize_studies(open_database(url))
+    _keep_to_the_end()
+    records = studies_records(summaries)
+    _emit(records, fmt, f"studies in {mask_url(url)}", STUDIES_COLUMNS)
 
 
 @app.command()
@@ -98,13 +77,13 @@ def trials(
     debug: DebugOption = False,
 ) -> None:
     """One row per trial: learning rates, EM, F1, Recall@k, cost, state and why it failed."""
-    from search.query._views import trial_record
+    from search.query._views import TRIAL_COLUMNS, trial_record
     from search.query.report import select_trials
 
     report = _load_report(study, storage)
     rows = select_trials(report, method=method, state=state, sort=sort)
     records = [trial_record(report, row) for row in rows]
-    _emit(records, fmt, f"study {report.name}: {len(records)} trials", _TRIAL_COLUMNS)
+    _emit(records, fmt, f"study {report.name}: {len(records)} trials", TRIAL_COLUMNS)
 
 
 @app.command()
@@ -118,18 +97,16 @@ def best(
     debug: DebugOption = False,
 ) -> None:
     """The best completed trial on a validation metric, with everything recorded about it."""
-    from search.query._views import as_json, trial_record
-    from search.query.report import best_of, export_rows
+    from search.query._views import as_json, trial_detail, trial_record
+    from search.query.report import best_of, export_row
 
     _check_format(fmt, ("table", "json"))
     report = _load_report(study, storage)
     row = best_of(report, metric, method)
     if fmt == "json":
-        everything = next(r for r in export_rows(report) if r["trial"] == row.id)
+        everything = export_row(report, row)
         print(as_json(everything | {"run_flops": trial_record(report, row)["run_flops"]}))
         return
-    from search.query._views import trial_detail
-
     console.print(trial_detail(report, row, f"best trial of {report.name} on {metric}"))
 
 
@@ -179,7 +156,7 @@ def compare(
     debug: DebugOption = False,
 ) -> None:
     """The paper's table: each method's chosen run, its cost and its search's cost, and advice."""
-    from search.query._views import compare_records
+    from search.query._views import COMPARE_COLUMNS, compare_records
     from search.query.compare import compare as compare_methods
 
     _check_format(fmt, _FORMATS)
@@ -187,21 +164,10 @@ def compare(
     comparison = compare_methods(report)
     records = compare_records(comparison)
     if fmt in ("json", "csv"):
-        _emit(records, fmt, "", [])
+        _emit(records, fmt, "", ())
         return
-    columns = [
-        "method",
-        "lr_embedder",
-        "lr_generator",
-        "em",
-        "f1",
-        "recall_at_k",
-        "run_flops",
-        "run_device_s",
-        "search_stages",
-        "search_device_s",
-    ]
-    _emit(records, fmt, f"study {report.name}: methods at their best validation run", columns)
+    title = f"study {report.name}: methods at their best validation run"
+    _emit(records, fmt, title, COMPARE_COLUMNS)
     console.print(
         f"whole study: {comparison.total_trials} trials, "
         f"{_cell('flops', comparison.total_flops)}FLOPs, {_cell('_s', comparison.total_device_s)} of training"
@@ -284,7 +250,7 @@ def reproduce(
     from search.query._views import as_json, reproduction_record, reproduction_report
     from search.query.report import best_of
     from search.query.reproduce import reproduce_trial
-    from trainers.errors import ConfigError
+    from trainers import ConfigError
 
     _check_format(fmt, ("table", "json"))
     if (trial is None) == (not best_trial):
@@ -323,8 +289,8 @@ def dashboard(
     debug: DebugOption = False,
 ) -> None:
     """optuna-dashboard on the study database, on 127.0.0.1 unless --host says otherwise."""
-    from search.store import mask_url
-    from trainers.errors import ConfigError
+    from search.store import mask_url, open_storage
+    from trainers import ConfigError
 
     try:
         from optuna_dashboard import run_server
@@ -333,7 +299,7 @@ def dashboard(
             "optuna-dashboard is not installed; pip install 'ragsweep[dashboard]'"
         ) from e
     url = _query_url(storage, study)
-    opened = _open_existing(url)
+    opened = open_storage(url, create=False)
     console.print(
         f"optuna-dashboard for {mask_url(url)} on http://{host}:{port} (Ctrl-C stops it)",
         highlight=False,
@@ -344,7 +310,7 @@ def dashboard(
 def _query_url(explicit: str | None, study: str | None) -> str:
     """The launch's rule (:func:`search.cli_common.storage_url`) without a spec: the default
     studies/<study>.db, where `make demo` writes it, only when that file exists."""
-    from trainers.errors import ConfigError
+    from trainers import ConfigError
 
     default_file = Path("studies") / f"{(study or '').split('/')[0]}.db"
     if explicit or os.environ.get("RAGSWEEP_STORAGE") or (study and default_file.is_file()):
@@ -354,31 +320,20 @@ def _query_url(explicit: str | None, study: str | None) -> str:
     )
 
 
-def _open_existing(url: str) -> optuna.storages.RDBStorage:
-    """Open a storage for reading; a SQLite file that is not there is an error, never created."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    from search.store import StorageError, mask_url, open_storage
-
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        parsed = None  # open_storage says what is wrong with it
-    if parsed is not None and parsed.get_backend_name() == "sqlite":
-        if not parsed.database or not Path(parsed.database).is_file():
-            raise StorageError(
-                f"database file '{parsed.database}' does not exist; check --storage ({mask_url(url)}) "
-                "or launch a study there first"
-            )
-    return open_storage(url)
-
-
 def _load_report(study: str, storage: str | None) -> StudyReport:
     from search.query.report import load_study
+    from search.store import open_database
 
-    url = _query_url(storage, study)
-    return load_study(_open_existing(url), study, url)
+    report = load_study(open_database(_query_url(storage, study)), study)
+    _keep_to_the_end()
+    return report
+
+
+def _keep_to_the_end() -> None:
+    """What was read stays until this short process ends: move it out of the cycle collector's
+    sight, so that neither its passes nor the one at exit scan it again (0.1 s at exit for 5,000
+    trials)."""
+    gc.freeze()
 
 
 def _check_format(fmt: str, allowed: tuple[str, ...]) -> None:
@@ -386,7 +341,7 @@ def _check_format(fmt: str, allowed: tuple[str, ...]) -> None:
         raise bad_choice("--format", fmt, allowed)
 
 
-def _emit(records: list[dict], fmt: str, title: str, columns: list[str]) -> None:
+def _emit(records: list[dict[str, Any]], fmt: str, title: str, columns: Sequence[str]) -> None:
     from search.query._views import as_csv, as_json, as_markdown, as_table
 
     _check_format(fmt, _FORMATS)
@@ -407,6 +362,6 @@ def _cell(column: str, value: object) -> str:
 
 
 def _bad_suffix(path: Path, suffixes: tuple[str, ...]) -> RagsweepError:
-    from trainers.errors import ConfigError
+    from trainers import ConfigError
 
     return ConfigError(f"'{path}' must end in {' or '.join(suffixes)}; the suffix picks the format")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
-from search.query.report import QUALITY, StudyReport, TrialRow, quality_key, run_cost
+from search.query.report import StudyReport, quality_key, run_cost
+from search.store import QUALITY_METRICS, TrialRecord, best_trial
 
 __all__ = ["Comparison", "MethodResult", "compare"]
 
@@ -16,7 +18,7 @@ class MethodResult:
     """One row of the paper's table: a method's chosen run and what its search cost."""
 
     method: str
-    chosen: TrialRow | None  # None when no trial of the method completed
+    chosen: TrialRecord | None  # None when no trial of the method completed
     run_flops: float | None  # the chosen run, reused phases included
     run_device_s: float | None
     search_stages: Mapping[str, int]  # stage -> trials, every stage the result depends on
@@ -42,12 +44,7 @@ def compare(report: StudyReport, metric: str | None = None) -> Comparison:
     rows = []
     for method in report.methods:
         own = [row for row in report.trials if row.method == method and row.stage == method]
-        completed = [row for row in own if row.state == "COMPLETE" and metric_key in row.metrics]
-        chosen = (
-            max(completed, key=lambda row: (row.metrics[metric_key], -row.number))
-            if completed
-            else None
-        )
+        chosen = best_trial(own, metric_key)
         stages = _search_stages(report, method)
         rows.append(
             MethodResult(
@@ -73,8 +70,8 @@ def compare(report: StudyReport, metric: str | None = None) -> Comparison:
 
 def _search_stages(report: StudyReport, method: str) -> dict[str, int]:
     if report.plan is not None and method in report.plan.methods:
-        needed = report.plan.search_cost(method)["stages"]
-        return {stage: report.finished(stage) for stage in needed}  # type: ignore[union-attr]
+        needed = cast("dict[str, int]", report.plan.search_cost(method)["stages"])
+        return {stage: report.finished(stage) for stage in needed}
     return {method: report.finished(method)}
 
 
@@ -101,7 +98,7 @@ def _sharing_notes(report: StudyReport, rows: Sequence[MethodResult]) -> Iterabl
 def _recommendation(
     report: StudyReport, rows: Sequence[MethodResult], metric_key: str
 ) -> Iterable[str]:
-    """The paper's advice (DESIGN.md, "Search cost"), applied to this study's data and results."""
+    """The paper's advice (docs/METHOD.md, "Search cost"), applied to this study's results."""
     chosen = {r.method: r.chosen for r in rows if r.chosen is not None}
     run_s = {r.method: r.run_device_s for r in rows}
     if not chosen:
@@ -112,7 +109,7 @@ def _recommendation(
         f"best on validation {metric_key}: {best} ({score[best]:.3f}, lr_embedder "
         f"{_rate(chosen[best].lr_embedder)}, lr_generator {_rate(chosen[best].lr_generator)})"
     )
-    labels = any((row.attrs.get("record") or {}).get("has_context_labels") for row in report.trials)
+    labels = any(row.has_context_labels for row in report.trials)
     if labels:
         pick = "independent"
         advice = (
@@ -145,7 +142,7 @@ def _recommendation(
 
 def _first_objective(report: StudyReport) -> str:
     metric = report.spec.objectives[0].metric if report.spec else "f1"
-    return metric if metric in QUALITY.values() else "f1"
+    return metric if metric in QUALITY_METRICS else "f1"
 
 
 def _rate(value: float | None) -> str:

@@ -6,11 +6,19 @@ Drawn with matplotlib (Agg, no display needed); the file type follows the suffix
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from search.query.report import QUALITY, StudyReport, TrialRow, pareto_front
-from trainers.errors import ConfigError
+from search.query.report import StudyReport, pareto_front
+from search.store import METRIC_NAMES, TrialRecord
+from trainers import ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["plot_study"]
+
+_Point = tuple[TrialRecord, float, float]  # (trial, quality, cost), as pareto_front gives them
 
 _COST_LABELS = {
     "train_flops": "training compute of the run (reused phases included)",
@@ -57,7 +65,9 @@ def plot_study(
     return out
 
 
-def _quality_cost(axis, points, front, metric: str, cost: str) -> None:
+def _quality_cost(
+    axis: Axes, points: list[_Point], front: list[_Point], metric: str, cost: str
+) -> None:
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(row.method for row, _, _ in points))
@@ -99,7 +109,7 @@ def _quality_cost(axis, points, front, metric: str, cost: str) -> None:
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def _coupled_grids(report: StudyReport) -> dict[str, list[TrialRow]]:
+def _coupled_grids(report: StudyReport) -> dict[str, list[TrialRecord]]:
     """Stages whose completed trials vary both learning rates (a joint Cartesian grid)."""
     grids = {}
     for stage in report.stages:
@@ -116,18 +126,18 @@ def _coupled_grids(report: StudyReport) -> dict[str, list[TrialRow]]:
     return grids
 
 
-def _heat_map(figure, axis, stage: str, rows: list[TrialRow], metric: str) -> None:
+def _heat_map(figure: Figure, axis: Axes, stage: str, rows: list[TrialRecord], metric: str) -> None:
     import numpy as np
 
-    key = QUALITY[metric]
-    embedder_rates = sorted({r.lr_embedder for r in rows})
-    generator_rates = sorted({r.lr_generator for r in rows})
+    key = METRIC_NAMES[metric]
+    embedder_rates = sorted({r.lr_embedder for r in rows if r.lr_embedder is not None})
+    generator_rates = sorted({r.lr_generator for r in rows if r.lr_generator is not None})
     values = np.full((len(generator_rates), len(embedder_rates)), np.nan)
     for row in rows:
-        if key in row.metrics:
-            values[
-                generator_rates.index(row.lr_generator), embedder_rates.index(row.lr_embedder)
-            ] = row.metrics[key]
+        lr_embedder, lr_generator = row.lr_embedder, row.lr_generator
+        if key in row.metrics and lr_embedder is not None and lr_generator is not None:
+            cell = generator_rates.index(lr_generator), embedder_rates.index(lr_embedder)
+            values[cell] = row.metrics[key]
     image = axis.imshow(values, origin="lower", cmap="viridis", aspect="auto")
     for (i, j), value in np.ndenumerate(values):
         if not np.isnan(value):

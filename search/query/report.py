@@ -11,79 +11,48 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import optuna
 from pydantic import ValidationError
 
 from search.plan import Plan, make_plan
 from search.spec import StudySpec
-from search.store import GROUP_ATTR, SPEC_ATTR, STAGE_ATTR, mask_url
-from trainers.errors import ConfigError
-
-if TYPE_CHECKING:
-    from optuna.study._frozen import FrozenStudy  # what storage.get_all_studies returns
+from search.store import (
+    COST_METRICS,
+    METRIC_NAMES,
+    StoredStudy,
+    StudyDatabase,
+    TrialRecord,
+    best_trial,
+    mask_url,
+)
+from trainers import ConfigError
 
 __all__ = [
-    "COSTS",
-    "QUALITY",
     "StudyReport",
     "StudySummary",
-    "TrialRow",
     "best_of",
+    "export_row",
     "export_rows",
     "load_study",
-    "quality_key",
     "pareto_front",
+    "quality_key",
     "run_cost",
     "select_trials",
     "summarize_studies",
 ]
 
-# --metric names users type -> the metric key trials report.
-QUALITY: dict[str, str] = {
-    "f1": "f1",
-    "em": "em",
-    "recall": "recall_at_k",
-    "recall_at_k": "recall_at_k",
-}
-# Cost figures a trial reports; train_* count only the phases the trial trained itself.
-COSTS: tuple[str, ...] = (
-    "train_flops",
-    "train_wall_s",
-    "train_device_s",
-    "train_tokens",
-    "flops",
-    "wall_s",
-    "device_s",
-    "tokens",
-    "peak_mem_mb",
+_SORT_KEYS = (
+    "trial",
+    "method",
+    "state",
+    "lr_embedder",
+    "lr_generator",
+    *METRIC_NAMES.values(),
+    *COST_METRICS,
 )
-_SORT_KEYS = ("trial", "method", "state", "lr_embedder", "lr_generator", *QUALITY.values(), *COSTS)
-
-
-@dataclass(frozen=True)
-class TrialRow:
-    """One trial as the reports see it; ``attrs`` holds every user attribute (record, checkpoint)."""
-
-    stage: str
-    number: int
-    method: str
-    state: str  # COMPLETE, FAIL, RUNNING, WAITING or PRUNED
-    lr_embedder: float | None
-    lr_generator: float | None
-    metrics: Mapping[str, float]
-    fail_reason: str | None
-    attrs: Mapping[str, Any]
-    started: datetime | None
-    completed: datetime | None
-
-    @property
-    def id(self) -> str:
-        return f"{self.stage}/{self.number}"
 
 
 @dataclass(frozen=True)
@@ -92,7 +61,7 @@ class StudyReport:
 
     name: str
     stages: tuple[str, ...]
-    trials: tuple[TrialRow, ...]
+    trials: tuple[TrialRecord, ...]
     spec: StudySpec | None
     plan: Plan | None
 
@@ -103,24 +72,19 @@ class StudyReport:
             return self.plan.methods
         return tuple(dict.fromkeys(row.method for row in self.trials))
 
-    def reuse_sources(self, row: TrialRow) -> dict[str, TrialRow]:
+    def reuse_sources(self, row: TrialRecord) -> dict[str, TrialRecord]:
         """Phase -> the trial whose saved checkpoint ``row`` loaded for that phase."""
-        reuse = ((row.attrs.get("record") or {}).get("config") or {}).get("reuse") or {}
         sources = {}
-        for phase, folder in reuse.items():
+        for phase, folder in row.reuse.items():
             source = self._by_checkpoint.get(str(Path(folder).parent))
             if source is not None:
                 sources[phase] = source
         return sources
 
     @cached_property
-    def _by_checkpoint(self) -> dict[str, TrialRow]:
+    def _by_checkpoint(self) -> dict[str, TrialRecord]:
         # Built once: every reusing trial's cost looks its sources up here.
-        return {
-            str(Path(row.attrs["checkpoint"])): row
-            for row in self.trials
-            if row.attrs.get("checkpoint")
-        }
+        return {str(Path(row.checkpoint)): row for row in self.trials if row.checkpoint}
 
     def finished(self, stage: str) -> int:
         """Trials of ``stage`` that ran to an end (complete or failed)."""
@@ -134,7 +98,7 @@ class StudyReport:
         wanted = set(stages)
         return sum(float(row.metrics.get(cost, 0.0)) for row in self.trials if row.stage in wanted)
 
-    def trial(self, ref: str) -> TrialRow:
+    def trial(self, ref: str) -> TrialRecord:
         """The trial named ``<stage>/<number>``, or ``<number>`` when only one stage has it."""
         stage, _, number = ref.rpartition("/")
         if not number.isdigit():
@@ -168,28 +132,25 @@ class StudySummary:
     train_device_s: float
 
 
-def summarize_studies(storage: optuna.storages.BaseStorage) -> list[StudySummary]:
+def summarize_studies(database: StudyDatabase) -> list[StudySummary]:
     """Every study in the database, launches grouped: methods, trials by state, best F1, compute."""
-    groups: dict[str, list[FrozenStudy]] = {}
-    for study in storage.get_all_studies():
-        groups.setdefault(_group_name(study), []).append(study)
-    return [
-        _summarize(name, _report(storage, name, summaries)) for name, summaries in groups.items()
-    ]
+    groups: dict[str, list[StoredStudy]] = {}
+    for study in database.studies():
+        groups.setdefault(study.group, []).append(study)
+    return [_summarize(name, _report(database, name, studies)) for name, studies in groups.items()]
 
 
-def load_study(storage: optuna.storages.BaseStorage, name: str, url: str) -> StudyReport:
+def load_study(database: StudyDatabase, name: str) -> StudyReport:
     """The study ``name`` (a launch, or one stage study by its full name) with all its trials."""
-    # get_all_studies reads no trials (get_all_study_summaries reads them all to count them).
-    summaries = storage.get_all_studies()
-    chosen = [s for s in summaries if _group_name(s) == name] or [
-        s for s in summaries if s.study_name == name
-    ]
+    studies = database.studies()
+    chosen = [s for s in studies if s.group == name] or [s for s in studies if s.name == name]
     if not chosen:
-        known = sorted({_group_name(s) for s in summaries})
+        known = sorted({s.group for s in studies})
         listing = f"; it holds: {', '.join(known)}" if known else "; it holds no study yet"
-        raise ConfigError(f"no study '{name}' in {mask_url(url)}{listing} (see `ragsweep studies`)")
-    return _report(storage, name, chosen)
+        raise ConfigError(
+            f"no study '{name}' in {mask_url(database.url)}{listing} (see `ragsweep studies`)"
+        )
+    return _report(database, name, chosen)
 
 
 def select_trials(
@@ -198,7 +159,7 @@ def select_trials(
     method: str | None = None,
     state: str | None = None,
     sort: str | None = None,
-) -> list[TrialRow]:
+) -> list[TrialRecord]:
     """Trials filtered by method and state, sorted by ``sort`` (quality best first, cost lowest)."""
     if method is not None and method not in {row.method for row in report.trials}:
         _unknown("method", method, sorted({row.method for row in report.trials}))
@@ -217,35 +178,35 @@ def select_trials(
         return rows
     if sort in ("method", "state"):
         return sorted(rows, key=lambda row: getattr(row, sort))
-    descending = sort in QUALITY.values()
+    descending = sort in METRIC_NAMES.values()
 
-    def key(row: TrialRow) -> tuple[bool, float]:
-        value = getattr(row, sort) if sort.startswith("lr_") else row.metrics.get(sort)
-        missing = value is None
-        return missing, 0.0 if missing else (-value if descending else value)
+    def key(row: TrialRecord) -> tuple[bool, float]:
+        value: float | None = (
+            getattr(row, sort) if sort.startswith("lr_") else row.metrics.get(sort)
+        )
+        if value is None:
+            return True, 0.0
+        return False, -value if descending else value
 
     return sorted(rows, key=key)
 
 
-def best_of(report: StudyReport, metric: str = "f1", method: str | None = None) -> TrialRow:
+def best_of(report: StudyReport, metric: str = "f1", method: str | None = None) -> TrialRecord:
     """The completed trial with the highest ``metric`` (f1, em or recall); ties go to the earliest."""
     key = quality_key(metric)
-    rows = [
-        row for row in select_trials(report, method=method, state="complete") if key in row.metrics
-    ]
-    if not rows:
+    best = best_trial(select_trials(report, method=method), key)
+    if best is None:
         which = f" of method '{method}'" if method else ""
         raise ConfigError(
             f"study '{report.name}' has no completed trial{which} with {key}; "
             f"see `ragsweep trials {report.name}` for what ran and why trials failed"
         )
-    # max keeps the first of equal rows: ties go to the earliest trial, in stage order.
-    return max(rows, key=lambda row: row.metrics[key])
+    return best
 
 
 def pareto_front(
     report: StudyReport, *, metric: str = "f1", cost: str = "train_flops"
-) -> tuple[list[tuple[TrialRow, float, float]], list[tuple[TrialRow, float, float]]]:
+) -> tuple[list[tuple[TrialRecord, float, float]], list[tuple[TrialRecord, float, float]]]:
     """(every completed trial, the front) as (trial, quality, cost), front sorted by cost.
 
     A trial is on the front when no other trial is at least as good on quality and at least as
@@ -271,7 +232,7 @@ def pareto_front(
     return points, sorted(front, key=lambda point: (point[2], -point[1]))
 
 
-def run_cost(report: StudyReport, row: TrialRow, cost: str = "train_flops") -> float | None:
+def run_cost(report: StudyReport, row: TrialRecord, cost: str = "train_flops") -> float | None:
     """What producing this trial's models cost: its own figure plus the phases it loaded.
 
     A trial that reused an earlier stage's checkpoint (two_phase's phase 1, independent, joint
@@ -294,60 +255,47 @@ def run_cost(report: StudyReport, row: TrialRow, cost: str = "train_flops") -> f
 
 def export_rows(report: StudyReport) -> list[dict[str, Any]]:
     """Every trial with every recorded attribute, nested as stored (JSON) or flat (CSV)."""
-    return [
-        {
-            "study": report.name,
-            "trial": row.id,
-            "stage": row.stage,
-            "number": row.number,
-            "method": row.method,
-            "state": row.state,
-            "lr_embedder": row.lr_embedder,
-            "lr_generator": row.lr_generator,
-            "started": row.started.isoformat() if row.started else None,
-            "completed": row.completed.isoformat() if row.completed else None,
-            "metrics": dict(row.metrics),
-            **{
-                key: value
-                for key, value in row.attrs.items()
-                if key not in ("metrics", "method", "stage")
-            },
-        }
-        for row in report.trials
-    ]
+    return [export_row(report, row) for row in report.trials]
+
+
+def export_row(report: StudyReport, row: TrialRecord) -> dict[str, Any]:
+    """One trial with every recorded attribute (see :func:`export_rows`)."""
+    return {
+        "study": report.name,
+        "trial": row.id,
+        "stage": row.stage,
+        "number": row.number,
+        "method": row.method,
+        "state": row.state,
+        "lr_embedder": row.lr_embedder,
+        "lr_generator": row.lr_generator,
+        "started": row.started.isoformat() if row.started else None,
+        "completed": row.completed.isoformat() if row.completed else None,
+        "metrics": dict(row.metrics),
+        **row.attributes(),
+    }
 
 
 # --- loading ---------------------------------------------------------------------------------------
 
 
-def _group_name(summary: FrozenStudy) -> str:
-    return summary.user_attrs.get(GROUP_ATTR) or summary.study_name
-
-
-def _report(
-    storage: optuna.storages.BaseStorage,
-    name: str,
-    summaries: Sequence[FrozenStudy],
-) -> StudyReport:
-    spec = _stored_spec(summaries)
+def _report(database: StudyDatabase, name: str, studies: Sequence[StoredStudy]) -> StudyReport:
+    spec = _stored_spec(studies)
     plan = _plan_of(spec)
     order = [stage.name for stage in plan.stages] if plan else []
-    by_stage = {s.user_attrs.get(STAGE_ATTR) or s.study_name: s for s in summaries}
+    by_stage = {study.stage: study for study in studies}
     stages = tuple(
         sorted(by_stage, key=lambda st: (order.index(st) if st in order else len(order), st))
     )
-    trials: list[TrialRow] = []
-    for stage in stages:
-        study_id = storage.get_study_id_from_name(by_stage[stage].study_name)
-        trials += [_row(stage, trial) for trial in storage.get_all_trials(study_id, deepcopy=False)]
+    trials = database.trials([by_stage[stage] for stage in stages])
     return StudyReport(name=name, stages=stages, trials=tuple(trials), spec=spec, plan=plan)
 
 
-def _stored_spec(summaries: Sequence[FrozenStudy]) -> StudySpec | None:
-    for summary in summaries:
-        if SPEC_ATTR in summary.system_attrs:
+def _stored_spec(studies: Sequence[StoredStudy]) -> StudySpec | None:
+    for study in studies:
+        if study.spec is not None:
             try:
-                return StudySpec.model_validate(summary.system_attrs[SPEC_ATTR])
+                return StudySpec.model_validate(study.spec)
             except ValidationError:
                 return None  # written by another ragsweep version: report without the plan
     return None
@@ -357,31 +305,9 @@ def _plan_of(spec: StudySpec | None) -> Plan | None:
     if spec is None:
         return None
     try:
-        return make_plan(spec)
+        return make_plan(spec, forecast=False)  # the stages only: no torch in a query
     except ConfigError:
         return None
-
-
-def _row(stage: str, trial: optuna.trial.FrozenTrial) -> TrialRow:
-    attrs = trial.user_attrs
-    config = (attrs.get("record") or {}).get("config", {})
-    # Searched rates are parameters; rates a stage took from an earlier one are only in the record.
-    rates = {
-        rate: trial.params.get(rate, config.get(rate)) for rate in ("lr_embedder", "lr_generator")
-    }
-    return TrialRow(
-        stage=stage,
-        number=trial.number,
-        method=attrs.get("method") or stage,
-        state=trial.state.name,
-        lr_embedder=rates["lr_embedder"],
-        lr_generator=rates["lr_generator"],
-        metrics=attrs.get("metrics") or {},
-        fail_reason=attrs.get("fail_reason"),
-        attrs=attrs,
-        started=trial.datetime_start,
-        completed=trial.datetime_complete,
-    )
 
 
 # --- small helpers ---------------------------------------------------------------------------------
@@ -401,14 +327,14 @@ def _summarize(name: str, report: StudyReport) -> StudySummary:
 
 def quality_key(metric: str) -> str:
     """The metric key trials report for a --metric name (f1, em, recall)."""
-    if metric not in QUALITY:
-        _unknown("metric", metric, list(QUALITY))
-    return QUALITY[metric]
+    if metric not in METRIC_NAMES:
+        _unknown("metric", metric, list(METRIC_NAMES))
+    return METRIC_NAMES[metric]
 
 
 def _check_cost(cost: str) -> None:
-    if cost not in COSTS:
-        _unknown("cost", cost, list(COSTS))
+    if cost not in COST_METRICS:
+        _unknown("cost", cost, list(COST_METRICS))
 
 
 def _unknown(what: str, value: str, choices: Sequence[str]) -> None:

@@ -11,21 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from search.query.report import TrialRow
-from trainers.config import TrialConfig
-from trainers.errors import ConfigError
-from trainers.methods import method_phases
+from search.store import QUALITY_METRICS, TrialRecord
+from trainers import ConfigError, TrialConfig, method_phases
 
-__all__ = ["QUALITY_METRICS", "Reproduction", "reproduce_trial"]
-
-QUALITY_METRICS = ("em", "f1", "recall_at_k")
+__all__ = ["Reproduction", "reproduce_trial"]
 
 
 @dataclass(frozen=True)
 class Reproduction:
     """Recorded against reproduced metrics, the environment drift and where models were saved."""
 
-    trial: TrialRow
+    trial: TrialRecord
     recorded: dict[str, float]
     reproduced: dict[str, float]
     tolerance: float
@@ -47,7 +43,7 @@ class Reproduction:
 
 
 def reproduce_trial(
-    trial: TrialRow,
+    trial: TrialRecord,
     *,
     cache_dir: Path,
     out_dir: Path | None = None,
@@ -58,11 +54,9 @@ def reproduce_trial(
     """Train and evaluate ``trial`` again; models go to ``out_dir`` when given."""
     import torch
 
-    from trainers import run_trial
-    from trainers.data import load_data
-    from trainers.environment import environment_record
+    from trainers import environment_record, load_data, run_trial
 
-    record = trial.attrs.get("record")
+    record = trial.record
     if not record:
         reason = f" (it failed: {trial.fail_reason})" if trial.fail_reason else ""
         raise ConfigError(

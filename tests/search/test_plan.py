@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from search.plan import (
-    Plan,
-    gib_text,
-    grid_points,
-    make_plan,
-    method_memory,
-    render_plan,
-    trial_memory_ask,
-)
+from search.forecast import gib_text, method_memory, trial_memory_ask
+from search.plan import Plan, grid_points, make_plan
+from search.plan_table import render_plan
 from search.spec import PAPER_GRID, StudySpec, load_spec
-from trainers.errors import ConfigError
+from trainers import (
+    ConfigError,
+    LoadedPhase,
+    MethodDeclaration,
+    TrainedPhase,
+    register_method,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_HOTPOTQA = REPO / "studies" / "paper-hotpotqa.yaml"
@@ -356,3 +356,105 @@ def test_forecast_peak_memory_is_within_30_percent_of_a_real_demo_trial(cache_di
         forecast = method_memory(spec, method)
         assert forecast is not None
         assert forecast.host_bytes == pytest.approx(peak, rel=0.3), method
+
+
+# A method the paper does not have, declared once: ft_gen trained on the concatenated prompt
+# whatever training.ft_gen_objective says, and phase (b) of two_phase on top of it.
+FT_GEN_CONCAT = MethodDeclaration(
+    "ft_gen_concat", (TrainedPhase("generator", False, True, "nll_concat"),), rank=25
+)
+EMBED_ON_CONCAT = MethodDeclaration(
+    "embed_on_concat",
+    (
+        LoadedPhase("generator", "ft_gen_concat"),
+        TrainedPhase("embedder_rag", True, False, "rag_token"),
+    ),
+    rank=45,
+)
+# Loads ft_gen's phase trained with RAG-Token, as two_phase does.
+REUSES_TWO_PHASE_ONE = MethodDeclaration(
+    "joint_after_phase_one",
+    (
+        LoadedPhase("generator", "ft_gen", (("ft_gen_objective", "rag_token"),)),
+        TrainedPhase("joint", True, True, "rag_sequence"),
+    ),
+)
+
+
+@pytest.fixture
+def toy_methods() -> None:
+    for method in (FT_GEN_CONCAT, EMBED_ON_CONCAT, REUSES_TWO_PHASE_ONE):
+        register_method(method)
+
+
+def test_a_registered_method_is_planned_from_its_declaration(toy_methods):
+    spec = _paper(methods=["embed_on_concat", "ft_gen_concat", "none"])
+    plan = make_plan(spec)
+    # Ranks order stages free to run; a stage comes after what it loads.
+    assert [stage.name for stage in plan.stages] == ["none", "ft_gen_concat", "embed_on_concat"]
+    concat = plan.stage("ft_gen_concat")
+    assert concat.searched == ("lr_generator",) and concat.n_trials == 9
+    assert concat.serves == ("embed_on_concat", "ft_gen_concat")
+    stage = plan.stage("embed_on_concat")
+    assert stage.searched == ("lr_embedder",) and stage.n_trials == 9
+    assert stage.fixed_from == {"lr_generator": "ft_gen_concat"}
+    assert stage.reuse_from == {"generator": "ft_gen_concat"}
+    assert plan.search_cost("embed_on_concat")["search"] == "separable"
+    assert all(s.forecast_s and s.trial_memory for s in plan.stages)
+    text = _text(plan, spec)
+    assert all(f"│ {name} " in text for name in ("ft_gen_concat", "embed_on_concat"))
+
+
+def test_a_phase_loaded_with_other_settings_is_one_stage_for_every_method_loading_it(toy_methods):
+    plan = make_plan(
+        _paper(
+            methods=["two_phase", "joint_after_phase_one"],
+            search__joint="cartesian",
+            training__ft_gen_objective="nll_concat",
+        )
+    )
+    phase_one = plan.stage("two_phase.generator")
+    assert phase_one.training_overrides == {"ft_gen_objective": "rag_token"}
+    assert phase_one.serves == ("two_phase", "joint_after_phase_one")
+    joint = plan.stage("joint_after_phase_one")
+    assert joint.reuse_from == {"generator": "two_phase.generator"}
+    # Its own phase trains both models: a joint method, searched on the grid.
+    assert joint.searched == ("lr_embedder", "lr_generator") and joint.n_trials == 81
+    assert joint.fixed_from == {}
+
+
+def test_a_registered_joint_method_reuses_the_pair_like_the_paper_joint_methods(toy_methods):
+    plan = make_plan(_paper(methods=["joint_after_phase_one"]))  # joint: reuse, from two_phase
+    stage = plan.stage("joint_after_phase_one")
+    assert stage.n_trials == 1 and stage.searched == ()
+    assert stage.fixed_from == {"lr_embedder": "two_phase", "lr_generator": "ft_gen"}
+    assert stage.reuse_from == {"generator": "ft_gen"}
+
+
+def test_joint_reuse_from_takes_any_method_that_finds_both_rates(toy_methods):
+    plan = make_plan(_paper(methods=["rag_token"], search__joint_reuse_from="embed_on_concat"))
+    assert plan.stage("rag_token").fixed_from == {
+        "lr_embedder": "embed_on_concat",
+        "lr_generator": "ft_gen_concat",
+    }
+    with pytest.raises(ConfigError, match="joint_reuse_from is 'ft_gen_concat'") as error:
+        make_plan(_paper(search__joint_reuse_from="ft_gen_concat"))
+    offered = str(error.value).split("; use ")[1]
+    assert "embed_on_concat" in offered and "two_phase" in offered
+    assert "ft_gen_concat" not in offered and "rag_token" not in offered
+
+
+def test_an_unregistered_method_in_a_spec_is_a_config_error():
+    with pytest.raises(ConfigError, match="methods.0.*ft_embed"):
+        _paper(methods=["not_declared"])
+
+
+def test_planning_a_gpu_spec_loads_no_torch():
+    code = (
+        "import sys; from pathlib import Path; from search.spec import load_spec; "
+        "from search.plan import make_plan; from search.plan_table import render_plan; "
+        f"spec = load_spec(Path({str(PAPER_HOTPOTQA)!r})); render_plan(make_plan(spec), spec); "
+        "print(sorted(m for m in ('torch', 'transformers', 'ray', 'optuna') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -28,6 +28,7 @@ from search.launch.dispatch import launch
 from search.spec import load_spec
 from search.store import open_storage
 from tests.search.test_cli import assert_one_line_error
+from tests.search.test_store import fill_launch
 from tests.storage import POSTGRESQL_GROUP, storage_url_for
 from tests.tiny import TINY_DATA, TINY_TRAINING
 
@@ -235,6 +236,23 @@ def test_compare_gives_the_papers_table_with_shared_search_cost(study):
     assert "context labels" in table.stdout and "recommends independent" in table.stdout
 
 
+def test_compare_and_best_show_the_runs_later_stages_built_on(study):
+    # One best-trial rule (ties to the earliest trial) for the launch and for the queries.
+    name, url = study
+    rows = {row["method"]: row for row in query_json("compare", name, "--storage", url)}
+    trials = optuna_trials(url, name)
+    saved = {
+        t.user_attrs["checkpoint"]: key for key, t in trials.items() if "checkpoint" in t.user_attrs
+    }
+    [independent] = [t for key, t in trials.items() if key.startswith("independent/")]
+    loaded = independent.user_attrs["record"]["config"]["reuse"]
+    reused = {phase: saved[str(Path(folder).parent)] for phase, folder in loaded.items()}
+    assert reused == {"embedder": rows["ft_embed"]["trial"], "generator": rows["ft_gen"]["trial"]}
+    for method in ("ft_embed", "ft_gen"):
+        best = query_json("best", name, "--storage", url, "--method", method)
+        assert best["trial"] == rows[method]["trial"]
+
+
 def test_markdown_gives_the_tables_for_docs(study):
     name, url = study
     compare = ragsweep("compare", name, "--storage", url, "--format", "markdown")
@@ -336,6 +354,30 @@ def test_query_mistakes_get_one_line_and_change_nothing(study, tmp_path):
         ragsweep("studies", "--storage", f"sqlite:///{missing_file}"), "does not exist"
     )
     assert not missing_file.exists()
+
+
+def test_query_commands_import_no_torch_transformers_or_ray(tmp_path):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    fill_launch(url, "demo")
+    # What the process has imported when it exits, on stderr's last line.
+    probe = (
+        "import atexit, sys\n"
+        "heavy = ('torch', 'transformers', 'ray')\n"
+        "atexit.register(lambda: print('imported:', *[m for m in heavy if m in sys.modules], "
+        "file=sys.stderr))\n"
+        "from search.cli import main\n"
+        "main()\n"
+    )
+    for command in (["studies"], ["trials", "demo"], ["best", "demo"], ["compare", "demo"]):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *command, "--storage", url, "--format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.splitlines()[-1] == "imported:", (command, result.stderr)
+        assert json.loads(result.stdout)
 
 
 def test_reproduce_best_gives_the_recorded_metrics_and_saves_the_models(study, tmp_path):

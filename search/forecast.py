@@ -1,0 +1,346 @@
+"""What a study's trials will cost: wall time and peak memory, forecast from the spec alone.
+
+Time, per trial: analytic FLOPs with the rules of :mod:`trainers.cost`, divided by an assumed
+achieved throughput, plus a fixed overhead. Tokens per example are taken at the spec's caps
+(:func:`trainers.memory.token_caps`): ``nll_concat`` trains on one prompt with all k passages, RAG
+objectives on k single-passage prompts; MNRL encodes questions only (document vectors are frozen).
+Training covers ``n_train x epochs`` examples per trained phase (loaded phases cost nothing);
+evaluation generates ``max_new_tokens`` for ``n_validation`` questions. Parameter counts come from
+:data:`_EMBEDDERS` / :data:`_GENERATORS`; for a model or data size not listed the forecast is
+``None`` ("unknown"), never a guess. A stage alone runs ``n_trials / min(concurrency, n_trials)``
+waves; a launch's total replays how it schedules trials (:func:`launch_seconds`).
+
+Memory, per trial: :func:`trainers.memory.trial_memory` for the phases a trial trains; that peak is
+what a trial asks Ray for (:func:`trial_memory_ask`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from trainers import (
+    MiB,
+    ModelShape,
+    TrainingConfig,
+    TrialMemory,
+    forward_flops,
+    method_phases,
+    native_bf16,
+    token_caps,
+    training_flops,
+    trial_memory,
+)
+
+if TYPE_CHECKING:
+    from search.plan import Plan, Stage
+    from search.spec import StudySpec
+
+__all__ = [
+    "forecast_gaps",
+    "forecast_note",
+    "gib_text",
+    "launch_seconds",
+    "memory_note",
+    "memory_text",
+    "method_memory",
+    "stage_memory",
+    "trains_in_bf16",
+    "trial_memory_ask",
+    "trial_seconds",
+]
+
+# Achieved throughput per CPU that a trial asks Ray for. Measured here (2-core CPU, one trial alone,
+# one thread): demo trials of SmolLM2-135M (LoRA training, RAG-Token, greedy evaluation) ran at
+# 1.0e11 to 1.3e11 FLOP per CPU-second by trainers.cost's count in bf16 autocast (AVX512-BF16),
+# and the whole demo study (2 trials at once) at 0.65x its bf16 rate in fp32 (training.precision:
+# fp32 on the same AVX-512 CPU; a CPU with AVX2 only is slower still): the forecasts then match
+# the measured demo, 6.4 min in bf16 and 8.2 min in fp32, within 5%.
+_CPU_FLOPS_PER_CPU = 1e11
+_FP32_CPU_FLOPS_PER_CPU = 6.5e10
+# An A10-class card (125 TFLOP/s bf16 dense peak) at ~25% utilisation, usual for LoRA/QLoRA
+# fine-tuning with short sequences and 4-bit dequantisation (the paper ran on 8 x A10).
+_GPU_FLOPS_PER_GPU = 3e13
+# Per trial, whatever it trains: loading both models and opening (or building) the cached index.
+_TRIAL_OVERHEAD_S = 30.0
+
+
+# LoRA per rank = layers x sum(in + out) over q, k, v, o, gate, up, down (peft's "all-linear").
+_LLAMA_8B_LORA = 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+_SMOLLM2 = ModelShape(
+    134_515_008,
+    lora_params_per_rank=30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * 2112),
+    layers=30,
+    hidden=576,
+    intermediate=1536,
+    kv_hidden=192,
+    vocab=49_152,
+)
+_LLAMA_3_8B = ModelShape(
+    8_030_261_248,
+    lora_params_per_rank=_LLAMA_8B_LORA,
+    layers=32,
+    hidden=4096,
+    intermediate=14336,
+    kv_hidden=1024,
+    vocab=128_256,
+)
+_MINILM = ModelShape(22_713_216)
+_EMBEDDERS: dict[str, ModelShape] = {
+    "minilm": _MINILM,
+    "sentence-transformers/all-MiniLM-L6-v2": _MINILM,
+    "sentence-transformers/all-mpnet-base-v2": ModelShape(109_486_464),
+    "tiny": ModelShape(153_536),  # trainers._tiny_models: 2-layer BERT, hidden 64
+}
+_GENERATORS: dict[str, ModelShape] = {
+    "smollm2-135m": _SMOLLM2,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2,
+    "tiny": ModelShape(  # trainers._tiny_models: 2-layer Llama, hidden 64
+        106_816,
+        lora_params_per_rank=2 * (2 * 128 + 2 * 96 + 3 * 192),
+        layers=2,
+        hidden=64,
+        intermediate=128,
+        kv_hidden=32,
+        vocab=512,
+    ),
+    "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA_3_8B,
+    # The same decoder layers as Llama-3-8B; a smaller vocabulary.
+    "mistralai/Mistral-7B-Instruct-v0.2": replace(_LLAMA_3_8B, params=7_241_732_096, vocab=32_000),
+}
+# Questions in the hub splits trainers.data reads by default (PopQA has only "test"), for
+# data.n_train: null ("all that remain after validation").
+_HUB_QUESTIONS: dict[tuple[str, str], int] = {
+    ("hotpotqa/hotpot_qa", "train"): 90_447,
+    ("hotpotqa/hotpot_qa", "validation"): 7_405,
+    ("hotpot_qa", "train"): 90_447,
+    ("hotpot_qa", "validation"): 7_405,
+    ("akariasai/PopQA", "test"): 14_267,
+}
+_DEFAULT_HUB_SPLITS = {"popqa": "test", "hotpotqa": "validation"}  # as trainers.data
+
+
+def trial_seconds(stage: Stage, spec: StudySpec) -> float | None:
+    """Wall seconds of one trial of ``stage``; None when a model or the data size is unknown."""
+    flops = _trial_flops(stage, spec)
+    return None if flops is None else _TRIAL_OVERHEAD_S + flops / _trial_throughput(spec)
+
+
+def launch_seconds(plan: Plan, concurrency: int) -> float | None:
+    """Replay a launch with forecast trial times: ``concurrency`` slots, each freed slot given to
+    the first stage in :attr:`Plan.start_order` whose dependencies are done and whose trials are
+    not all started."""
+    per_trial = {stage.name: stage.trial_forecast_s for stage in plan.stages}
+    if None in per_trial.values():
+        return None
+    to_start = {stage.name: stage.n_trials for stage in plan.stages}
+    to_finish = dict(to_start)
+    running: list[tuple[float, str]] = []  # (end time, stage), a heap
+    now = 0.0
+    while any(to_finish.values()):
+        for name in plan.start_order:
+            ready = not any(to_finish[source] for source in plan.stage(name).depends_on)
+            while ready and to_start[name] and len(running) < concurrency:
+                heapq.heappush(running, (now + (per_trial[name] or 0.0), name))
+                to_start[name] -= 1
+        now, name = heapq.heappop(running)
+        to_finish[name] -= 1
+    return now
+
+
+def stage_memory(stage: Stage, spec: StudySpec) -> TrialMemory | None:
+    """Forecast peak memory of one trial of ``stage``: the phases it trains, not those it loads."""
+    stage_spec = spec.model_copy(update={"training": _stage_training(stage, spec)})
+    return method_memory(stage_spec, stage.method, reused_phases=tuple(stage.reuse_from))
+
+
+def method_memory(
+    spec: StudySpec, method: str, *, reused_phases: tuple[str, ...] = ()
+) -> TrialMemory | None:
+    """Forecast peak memory of one trial of ``method`` that loads ``reused_phases`` from
+    checkpoints and trains the rest (trainers.memory); None if a model is not in the size table."""
+    embedder = _EMBEDDERS.get(spec.models.embedder)
+    generator = _GENERATORS.get(spec.models.generator)
+    if embedder is None or generator is None:
+        return None
+    trained = tuple(
+        phase for phase in method_phases(method, spec.training) if phase.name not in reused_phases
+    )
+    return trial_memory(
+        trained,
+        embedder=embedder,
+        generator=generator,
+        generator_trainable=_generator_trainable(generator, spec),
+        training=spec.training,
+        bf16=trains_in_bf16(spec),
+        on_gpu=spec.resources.gpus > 0,
+        quantized=spec.models.generator_finetune == "qlora",
+    )
+
+
+def trains_in_bf16(spec: StudySpec) -> bool:
+    """Whether the spec's trials train in bf16 autocast: ``precision: bf16``, or ``auto`` on GPUs
+    and on CPUs with native bf16 (this machine's CPU stands for the cluster's)."""
+    precision = spec.training.precision
+    if precision != "auto":
+        return precision == "bf16"
+    return spec.resources.gpus > 0 or native_bf16("cpu")
+
+
+def trial_memory_ask(stage: Stage, spec: StudySpec) -> int | None:
+    """Bytes of memory a trial of ``stage`` asks Ray for: ``resources.memory``, else the stage's
+    forecast peak (rounded up to 64 MiB, so stages of one size share warm workers); None when
+    neither is known."""
+    if spec.resources.memory is not None:
+        return int(spec.resources.memory)
+    if stage.trial_memory is None:
+        return None
+    step = 64 * MiB
+    return math.ceil(stage.trial_memory.host_bytes / step) * step
+
+
+def gib_text(n_bytes: float) -> str:
+    """Bytes as GiB with one decimal, as every memory figure is shown."""
+    return f"{n_bytes / 2**30:.1f} GiB"
+
+
+def memory_text(stage: Stage, spec: StudySpec) -> str:
+    """What a trial of ``stage`` asks of Ray, and its forecast GPU memory on GPUs."""
+    ask = trial_memory_ask(stage, spec)
+    text = "unknown" if ask is None else gib_text(ask)
+    if spec.resources.gpus > 0 and stage.trial_memory is not None:
+        text += f" + {gib_text(stage.trial_memory.device_bytes)} GPU"
+    return text
+
+
+def memory_note(spec: StudySpec) -> str:
+    """How the memory each trial asks for is found."""
+    precision = "bf16 autocast" if trains_in_bf16(spec) else "fp32"
+    if spec.resources.memory is not None:
+        return (
+            f"memory: every trial asks Ray for resources.memory = {gib_text(spec.resources.memory)}"
+        )
+    return (
+        f"memory: forecast peak per trial in {precision} (weights, optimizer state, activations "
+        "of a training forward with gradient checkpointing "
+        + ("on" if spec.training.gradient_checkpointing else "off")
+        + ", evaluation), asked of Ray so it queues trials that would not fit; "
+        "resources.memory overrides it"
+    )
+
+
+def forecast_note(spec: StudySpec) -> str:
+    """How the time forecast is computed, with the throughput it assumes for ``spec``."""
+    return (
+        "forecast: analytic FLOPs per trial (trainers.cost rules; n_train x epochs examples per "
+        "trained phase at the spec's token caps, k single-passage prompts for RAG objectives, "
+        f"n_validation generations) / {_throughput_text(spec)}, + {_TRIAL_OVERHEAD_S:.0f} s per "
+        "trial for loading; a stage alone runs trials / min(concurrency, trials) waves"
+    )
+
+
+def forecast_gaps(spec: StudySpec) -> list[str]:
+    """Why a forecast is unknown: each model or size the tables lack."""
+    gaps = []
+    if spec.models.embedder not in _EMBEDDERS:
+        gaps.append(
+            f"embedder '{spec.models.embedder}' is unknown to the size table "
+            f"(known: {', '.join(_EMBEDDERS)})"
+        )
+    if spec.models.generator not in _GENERATORS:
+        gaps.append(
+            f"generator '{spec.models.generator}' is unknown to the size table "
+            f"(known: {', '.join(_GENERATORS)})"
+        )
+    if _n_train(spec) is None:
+        gaps.append(
+            "the training set size is unknown (data.n_train is null and the data set is not "
+            "one of the known hub splits); set data.n_train for a forecast"
+        )
+    return gaps
+
+
+def _trial_throughput(spec: StudySpec) -> float:
+    if spec.resources.gpus > 0:
+        return _GPU_FLOPS_PER_GPU * spec.resources.gpus
+    per_cpu = _CPU_FLOPS_PER_CPU if trains_in_bf16(spec) else _FP32_CPU_FLOPS_PER_CPU
+    return per_cpu * spec.resources.cpus
+
+
+def _trial_flops(stage: Stage, spec: StudySpec) -> float | None:
+    """Training FLOPs of the phases the stage's trials run, plus evaluation; None if unknown."""
+    embedder = _EMBEDDERS.get(spec.models.embedder)
+    generator = _GENERATORS.get(spec.models.generator)
+    if embedder is None or generator is None:
+        return None
+    training = _stage_training(stage, spec)
+    k = training.k
+    question = training.max_question_tokens
+    caps = token_caps(training)
+    single, concat = caps.single_prompt, caps.concat_prompt
+    generator_trainable = _generator_trainable(generator, spec)
+
+    per_example = 0.0
+    for phase in method_phases(stage.method, training):
+        if phase.name in stage.reuse_from:
+            continue  # loaded from an earlier stage's checkpoint, not trained
+        e_trainable = embedder.params if phase.trains_embedder else 0
+        g_trainable = generator_trainable if phase.trains_generator else 0
+        if phase.objective == "mnrl":
+            per_example += _gold_per_question(spec) * training_flops(
+                embedder.params, e_trainable, question
+            )
+            continue
+        per_example += training_flops(embedder.params, e_trainable, question)
+        rows = concat if phase.objective == "nll_concat" else k * single
+        per_example += training_flops(generator.params, g_trainable, rows)
+    n_train = _n_train(spec) if per_example else 0
+    if n_train is None:
+        return None
+    evaluation = spec.data.n_validation * (
+        forward_flops(embedder.params, question)
+        + forward_flops(
+            generator.params, concat - training.max_answer_tokens + training.max_new_tokens
+        )
+    )
+    return n_train * training.epochs * per_example + evaluation
+
+
+def _stage_training(stage: Stage, spec: StudySpec) -> TrainingConfig:
+    return spec.training.model_copy(update=stage.training_overrides)
+
+
+def _generator_trainable(generator: ModelShape, spec: StudySpec) -> int:
+    if spec.models.generator_finetune == "full":
+        return generator.params
+    return generator.lora_params_per_rank * spec.models.lora_rank
+
+
+def _n_train(spec: StudySpec) -> int | None:
+    data = spec.data
+    if data.n_train is not None:
+        return data.n_train
+    if data.path is not None or data.hub_name is None:
+        return None
+    split = data.hub_split or _DEFAULT_HUB_SPLITS.get(data.source, "")
+    total = _HUB_QUESTIONS.get((data.hub_name, split))
+    return None if total is None else max(total - data.n_validation, 0)
+
+
+def _gold_per_question(spec: StudySpec) -> float:
+    # MNRL trains one item per gold document: HotPotQA questions are two-hop.
+    if spec.data.source == "hotpotqa":
+        return 2.0
+    if spec.data.source == "generated":
+        return 1.0 + spec.data.generated.two_hop_fraction
+    return 1.0
+
+
+def _throughput_text(spec: StudySpec) -> str:
+    if spec.resources.gpus > 0:
+        return f"{_GPU_FLOPS_PER_GPU:.0e} FLOP/s per GPU (A10-class at ~25% of bf16 peak)"
+    if trains_in_bf16(spec):
+        return f"{_CPU_FLOPS_PER_CPU:.0e} FLOP/s per CPU (SmolLM2 LoRA in bf16 autocast, measured on a 2-core CPU)"
+    return f"{_FP32_CPU_FLOPS_PER_CPU:.1e} FLOP/s per CPU (SmolLM2 LoRA in fp32: no native bf16 here, or precision fp32; measured on a 2-core AVX-512 CPU, slower with AVX2 only)"

@@ -1,0 +1,192 @@
+"""The trial record: one writer, one reader (per trial, and in bulk for the queries, which must
+agree), the stored attribute keys old databases hold, and the one best-trial rule; on SQLite and
+PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search.spec import load_spec
+from search.store import (
+    TrialRecord,
+    best_trial,
+    finished_params,
+    open_database,
+    open_stage_study,
+    open_storage,
+    read_trial,
+    read_trials,
+    record_trial,
+    trial_attrs,
+)
+from tests.storage import storage_url_for
+
+DEMO = Path(__file__).resolve().parents[2] / "studies" / "demo.yaml"
+_RATE = optuna.distributions.FloatDistribution(1e-8, 1e-3, log=True)
+
+
+def fill_launch(url: str, name: str, trials_per_stage: int = 3) -> None:
+    """Stage studies of studies/demo.yaml as a launch writes them, with completed trials (the last
+    of each stage failed, retryable) whose records carry the config the queries read."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = load_spec(DEMO, {"name": name})
+    storage = open_storage(url)
+    for stage in ("none", "ft_embed", "ft_gen", "independent", "two_phase"):
+        study = open_stage_study(storage, spec, stage)
+        trials = []
+        for number in range(trials_per_stage):
+            rates = {"lr_embedder": 10.0 ** -(3 + number), "lr_generator": 1e-4}
+            failed = number == trials_per_stage - 1
+            payload = {
+                "metrics": {"em": 0.1 * number, "f1": 0.2 * number, "train_flops": 1e12 * number},
+                "method": stage,
+                "stage": stage,
+                "record": {"config": {**rates, "reuse": {}}, "has_context_labels": True},
+                "fail_reason": "diverged" if failed else None,
+                "retryable": False if failed else None,
+                "node": "n" * 8,
+            }
+            trials.append(
+                optuna.trial.create_trial(
+                    state=optuna.trial.TrialState.FAIL
+                    if failed
+                    else optuna.trial.TrialState.COMPLETE,
+                    params={"lr_embedder": rates["lr_embedder"]},
+                    distributions={"lr_embedder": _RATE},
+                    values=None if failed else [payload["metrics"]["f1"]],
+                    user_attrs=trial_attrs(payload),
+                )
+            )
+        study.add_trials(trials)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    return storage_url_for(request.param, tmp_path)
+
+
+def test_bulk_read_gives_what_optuna_reads_for_every_kind_of_trial(storage_url):
+    name = f"store-{uuid.uuid4().hex[:8]}"
+    fill_launch(storage_url, name)
+    storage = open_storage(storage_url)
+    study = optuna.load_study(study_name=f"{name}/ft_gen", storage=storage)
+    running = study.ask(
+        {"lr_generator": _RATE, "batch": optuna.distributions.CategoricalDistribution(["a", "b"])}
+    )
+    running.set_user_attr("someone_elses", {"nested": [1, 2]})
+    study.enqueue_trial({"lr_generator": 1e-5})  # WAITING (ask would have taken it)
+    database = open_database(storage_url)
+    studies = [s for s in database.studies() if s.group == name]
+    assert {s.stage for s in studies} == {"none", "ft_embed", "ft_gen", "independent", "two_phase"}
+
+    bulk = database.trials(studies)
+    one_by_one = [
+        read_trial(s.stage, trial)
+        for s in studies
+        for trial in optuna.load_study(study_name=s.name, storage=storage).trials
+    ]
+    assert [t.id for t in bulk] == [t.id for t in one_by_one]
+    for fast, slow in zip(bulk, one_by_one, strict=True):
+        assert fast == slow  # every field but the lazily decoded record
+        assert fast.record == slow.record and fast.attributes() == slow.attributes()
+        assert (fast.lr_embedder, fast.lr_generator) == (slow.lr_embedder, slow.lr_generator)
+    states = {t.state for t in bulk}
+    assert states == {"COMPLETE", "FAIL", "RUNNING", "WAITING"}
+    [asked] = [t for t in bulk if t.state == "RUNNING"]
+    assert asked.params["batch"] in ("a", "b")  # a categorical parameter in its own value
+    assert asked.other_attrs == {"someone_elses": {"nested": [1, 2]}}
+    assert (
+        asked.started is not None
+        and asked.started == next(t for t in one_by_one if t.state == "RUNNING").started
+    )
+
+
+def test_trials_are_stored_under_the_keys_old_databases_hold(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'studies.db'}")
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial = study.ask()
+    payload = {
+        "metrics": {"f1": 0.5},
+        "method": "ft_gen",
+        "stage": "ft_gen",
+        "record": {"config": {"lr_generator": 1e-4}},
+        "checkpoint": "/runs/x",
+        "node": "abc",
+        "fail_reason": None,  # no value: not stored
+    }
+    record_trial(trial, payload)
+    study.tell(trial, [0.5])
+    stored = study.trials[0].user_attrs
+    assert stored == {key: value for key, value in payload.items() if value is not None}
+    # Read back from the attributes as an older ragsweep wrote them.
+    record = read_trial("s", study.trials[0])
+    assert (record.metrics, record.method, record.checkpoint, record.node) == (
+        {"f1": 0.5},
+        "ft_gen",
+        "/runs/x",
+        "abc",
+    )
+    assert record.lr_generator == 1e-4 and record.fail_reason is None and record.retryable is None
+    assert read_trials(study)[0] == record
+
+
+def test_a_study_ragsweep_did_not_write_reads_with_its_name_as_stage(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'studies.db'}")
+    study = optuna.create_study(storage=storage, study_name="theirs")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    database = open_database(f"sqlite:///{tmp_path / 'studies.db'}")
+    [stored] = database.studies()
+    assert (stored.group, stored.stage, stored.spec) == ("theirs", "theirs", None)
+    records = database.trials([stored])
+    assert [(r.id, r.method, r.metrics, r.record) for r in records] == [
+        ("theirs/0", "theirs", {}, {}),
+        ("theirs/1", "theirs", {}, {}),
+    ]
+
+
+def _trial(number: int, state: str = "COMPLETE", **metrics: float) -> TrialRecord:
+    return TrialRecord(
+        stage="stage",
+        number=number,
+        state=state,
+        params={},
+        started=None,
+        completed=None,
+        method="ft_gen",
+        metrics=metrics,
+        checkpoint=None,
+        fail_reason=None,
+        retryable=None,
+        node=None,
+        other_attrs={},
+        _record=None,
+    )
+
+
+def test_best_trial_is_the_highest_completed_and_the_earliest_of_equals():
+    trials = [
+        _trial(0, f1=0.5),
+        _trial(1, "FAIL", f1=0.9),
+        _trial(2, f1=0.7),
+        _trial(3, f1=0.7),
+        _trial(4, em=1.0),
+    ]
+    assert best_trial(trials, "f1").number == 2  # type: ignore[union-attr]
+    assert best_trial(trials, "f1", maximize=False).number == 0  # type: ignore[union-attr]
+    assert best_trial(trials, "em").number == 4  # type: ignore[union-attr]
+    assert best_trial(trials, "recall_at_k") is None
+
+
+def test_relaunch_skips_completed_and_recurring_failures_only(tmp_path):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    fill_launch(url, "demo", trials_per_stage=2)
+    storage = open_storage(url)
+    study = optuna.load_study(study_name="demo/ft_embed", storage=storage)
+    dead = study.ask({"lr_embedder": _RATE})
+    record_trial(dead, {"fail_reason": "worker died", "retryable": True})
+    study.tell(dead, state=optuna.trial.TrialState.FAIL)
+    assert finished_params(study) == [{"lr_embedder": 1e-3}, {"lr_embedder": 1e-4}]

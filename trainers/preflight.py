@@ -1,0 +1,55 @@
+"""Preflight for a study: check the data once, before any trial, and warm the caches trials read."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from trainers.config import DataConfig, ModelsConfig, TrainingConfig
+from trainers.data import load_data
+from trainers.errors import ConfigError, or_list
+from trainers.index import build_index
+from trainers.methods import label_free_embedder_methods, needs_context_labels
+from trainers.models import load_embedder, load_generator
+from trainers.trial import resolve_device
+
+__all__ = ["prepare"]
+
+
+def prepare(
+    data: DataConfig,
+    models: ModelsConfig,
+    trainings: Sequence[tuple[str, TrainingConfig]],
+    *,
+    cache_dir: Path,
+) -> None:
+    """Check ``data`` against every (method, training) of a study, convert the built-in models and
+    build the frozen index in ``cache_dir`` once, before trials race to do it: a mistake found
+    here fails the study as it starts, not each of its trials."""
+    for device in dict.fromkeys(training.device for _, training in trainings):
+        resolve_device(device)
+    rag_data = load_data(data)
+    for k in dict.fromkeys(training.k for _, training in trainings):
+        if k > len(rag_data.corpus):
+            raise ConfigError(
+                f"training.k is {k} but the corpus has only {len(rag_data.corpus)} documents; "
+                "lower training.k"
+            )
+    for method, training in trainings:
+        if needs_context_labels(method, training) and not rag_data.has_context_labels:
+            raise ConfigError(
+                f"method '{method}' trains the embedder on context labels, but the training "
+                "questions have no gold documents; drop it from methods (use "
+                f"{or_list(label_free_embedder_methods())}) or provide gold_doc_ids"
+            )
+    # Conversions and vectors do not depend on the device that computes them: the CPU always has
+    # room, and a GPU is left to the trials.
+    cpu = torch.device("cpu")
+    embedder = load_embedder(models.embedder, cache_dir=cache_dir, device=cpu)
+    for max_length in dict.fromkeys(training.embedder_max_length for _, training in trainings):
+        build_index(embedder, rag_data.corpus, cache_dir=cache_dir, max_length=max_length)
+    # A QLoRA generator is a hub model too large to load in full here; each trial loads it 4-bit.
+    if models.generator_finetune != "qlora":
+        load_generator(models.generator, cache_dir=cache_dir, device=cpu, finetune="full")
