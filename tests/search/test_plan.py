@@ -280,7 +280,9 @@ def test_fp32_forecasts_more_memory_and_time_than_bf16():
     fp32, bf16 = (load_spec(DEMO, {"training.precision": p}) for p in ("fp32", "bf16"))
     slow, fast = make_plan(fp32).stage("ft_gen"), make_plan(bf16).stage("ft_gen")
     assert slow.trial_forecast_s and fast.trial_forecast_s
-    assert slow.trial_forecast_s > 2 * fast.trial_forecast_s
+    # The demo measured fp32 at 0.65x bf16's throughput on an AVX-512 CPU; the fixed per-trial
+    # loading time is the same in both.
+    assert slow.trial_forecast_s > 1.3 * fast.trial_forecast_s
     assert slow.trial_memory and fast.trial_memory
     assert slow.trial_memory.host_bytes > fast.trial_memory.host_bytes
 
