@@ -32,6 +32,10 @@ from trainers.config import METHODS
 from trainers.errors import ConfigError
 
 app = typer.Typer()
+# train and launch read the same data the same way.
+_DataPathOption = Annotated[
+    str | None, typer.Option("--data-path", help="Override data.path (a local file).")
+]
 
 
 @app.command()
@@ -48,9 +52,7 @@ def train(
     seed: Annotated[
         int | None, typer.Option("--seed", help="Trial seed (default: the spec's).")
     ] = None,
-    data_path: Annotated[
-        str | None, typer.Option("--data-path", help="Override data.path (a local file).")
-    ] = None,
+    data_path: _DataPathOption = None,
     settings: SetOption = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Save trained models and trial.json here.")
@@ -116,9 +118,7 @@ def launch(
         int | None,
         typer.Option("--concurrency", min=1, help="Trials at once (default: the spec's)."),
     ] = None,
-    data_path: Annotated[
-        str | None, typer.Option("--data-path", help="Override data.path (a local file).")
-    ] = None,
+    data_path: _DataPathOption = None,
     settings: SetOption = None,
     runs_dir: Annotated[
         Path | None,
