@@ -100,15 +100,28 @@ def missing_file(url: str) -> StorageError:
 
 def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
     import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(_SCHEMA_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (IntegrityError, OperationalError, ProgrammingError) as e:
+            # Two launches creating the same new database race to create its tables ("table
+            # studies already exists") or write its schema version; the loser finds the schema
+            # in place on a later try. Any other error is the caller's to report.
+            if not _lost_schema_race(e) or attempt == _SCHEMA_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+_SCHEMA_ATTEMPTS = 4
+
+
+def _lost_schema_race(error: Exception) -> bool:
     from sqlalchemy.exc import IntegrityError
 
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    except IntegrityError:
-        # Two launches creating the same new database race to write its schema version; the
-        # loser finds the schema in place on a second try.
-        time.sleep(0.5)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    return isinstance(error, IntegrityError) or "already exists" in str(error)
 
 
 def stage_study_name(spec: StudySpec, stage: str) -> str:

@@ -190,3 +190,20 @@ def test_relaunch_skips_completed_and_recurring_failures_only(tmp_path):
     record_trial(dead, {"fail_reason": "worker died", "retryable": True})
     study.tell(dead, state=optuna.trial.TrialState.FAIL)
     assert finished_params(study) == [{"lr_embedder": 1e-3}, {"lr_embedder": 1e-4}]
+
+
+def _open_fresh(url: str) -> str:
+    open_storage(url)
+    return "opened"
+
+
+def test_launches_creating_one_new_sqlite_database_at_once_all_open_it(tmp_path):
+    """Processes that create the same new database race to create Optuna's tables; each must
+    end with the storage open, never 'table studies already exists'."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    for attempt in range(3):
+        url = f"sqlite:///{tmp_path / f'race-{attempt}.db'}"
+        with ProcessPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(_open_fresh, [url] * 4))
+        assert results == ["opened"] * 4
