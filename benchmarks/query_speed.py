@@ -26,7 +26,7 @@ import optuna
 
 from search.plan import make_plan
 from search.spec import load_spec, trial_config
-from search.store import SPEC_ATTR, open_stage_study, open_storage, trial_attrs
+from search.store import SPEC_ATTR, TrialOutcome, open_stage_study, open_storage, trial_attrs
 from trainers import environment_record
 
 _DEMO = Path(__file__).resolve().parents[1] / "studies" / "demo.yaml"
@@ -48,6 +48,9 @@ def main() -> None:
                 ["ragsweep", "trials", "demo", "--storage", url, "--format", "json"]
             ),
             "trials (table)": _best_of_3(["ragsweep", "trials", "demo", "--storage", url]),
+            "trials (table, all rows)": _best_of_3(
+                ["ragsweep", "trials", "demo", "--storage", url, "--limit", "0"]
+            ),
             "best": _best_of_3(["ragsweep", "best", "demo", "--storage", url]),
             "pareto": _best_of_3(["ragsweep", "pareto", "demo", "--storage", url]),
             "compare": _best_of_3(["ragsweep", "compare", "demo", "--storage", url]),
@@ -62,12 +65,12 @@ def main() -> None:
         f"\n{args.trials} trials in 7 stage studies, SQLite, fresh process per command, best of 3;"
         f" process start (python -c 'import search.cli') {start_s:.2f} s:"
     )
-    print(f"{'command':<28}{'seconds':>9}{'own work':>10}{'vs optuna trials':>18}")
-    print(f"{'optuna trials (7 studies)':<28}{optuna_s:>9.2f}{'':>10}{1.0:>17.2f}x")
+    print(f"{'command':<36}{'seconds':>9}{'own work':>10}{'vs optuna trials':>18}")
+    print(f"{'optuna trials (7 studies)':<36}{optuna_s:>9.2f}{'':>10}{1.0:>17.2f}x")
     for command, seconds in ours.items():
         own_s = seconds - start_s
         print(
-            f"{'ragsweep ' + command:<28}{seconds:>9.2f}{own_s:>10.2f}{seconds / optuna_s:>17.2f}x"
+            f"{'ragsweep ' + command:<36}{seconds:>9.2f}{own_s:>10.2f}{seconds / optuna_s:>17.2f}x"
         )
 
 
@@ -120,13 +123,13 @@ def _fill(url: str, n_trials: int) -> list[str]:
                     },
                     values=[metrics["f1"]],
                     user_attrs=trial_attrs(
-                        {
-                            "metrics": metrics,
-                            "method": stage.method,
-                            "stage": stage.name,
-                            "record": record,
-                            "node": "0" * 56,
-                        }
+                        TrialOutcome(
+                            metrics=metrics,
+                            method=stage.method,
+                            stage=stage.name,
+                            record=record,
+                            node="0" * 56,
+                        )
                     ),
                 )
             )

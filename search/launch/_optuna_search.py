@@ -8,8 +8,7 @@ Which stage runs, and when, is :mod:`search.launch._scheduler`'s.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +16,9 @@ import optuna
 
 from search.plan import Stage
 from search.spec import StudySpec
-from search.store import record_trial, trial_attrs
+from search.store import TrialOutcome, record_trial, trial_attrs
 
-PAYLOAD_KEY = "ragsweep_payload"  # the result key carrying a trial's metrics and record as JSON
+OUTCOME_KEY = "ragsweep_payload"  # the result key carrying a trial's TrialOutcome as JSON
 
 
 class StageSearch:
@@ -54,27 +53,25 @@ class StageSearch:
         if trial_id in self._values:
             return self._values[trial_id]
         trial = self._trials[trial_id]
-        payload = json.loads(result[PAYLOAD_KEY]) if result and PAYLOAD_KEY in result else {}
-        reported_failure = payload.get("fail_reason")
+        reported = (
+            TrialOutcome.from_json(result[OUTCOME_KEY])
+            if result and OUTCOME_KEY in result
+            else TrialOutcome()
+        )
         values = (
             None
-            if reported_failure
-            else _objective_values(payload.get("metrics", {}), self._objectives)
+            if reported.fail_reason
+            else _objective_values(reported.metrics or {}, self._objectives)
         )
+        outcome = reported
         if values is None:
-            died = (
-                death
-                or "the trial worker died before reporting (killed, out of memory or a lost node)"
-            )
-            payload["fail_reason"] = reported_failure or (
-                died
-                if error
-                else f"the trial reported no finite value for {', '.join(self._objectives)}"
-            )
             # A failure the trial reported recurs on a re-run; a dead worker may not.
-            payload["retryable"] = not reported_failure
+            outcome = reported.failed(
+                reported.fail_reason or _unreported_failure(error, death, self._objectives),
+                retryable=not reported.fail_reason,
+            )
         try:
-            record_trial(trial, payload)
+            record_trial(trial, outcome)
             if values is None:
                 self._study.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:
@@ -82,7 +79,7 @@ class StageSearch:
         except optuna.exceptions.UpdateFinishedTrialError:
             # Another launch took this one for dead and failed the trial: keep the result as a
             # trial of its own rather than lose it.
-            self._study.add_trial(_finished_copy(trial, payload, values))
+            self._study.add_trial(_finished_copy(trial, outcome, values))
         self._values[trial_id] = values
         return values
 
@@ -137,7 +134,18 @@ def stage_search(
     return StageSearch(sampling, _Space(stage.searched, ranges, fixed), objectives)
 
 
-def _objective_values(metrics: dict[str, float], objectives: Sequence[str]) -> list[float] | None:
+def _unreported_failure(error: bool, death: str | None, objectives: Sequence[str]) -> str:
+    """Why a trial that reported no failure of its own failed."""
+    if error:
+        return (
+            death or "the trial worker died before reporting (killed, out of memory or a lost node)"
+        )
+    return f"the trial reported no finite value for {', '.join(objectives)}"
+
+
+def _objective_values(
+    metrics: Mapping[str, float], objectives: Sequence[str]
+) -> list[float] | None:
     """The objective values from a trial's metrics; None when one is missing or not finite."""
     values = [metrics.get(name) for name in objectives]
     if any(value is None or value != value or abs(value) == float("inf") for value in values):
@@ -164,7 +172,7 @@ def _waiting_params(study: optuna.Study) -> list[dict[str, Any]]:
 
 
 def _finished_copy(
-    trial: optuna.Trial, payload: dict[str, Any], values: list[float] | None
+    trial: optuna.Trial, outcome: TrialOutcome, values: list[float] | None
 ) -> optuna.trial.FrozenTrial:
     """A finished trial with ``trial``'s parameters and what it reported."""
     return optuna.trial.create_trial(
@@ -172,5 +180,5 @@ def _finished_copy(
         params=trial.params,
         distributions=trial.distributions,
         values=values,
-        user_attrs=trial_attrs(payload),
+        user_attrs=trial_attrs(outcome),
     )

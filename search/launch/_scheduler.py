@@ -21,14 +21,14 @@ from typing import Any
 import optuna
 from ray.tune.search import Searcher
 
-from search.launch._optuna_search import PAYLOAD_KEY, StageSearch, stage_search
+from search.launch._optuna_search import OUTCOME_KEY, StageSearch, stage_search
 from search.plan import Plan, Stage, grid_points
 from search.spec import StudySpec
 from search.store import TrialRecord, best_trial, finished_params, read_trials
 from trainers import ConfigError
 
 __all__ = [
-    "PAYLOAD_KEY",
+    "OUTCOME_KEY",
     "REUSE_KEY",
     "STAGE_KEY",
     "StageEvent",
@@ -171,7 +171,7 @@ class StagedSearch(Searcher):
         name = self._trial_stage.pop(trial_id, None)
         if name is None:
             return
-        died = error and not (result and PAYLOAD_KEY in result)  # no outcome reported
+        died = error and not (result and OUTCOME_KEY in result)  # no outcome reported
         deaths = self._deaths.pop(trial_id, 0) + died
         if died and deaths <= self.max_retries:
             self._deaths[trial_id] = deaths

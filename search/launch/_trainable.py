@@ -1,7 +1,7 @@
 """The Tune trainable: what runs in a trial worker, and the resources each stage's trials ask of
-Ray. A trial runs one :func:`trainers.run_trial` and reports its metrics and record as one JSON
-payload (:data:`search.launch._scheduler.PAYLOAD_KEY`); a failure is reported with its reason, never
-raised, so the study goes on.
+Ray. A trial runs one :func:`trainers.run_trial` and reports a :class:`search.store.TrialOutcome`
+(its metrics and record, as JSON under :data:`search.launch._scheduler.OUTCOME_KEY`); a failure is
+reported with its reason, never raised, so the study goes on.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,10 @@ import ray
 from ray import tune
 
 from search.forecast import trial_memory_ask
-from search.launch._scheduler import PAYLOAD_KEY, REUSE_KEY, STAGE_KEY
+from search.launch._scheduler import OUTCOME_KEY, REUSE_KEY, STAGE_KEY
 from search.plan import Plan
 from search.spec import StudySpec, trial_config
-from search.store import stage_study_name
+from search.store import TrialOutcome, stage_study_name
 from trainers import RagsweepError, method_declarations, one_line, register_method
 
 __all__ = ["make_trainable"]
@@ -72,11 +73,11 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
 
     torch.set_num_threads(max(1, int(job["cpus"])))  # one thread per requested CPU
     stage = job["stages"][config[STAGE_KEY]]
-    payload: dict[str, Any] = {
-        "method": stage["method"],
-        "stage": config[STAGE_KEY],
-        "node": ray.get_runtime_context().get_node_id(),
-    }
+    outcome = TrialOutcome(
+        method=stage["method"],
+        stage=config[STAGE_KEY],
+        node=ray.get_runtime_context().get_node_id(),
+    )
     try:
         for declaration in job["methods"]:
             register_method(declaration)
@@ -96,24 +97,21 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
             Path(stage["out_dir"]) / tune.get_context().get_trial_id() if stage["out_dir"] else None
         )
         result = run_trial(trial, cache_dir=Path(job["cache_dir"]), out_dir=out_dir)
-        payload |= {
-            "metrics": result.metrics,
-            "record": result.record,
-            "checkpoint": str(out_dir) if out_dir else None,
-        }
+        outcome = replace(
+            outcome,
+            metrics=result.metrics,
+            record=result.record,
+            checkpoint=str(out_dir) if out_dir else None,
+        )
     except RagsweepError as e:
-        payload["fail_reason"] = str(e)
-    except (
-        Exception
-    ) as e:  # a bug or a library error: recorded as the trial's failure, study goes on
-        payload["fail_reason"] = one_line(e)
+        outcome = replace(outcome, fail_reason=str(e))
+    except Exception as e:  # a bug or a library error: the trial's failure; the study goes on
+        outcome = replace(outcome, fail_reason=one_line(e))
     _release_memory()
-    tune.report(
-        {
-            PAYLOAD_KEY: json.dumps(payload),
-            **{k: v for k, v in payload.get("metrics", {}).items() if "." not in k},
-        }
-    )
+    # Tune's flat metrics (no dots: Tune reads them as nested keys) are for its logs; the launch
+    # stores the outcome.
+    flat_metrics = {k: v for k, v in (outcome.metrics or {}).items() if "." not in k}
+    tune.report({OUTCOME_KEY: outcome.to_json(), **flat_metrics})
 
 
 def _release_memory() -> None:

@@ -38,6 +38,8 @@ _StudyArgument = Annotated[
     typer.Argument(help="Study name (the spec's name), or one stage study such as demo/ft_gen."),
 ]
 _FORMATS = ("table", "markdown", "json", "csv")
+# Rows of `ragsweep trials` a table shows unless told otherwise.
+_TABLE_ROWS = 100
 
 
 @app.command()
@@ -72,6 +74,14 @@ def trials(
             help="f1, em, recall_at_k (best first), a cost such as train_flops (lowest first), lr_embedder, ...",
         ),
     ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit",
+            min=0,
+            help=f"Show the first N rows in the sort order; 0 shows all. Default: {_TABLE_ROWS} in a table, all in json, csv and markdown.",
+        ),
+    ] = None,
     storage: StorageOption = None,
     fmt: _FormatOption = "table",
     debug: DebugOption = False,
@@ -80,10 +90,20 @@ def trials(
     from search.query._views import TRIAL_COLUMNS, trial_record
     from search.query.report import select_trials
 
+    _check_format(fmt, _FORMATS)
     report = _load_report(study, storage)
     rows = select_trials(report, method=method, state=state, sort=sort)
-    records = [trial_record(report, row) for row in rows]
-    _emit(records, fmt, f"study {report.name}: {len(records)} trials", TRIAL_COLUMNS)
+    if limit is None:
+        limit = _TABLE_ROWS if fmt == "table" else 0
+    shown = rows[:limit] if limit else rows
+    records = [trial_record(report, row) for row in shown]
+    _emit(records, fmt, f"study {report.name}: {len(rows)} trials", TRIAL_COLUMNS)
+    if len(shown) < len(rows) and fmt == "table":
+        # A person reads a screenful; thousands of table rows also take rich seconds to lay out.
+        console.print(
+            f"the first {len(shown)} of {len(rows)} trials; --sort f1 puts the best first, "
+            "--limit 0 shows all, --format csv gives every row to a script"
+        )
 
 
 @app.command()

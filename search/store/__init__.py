@@ -4,7 +4,8 @@ Layout (readable by ``optuna studies`` and optuna-dashboard): the trials of a la
 study per plan stage, named ``<spec name>/<stage>``; every such study carries the user attributes
 ``ragsweep.group`` (the spec name), ``ragsweep.stage`` and ``ragsweep.spec_hash`` (the full resolved
 configuration is in every trial's ``record``, so the study listing stays readable).
-What a trial stores is declared once, by :class:`TrialRecord`: ``metrics`` (every figure the
+What a trial stores is declared once, by :class:`TrialOutcome` (what a worker reports) and
+:class:`TrialRecord` (what a reader gets): ``metrics`` (every figure the
 trial reported), ``method``, ``stage``, ``record`` (resolved config, seed, data fingerprint,
 split, versions, commit, hardware), ``checkpoint`` where later stages reuse it, and
 ``fail_reason`` (with ``retryable``) when it failed. :func:`trial_attrs` writes them,
@@ -33,6 +34,7 @@ from search.store._trials import (
     HEADLINE_METRICS,
     METRIC_NAMES,
     QUALITY_METRICS,
+    TrialOutcome,
     TrialRecord,
     best_trial,
     fail_running_trials,
@@ -54,6 +56,7 @@ __all__ = [
     "StorageError",
     "StoredStudy",
     "StudyDatabase",
+    "TrialOutcome",
     "TrialRecord",
     "best_trial",
     "check_spec_matches",

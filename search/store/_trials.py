@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -50,18 +50,38 @@ METRIC_NAMES: dict[str, str] = {
     "recall": "recall_at_k",
     "recall_at_k": "recall_at_k",
 }
-# The user attributes a trial carries, in the order they are written; TrialRecord has a field of
-# each name but "stage" (the stage study the trial is in stands for it).
-_TRIAL_ATTRS = (
-    "metrics",
-    "method",
-    "stage",
-    "record",
-    "checkpoint",
-    "fail_reason",
-    "retryable",
-    "node",
-)
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What a trial reports, stored as its user attributes by :func:`record_trial` (a field left
+    None is not stored): a finished trial's figures, record and checkpoint, or why it failed.
+    The fields, in the order they are written, are the attribute keys; :class:`TrialRecord` has a
+    field of each name but ``stage`` (the stage study the trial is in stands for it)."""
+
+    metrics: Mapping[str, float] | None = None
+    method: str | None = None
+    stage: str | None = None
+    record: Mapping[str, Any] | None = None  # resolved config, seed, data fingerprint, versions
+    checkpoint: str | None = None
+    fail_reason: str | None = None
+    retryable: bool | None = None  # with a failure: whether a relaunch runs the trial again
+    node: str | None = None
+
+    def to_json(self) -> str:
+        """The outcome as JSON text, as a trial worker sends it to the launch."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrialOutcome:
+        return cls(**json.loads(text))
+
+    def failed(self, reason: str, *, retryable: bool) -> TrialOutcome:
+        """This outcome as a failure for ``reason``."""
+        return replace(self, fail_reason=reason, retryable=retryable)
+
+
+_TRIAL_ATTRS = tuple(f.name for f in fields(TrialOutcome))
 
 
 @dataclass(frozen=True)
@@ -164,14 +184,14 @@ class TrialRecord:
         return self.params[rate] if rate in self.params else self.config.get(rate)
 
 
-def trial_attrs(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """The user attributes stored for what a trial reported (keys without a value left out)."""
-    return {key: payload[key] for key in _TRIAL_ATTRS if payload.get(key) is not None}
+def trial_attrs(outcome: TrialOutcome) -> dict[str, Any]:
+    """The user attributes stored for what a trial reported (fields without a value left out)."""
+    return {key: getattr(outcome, key) for key in _TRIAL_ATTRS if getattr(outcome, key) is not None}
 
 
-def record_trial(trial: optuna.Trial, payload: Mapping[str, Any]) -> None:
+def record_trial(trial: optuna.Trial, outcome: TrialOutcome) -> None:
     """Store what a trial reported (metrics, record, checkpoint, failure) as its user attributes."""
-    for key, value in trial_attrs(payload).items():
+    for key, value in trial_attrs(outcome).items():
         trial.set_user_attr(key, value)
 
 
@@ -232,7 +252,7 @@ def fail_running_trials(study: optuna.Study, reason: str) -> list[int]:
         # Optuna has no public way from a FrozenTrial to a Trial whose attributes can be set.
         trial = optuna.Trial(study, frozen._trial_id)
         try:
-            record_trial(trial, {"fail_reason": reason, "retryable": True})
+            record_trial(trial, TrialOutcome(fail_reason=reason, retryable=True))
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # it finished meanwhile: nothing to fail
         study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)

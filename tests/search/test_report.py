@@ -146,6 +146,11 @@ def test_trials_filters_by_method_and_sorts_best_first(study):
     assert known == sorted(known, reverse=True) and by_f1[-1] is None  # the failed trial last
     table = ragsweep("trials", name, "--storage", url)
     assert table.returncode == 0 and "ft_gen/1" in table.stdout and "diverged" in table.stdout
+    assert "--limit 0 shows all" not in table.stdout  # every trial fits the default table
+    best_two = query_json("trials", name, "--storage", url, "--sort", "f1", "--limit", "2")
+    assert [row["f1"] for row in best_two] == known[:2]
+    short = ragsweep("trials", name, "--storage", url, "--sort", "f1", "--limit", "1")
+    assert f"the first 1 of {len(by_f1)} trials" in short.stdout.replace("\n", " ")
 
 
 def test_best_is_the_highest_metric_with_its_whole_record(study):

@@ -12,6 +12,7 @@ import pytest
 
 from search.spec import load_spec
 from search.store import (
+    TrialOutcome,
     TrialRecord,
     best_trial,
     finished_params,
@@ -41,15 +42,15 @@ def fill_launch(url: str, name: str, trials_per_stage: int = 3) -> None:
         for number in range(trials_per_stage):
             rates = {"lr_embedder": 10.0 ** -(3 + number), "lr_generator": 1e-4}
             failed = number == trials_per_stage - 1
-            payload = {
-                "metrics": {"em": 0.1 * number, "f1": 0.2 * number, "train_flops": 1e12 * number},
-                "method": stage,
-                "stage": stage,
-                "record": {"config": {**rates, "reuse": {}}, "has_context_labels": True},
-                "fail_reason": "diverged" if failed else None,
-                "retryable": False if failed else None,
-                "node": "n" * 8,
-            }
+            outcome = TrialOutcome(
+                metrics={"em": 0.1 * number, "f1": 0.2 * number, "train_flops": 1e12 * number},
+                method=stage,
+                stage=stage,
+                record={"config": {**rates, "reuse": {}}, "has_context_labels": True},
+                fail_reason="diverged" if failed else None,
+                retryable=False if failed else None,
+                node="n" * 8,
+            )
             trials.append(
                 optuna.trial.create_trial(
                     state=optuna.trial.TrialState.FAIL
@@ -57,8 +58,8 @@ def fill_launch(url: str, name: str, trials_per_stage: int = 3) -> None:
                     else optuna.trial.TrialState.COMPLETE,
                     params={"lr_embedder": rates["lr_embedder"]},
                     distributions={"lr_embedder": _RATE},
-                    values=None if failed else [payload["metrics"]["f1"]],
-                    user_attrs=trial_attrs(payload),
+                    values=None if failed else [0.2 * number],
+                    user_attrs=trial_attrs(outcome),
                 )
             )
         study.add_trials(trials)
@@ -109,19 +110,20 @@ def test_trials_are_stored_under_the_keys_old_databases_hold(tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path / 'studies.db'}")
     study = optuna.create_study(storage=storage, study_name="s")
     trial = study.ask()
-    payload = {
+    written = {
         "metrics": {"f1": 0.5},
         "method": "ft_gen",
         "stage": "ft_gen",
         "record": {"config": {"lr_generator": 1e-4}},
         "checkpoint": "/runs/x",
         "node": "abc",
-        "fail_reason": None,  # no value: not stored
     }
-    record_trial(trial, payload)
+    outcome = TrialOutcome(**written, fail_reason=None)  # no value: not stored
+    assert TrialOutcome.from_json(outcome.to_json()) == outcome  # as a worker sends it
+    record_trial(trial, outcome)
     study.tell(trial, [0.5])
     stored = study.trials[0].user_attrs
-    assert stored == {key: value for key, value in payload.items() if value is not None}
+    assert stored == written
     # Read back from the attributes as an older ragsweep wrote them.
     record = read_trial("s", study.trials[0])
     assert (record.metrics, record.method, record.checkpoint, record.node) == (
@@ -187,7 +189,7 @@ def test_relaunch_skips_completed_and_recurring_failures_only(tmp_path):
     storage = open_storage(url)
     study = optuna.load_study(study_name="demo/ft_embed", storage=storage)
     dead = study.ask({"lr_embedder": _RATE})
-    record_trial(dead, {"fail_reason": "worker died", "retryable": True})
+    record_trial(dead, TrialOutcome(fail_reason="worker died", retryable=True))
     study.tell(dead, state=optuna.trial.TrialState.FAIL)
     assert finished_params(study) == [{"lr_embedder": 1e-3}, {"lr_embedder": 1e-4}]
 
