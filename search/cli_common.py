@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from trainers.errors import ConfigError, RagsweepError
+from trainers.errors import ConfigError, RagsweepError, mask_secrets
 
 __all__ = [
     "DebugOption",
@@ -98,9 +98,11 @@ def one_line_errors(command: Callable[_P, _R]) -> Callable[_P, _R]:
 
 
 def print_error(message: str) -> None:
-    """One ``error:`` line on stderr."""
+    """One ``error:`` line on stderr, with URL passwords masked."""
     # Escaped: messages quote user input such as [rag_token], which rich would read as markup.
-    error_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    error_console.print(
+        f"[bold red]error:[/] {escape(mask_secrets(message))}", highlight=False, soft_wrap=True
+    )
 
 
 def bad_choice(option: str, value: str, choices: tuple[str, ...]) -> RagsweepError:

@@ -16,11 +16,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveFloat,
-    PositiveInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
+from search.metrics import COST_METRICS, QUALITY_METRICS
 from trainers.config import (
     EMBEDDER_ALIASES,
     GENERATOR_ALIASES,
@@ -52,6 +53,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+# Larger values are mistakes (a typo, an exponent too many), not studies anyone runs.
+_MAX_GRID = 100
+
+
 class SearchSpec(_Strict):
     """How learning rates are searched: a grid (the paper) or a sampler over log ranges."""
 
@@ -62,7 +68,7 @@ class SearchSpec(_Strict):
     lr_generator: list[PositiveFloat] = Field(default_factory=lambda: list(PAPER_GRID))
     lr_embedder_range: tuple[PositiveFloat, PositiveFloat] = (1e-8, 1e-4)  # tpe/random, log-uniform
     lr_generator_range: tuple[PositiveFloat, PositiveFloat] = (1e-8, 1e-4)
-    n_trials: PositiveInt = 9  # tpe/random: trials per searched learning rate
+    n_trials: int = Field(9, gt=0, le=10_000)  # tpe/random: trials per searched learning rate
     # Joint methods couple the two rates: search the Cartesian grid, or reuse the pair another
     # method found (the paper reuses two_phase's pair for rag_token and rag_sequence).
     joint: Literal["cartesian", "reuse"] = "cartesian"
@@ -73,6 +79,8 @@ class SearchSpec(_Strict):
     def _grid_not_empty(cls, grid: list[float]) -> list[float]:
         if not grid:
             raise ValueError("list at least one learning rate")
+        if len(grid) > _MAX_GRID:
+            raise ValueError(f"{len(grid)} learning rates; list at most {_MAX_GRID}")
         if len(set(grid)) != len(grid):
             raise ValueError("remove the repeated learning rates")
         return grid
@@ -91,6 +99,20 @@ class Objective(_Strict):
     metric: str = "f1"
     direction: Literal["maximize", "minimize"] = "maximize"
 
+    @model_validator(mode="after")
+    def _known_metric(self) -> Objective:
+        # A name no trial reports would train every trial fully and then fail each one.
+        if self.metric not in (*QUALITY_METRICS, *COST_METRICS):
+            raise ValueError(
+                f"'{self.metric}' is not a figure trials report; use one of "
+                f"{', '.join((*QUALITY_METRICS, *COST_METRICS))}"
+            )
+        wanted = "maximize" if self.metric in QUALITY_METRICS else "minimize"
+        if self.direction != wanted:
+            kind = "quality" if wanted == "maximize" else "cost"
+            raise ValueError(f"{self.metric} is a {kind} figure; set direction: {wanted} for it")
+        return self
+
 
 class ResourcesSpec(_Strict):
     """What each trial asks Ray for."""
@@ -105,8 +127,11 @@ class ResourcesSpec(_Strict):
 class StudySpec(_Strict):
     """A study: which methods to compare on which data and models, trained and searched how."""
 
-    name: str = "demo"
-    storage: str | None = None  # an Optuna storage URL; None: a SQLite file under studies/
+    # The study's name: Optuna study names (<name>/<stage>) and folders under the runs dir.
+    name: str = Field("demo", pattern=_NAME_PATTERN)
+    # An Optuna storage URL; None: a SQLite file beside the spec. Where a study is kept is not part
+    # of it: left out of dumps, so that a password in it is neither stored nor sent to trials.
+    storage: str | None = Field(None, exclude=True)
     methods: list[Method] = Field(default_factory=lambda: list(METHODS))
     seed: int = 0
     data: DataConfig = DataConfig()
@@ -116,7 +141,7 @@ class StudySpec(_Strict):
     # Several objectives make a multi-objective study; the first picks "best" runs for later stages.
     objectives: list[Objective] = Field(default_factory=lambda: [Objective()])
     resources: ResourcesSpec = ResourcesSpec()
-    concurrency: PositiveInt = 1
+    concurrency: int = Field(1, gt=0, le=10_000)
 
     @field_validator("objectives")
     @classmethod
@@ -135,20 +160,7 @@ class StudySpec(_Strict):
 
 def load_spec(path: Path, overrides: dict[str, object] | None = None) -> StudySpec:
     """Read and validate a spec; ``overrides`` maps dotted keys (``data.path``) to values."""
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as e:
-        raise ConfigError(
-            f"spec file {path} does not exist; pass the path of a study YAML such as studies/demo.yaml"
-        ) from e
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}; fix the syntax there") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path} must hold a mapping of spec fields (name, methods, data, ...), not {type(raw).__name__}"
-        )
+    raw = _read_yaml(path)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     try:
@@ -156,6 +168,46 @@ def load_spec(path: Path, overrides: dict[str, object] | None = None) -> StudySp
     except ValidationError as e:
         raise ConfigError(f"{path}: {_first_error(e)}") from e
     return _with_absolute_paths(spec)
+
+
+# A spec is a few kB of YAML; anything much larger is the wrong file.
+_MAX_SPEC_BYTES = 1 << 20
+
+
+def _read_yaml(path: Path) -> dict[str, object]:
+    """The spec file's mapping, or one line saying why it cannot be read as a spec."""
+    example = "pass a study YAML such as studies/demo.yaml"
+    try:
+        if path.is_dir():
+            raise ConfigError(f"spec {path} is a folder; {example}")
+        if path.stat().st_size > _MAX_SPEC_BYTES:
+            raise ConfigError(
+                f"spec {path} is {path.stat().st_size / 2**20:.0f} MiB, not a spec (a few kB); {example}"
+            )
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError(f"spec file {path} does not exist; {example}") from e
+    except PermissionError as e:
+        raise ConfigError(f"cannot read spec {path}: permission denied; make it readable") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"spec {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML"
+        ) from e
+    except OSError as e:
+        raise ConfigError(f"cannot read spec {path}: {e.strerror}; {example}") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}; fix the syntax there") from e
+    if raw is None:
+        raise ConfigError(f"spec {path} is empty; copy studies/demo.yaml and edit it")
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path} must hold a mapping of spec fields (name, methods, data, ...), not {type(raw).__name__}"
+        )
+    return raw
 
 
 def _with_absolute_paths(spec: StudySpec) -> StudySpec:
@@ -217,10 +269,15 @@ def _set_dotted(raw: dict[str, object], dotted: str, value: object) -> None:
 
 
 def _first_error(error: ValidationError) -> str:
+    """The first problem pydantic found, as "<field>: <what is wrong>; <fix>"."""
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "spec"
     message = first["msg"].removeprefix("Value error, ")
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"unknown field '{where}'{more}; remove it or check its spelling"
-    return f"{where}: {message}{more}"
+    if ";" in message:  # our own validators say what to do
+        return f"{where}: {message}{more}"
+    given = first.get("input")
+    shown = "" if isinstance(given, dict | list) or given is None else f", not {given!r}"
+    return f"{where}: {message[:1].lower()}{message[1:]}{shown}{more}; change {where} in the spec"

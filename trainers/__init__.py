@@ -27,6 +27,7 @@ from trainers.errors import (
     ModelError,
     RagsweepError,
     TrainingError,
+    mask_secrets,
     one_line,
     or_list,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "method_phases",
     "native_bf16",
     "needs_context_labels",
+    "mask_secrets",
     "one_line",
     "or_list",
     "phase_rates",

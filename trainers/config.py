@@ -7,6 +7,7 @@ reads back.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -35,6 +36,18 @@ __all__ = [
 ]
 
 
+def _device_name(name: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
+        raise ValueError(f"'{name}' is not a device; use auto, cpu, cuda or cuda:N")
+    return name
+
+
+# Counts past these are typos (an exponent too many), not settings anyone trains with: refused
+# before a trial runs for days or asks for terabytes.
+_Count = Annotated[int, Field(gt=0, le=1_000_000)]
+_Small = Annotated[int, Field(gt=0, le=1000)]
+
+
 def _registered(name: str) -> str:
     if name not in method_names():
         raise ValueError(f"unknown method '{name}'; use one of {', '.join(method_names())}")
@@ -61,7 +74,7 @@ class _Strict(BaseModel):
 class GeneratedDataConfig(_Strict):
     """Sizes of the built-in fictional encyclopedia (see ``trainers.data``)."""
 
-    n_entities: PositiveInt = 120
+    n_entities: _Count = 120
     two_hop_fraction: float = Field(0.4, ge=0.0, le=1.0)
     seed: int = 0
 
@@ -75,8 +88,8 @@ class DataConfig(_Strict):
     hub_split: str | None = None  # None: the source's usual split
     corpus_path: str | None = None  # canonical corpus JSONL: required for jsonl; for popqa/hotpotqa
     # it replaces the questions' own paragraphs (gold documents are then matched by title)
-    n_train: PositiveInt | None = 96  # None: all that remain after validation
-    n_validation: PositiveInt = 48
+    n_train: _Count | None = 96  # None: all that remain after validation
+    n_validation: _Count = 48
     split_seed: int = 0
     generated: GeneratedDataConfig = GeneratedDataConfig()
 
@@ -100,7 +113,7 @@ class ModelsConfig(_Strict):
     embedder: str = "minilm"
     generator: str = "smollm2-135m"
     generator_finetune: Literal["lora", "qlora", "full"] = "lora"
-    lora_rank: PositiveInt = 16  # the paper's QLoRA rank
+    lora_rank: _Small = 16  # the paper's QLoRA rank
     lora_alpha: PositiveInt = 32
     # 0 by default: peft materialises a dropped-out copy of every adapter input, which doubles a
     # CPU training step (measured: 15 s -> 8 s for SmolLM2 at batch 8); raise it for large models.
@@ -110,24 +123,24 @@ class ModelsConfig(_Strict):
 class TrainingConfig(_Strict):
     """Everything about how a phase trains and how a trial is evaluated."""
 
-    epochs: PositiveInt = 1  # the paper: 1 epoch per model (per phase for two_phase)
-    batch_size_embedder: PositiveInt = 8  # the paper's MNRL batch size
-    batch_size_generator: PositiveInt = 8
-    k: PositiveInt = 5  # documents retrieved per question
+    epochs: _Small = 1  # the paper: 1 epoch per model (per phase for two_phase)
+    batch_size_embedder: _Count = 8  # the paper's MNRL batch size
+    batch_size_generator: _Count = 8
+    k: _Small = 5  # documents retrieved per question
     retrieval_temperature: PositiveFloat = 0.05  # unit-norm vectors: scores are cosines
     mnrl_scale: PositiveFloat = 20.0
     # The paper uses in-batch negatives only (0); each mined negative adds the question's
     # top-ranked non-gold passage under the phase's starting E.
-    mnrl_hard_negatives: int = Field(0, ge=0)
+    mnrl_hard_negatives: int = Field(0, ge=0, le=1000)
     ft_gen_objective: Literal["nll_concat", "rag_token"] = "nll_concat"
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: PositiveFloat = 1.0
-    max_question_tokens: PositiveInt = 64
-    max_doc_tokens: PositiveInt = 96  # per retrieved passage, in generator tokens
-    max_answer_tokens: PositiveInt = 24
-    max_new_tokens: PositiveInt = 16
-    embedder_max_length: PositiveInt = 128  # passage truncation when building the index
+    max_question_tokens: _Count = 64
+    max_doc_tokens: _Count = 96  # per retrieved passage, in generator tokens
+    max_answer_tokens: _Count = 24
+    max_new_tokens: _Count = 16
+    embedder_max_length: _Count = 128  # passage truncation when building the index
     # False re-encodes the corpus in every trial instead of reading the cached vectors (what
     # benchmarks/index_cache.py compares). Left out of dumps while on, so the hashes and records of
     # specs that never set it stay as they were.
@@ -147,12 +160,14 @@ class TrainingConfig(_Strict):
     # intermediates); with it, about one layer's worth plus the layer inputs, for one more forward
     # of compute. The embedder is left alone: it encodes short questions only (benchmarks/memory.py).
     gradient_checkpointing: bool = Field(True, exclude_if=lambda on: on)
-    eval_batch_size: PositiveInt = 16
+    eval_batch_size: _Count = 16
     prompt_template: str = PAPER_PROMPT
     precision: Literal["auto", "fp32", "bf16"] = (
         "auto"  # auto: bf16 autocast where native, else fp32
     )
-    device: str = "auto"  # auto: cuda when present, else cpu
+    device: Annotated[str, AfterValidator(_device_name)] = (
+        "auto"  # auto: cuda when present, else cpu
+    )
 
     @model_validator(mode="after")
     def _template_has_fields(self) -> TrainingConfig:

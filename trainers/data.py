@@ -35,13 +35,21 @@ from trainers._generated import generate_encyclopedia
 from trainers.config import DataConfig
 from trainers.errors import DataError, one_line
 
-__all__ = ["Document", "QARecord", "RagData", "load_data"]
+__all__ = ["MIN_LABELLED_TRAIN", "Document", "QARecord", "RagData", "load_data"]
 
 # The split each hub data set is usually evaluated on (data.hub_split overrides it): PopQA has only
 # "test"; HotPotQA's "validation" is the dev set, 7.4k questions, versus 90k in "train".
 _HUB_SPLITS = {"popqa": "test", "hotpotqa": "validation"}
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _Row = Mapping[str, Any]
+
+# The fewest labelled training questions that can train the embedder on context labels. MNRL ranks
+# a question's gold document against the other questions' gold documents in its batch (in-batch
+# negatives): a lone labelled question has nothing to rank against (its own second gold document,
+# two-hop, is masked, not a negative), and two give each one a negative. A full batch
+# (training.batch_size_embedder) is not required: with fewer labelled questions the phase runs one
+# smaller batch, as the last batch of every epoch already is.
+MIN_LABELLED_TRAIN = 2
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,17 @@ class RagData:
     validation: tuple[QARecord, ...]
     corpus: tuple[Document, ...]
     fingerprint: str  # sha256 hex of the canonical content (corpus + all questions) and the split
-    has_context_labels: bool  # every train question has >= 1 gold document in the corpus
+
+    @property
+    def labelled_train(self) -> tuple[QARecord, ...]:
+        """The training questions with at least one gold document: what MNRL trains E on."""
+        return tuple(q for q in self.train if q.gold_doc_ids)
+
+    @property
+    def has_context_labels(self) -> bool:
+        """Whether enough training questions have gold documents to train E on them (MNRL):
+        at least ``MIN_LABELLED_TRAIN``, not necessarily all; the others train G only."""
+        return len(self.labelled_train) >= MIN_LABELLED_TRAIN
 
     def split_record(self) -> dict[str, object]:
         """The question ids of each split, stored with a trial so it can be rebuilt exactly."""
@@ -92,7 +110,6 @@ def load_data(config: DataConfig) -> RagData:
         validation=validation,
         corpus=corpus,
         fingerprint=_fingerprint(questions, corpus, train, validation),
-        has_context_labels=bool(train) and all(q.gold_doc_ids for q in train),
     )
 
 

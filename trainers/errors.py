@@ -6,6 +6,7 @@ names the problem and the fix. The CLI catches it once, prints the line and exit
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "ModelError",
     "RagsweepError",
     "TrainingError",
+    "mask_secrets",
     "one_line",
     "or_list",
 ]
@@ -39,11 +41,22 @@ class TrainingError(RagsweepError):
     """Training diverged (NaN or infinite loss) or cannot proceed."""
 
 
+# scheme://user:password@host: the password runs to the last "@" of the word, since an unquoted
+# one may hold "@" itself.
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):\S+@")
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
 def one_line(error: BaseException) -> str:
-    """A foreign error's type and first non-empty line, short enough for a one-line message."""
+    """A foreign error's type and first non-empty line, short enough for a one-line message,
+    with URL passwords masked."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0][:200].rstrip(".") if lines else "no message"
-    return f"{type(error).__name__}: {text}"
+    return f"{type(error).__name__}: {mask_secrets(text)}"
 
 
 def or_list(names: Sequence[str]) -> str:

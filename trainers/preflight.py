@@ -9,11 +9,11 @@ import torch
 
 from trainers.config import DataConfig, ModelsConfig, TrainingConfig
 from trainers.data import load_data
-from trainers.errors import ConfigError, or_list
+from trainers.errors import ConfigError
 from trainers.index import build_index
-from trainers.methods import label_free_embedder_methods, needs_context_labels
+from trainers.methods import needs_context_labels
 from trainers.models import load_embedder, load_generator
-from trainers.trial import resolve_device
+from trainers.trial import require_context_labels, resolve_device
 
 __all__ = ["prepare"]
 
@@ -38,12 +38,8 @@ def prepare(
                 "lower training.k"
             )
     for method, training in trainings:
-        if needs_context_labels(method, training) and not rag_data.has_context_labels:
-            raise ConfigError(
-                f"method '{method}' trains the embedder on context labels, but the training "
-                "questions have no gold documents; drop it from methods (use "
-                f"{or_list(label_free_embedder_methods())}) or provide gold_doc_ids"
-            )
+        if needs_context_labels(method, training):
+            require_context_labels(method, rag_data)
     # Conversions and vectors do not depend on the device that computes them: the CPU always has
     # room, and a GPU is left to the trials.
     cpu = torch.device("cpu")

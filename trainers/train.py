@@ -57,7 +57,9 @@ def train_phase(
     seed: int,
     cost: PhaseCost,
 ) -> list[float]:
-    """Train what ``phase`` trains on ``records`` for the configured epochs; returns step losses."""
+    """Train what ``phase`` trains on ``records`` for the configured epochs; returns step losses.
+
+    An MNRL phase trains on the records with a gold document and leaves the others out."""
     training = pipeline.training
     embedder, generator = pipeline.embedder, pipeline.generator.model
     groups: list[dict[str, Any]] = []  # AdamW parameter groups: params and lr
@@ -216,11 +218,14 @@ def _items(
 ) -> list[_Item]:
     if phase.objective != "mnrl":
         return [_Item(record) for record in records]
-    negatives = _hard_negatives(pipeline, records, pipeline.training.mnrl_hard_negatives, cost)
+    # MNRL trains on context labels: a question without a gold document has no positive, so it is
+    # left out here (and mines no negatives); the generator phases still train on every question.
+    labelled = [record for record in records if record.gold_doc_ids]
+    negatives = _hard_negatives(pipeline, labelled, pipeline.training.mnrl_hard_negatives, cost)
     # A question with two gold documents (two-hop) is one item per gold document (sub-process (a)).
     return [
         _Item(record, doc_id, negatives[record.id])
-        for record in records
+        for record in labelled
         for doc_id in record.gold_doc_ids
     ]
 

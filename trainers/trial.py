@@ -15,7 +15,7 @@ import torch
 
 from trainers.config import TrialConfig
 from trainers.cost import CostMeter, forward_flops
-from trainers.data import RagData, load_data
+from trainers.data import MIN_LABELLED_TRAIN, RagData, load_data
 from trainers.environment import environment_record, native_bf16
 from trainers.errors import ConfigError, or_list
 from trainers.evaluate import evaluate_pipeline
@@ -35,7 +35,13 @@ from trainers.pipeline import Pipeline
 from trainers.prompts import PromptBuilder
 from trainers.train import train_phase
 
-__all__ = ["TrialResult", "build_pipeline", "run_trial", "resolve_device"]
+__all__ = [
+    "TrialResult",
+    "build_pipeline",
+    "require_context_labels",
+    "run_trial",
+    "resolve_device",
+]
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,9 @@ def run_trial(
         "data_fingerprint": data.fingerprint,
         "split": data.split_record(),
         "has_context_labels": data.has_context_labels,
+        # The training questions with a gold document: what an MNRL phase trains the embedder on
+        # (the others train the generator only).
+        "labelled_train_questions": len(data.labelled_train),
         "phases": [phase.name for phase in phases],
         "reused_phases": sorted(config.reuse),
         "final_losses": final_losses,
@@ -204,15 +213,27 @@ def _check_data(config: TrialConfig, phases: tuple[Phase, ...], data: RagData) -
     needs_labels = any(
         phase.objective == "mnrl" and phase.name not in config.reuse for phase in phases
     )
-    if needs_labels and not data.has_context_labels:
-        raise ConfigError(
-            f"method '{config.method}' trains the embedder on context labels, but the training questions have "
-            f"no gold documents; use {or_list(label_free_embedder_methods())}, or provide gold_doc_ids"
-        )
+    if needs_labels:
+        require_context_labels(config.method, data)
     if config.training.k > len(data.corpus):
         raise ConfigError(
             f"training.k is {config.training.k} but the corpus has only {len(data.corpus)} documents; lower k"
         )
+
+
+def require_context_labels(method: str, data: RagData) -> None:
+    """Refuse ``method``, which trains the embedder on context labels (MNRL), when fewer than
+    ``MIN_LABELLED_TRAIN`` training questions have a gold document; partly labelled data is fine."""
+    if data.has_context_labels:
+        return
+    labelled, total = len(data.labelled_train), len(data.train)
+    share = f"only {labelled} of {total}" if labelled else f"none of the {total}"
+    raise ConfigError(
+        f"method '{method}' trains the embedder on context labels, but {share} training "
+        f"questions {'has' if labelled <= 1 else 'have'} a gold document (at least "
+        f"{MIN_LABELLED_TRAIN} are needed); label more questions (gold_doc_ids) or use "
+        f"{or_list(label_free_embedder_methods())} instead"
+    )
 
 
 def _seed_everything(seed: int) -> None:

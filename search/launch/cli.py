@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +30,7 @@ from search.cli_common import (
     storage_url,
 )
 from trainers.config import METHODS
-from trainers.errors import ConfigError
+from trainers.errors import ConfigError, mask_secrets
 
 app = typer.Typer()
 # train and launch read the same data the same way.
@@ -150,11 +151,17 @@ def launch(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     plan = make_plan(study)
     first = study.objectives[0]
-    console.print(
-        f"study [bold]{study.name}[/] -> {mask_url(url)}  ({plan.total_trials} trials planned)"
-    )
+    progress = LaunchProgress(plan, first.metric, first.direction == "maximize", console)
+
+    def show_progress() -> None:
+        # Only once every check has passed: a refused launch prints its one error line alone.
+        console.print(
+            f"study [bold]{study.name}[/] -> {mask_url(url)}  ({plan.total_trials} trials planned)"
+        )
+        shown.enter_context(progress)
+
     try:
-        with LaunchProgress(plan, first.metric, first.direction == "maximize", console) as progress:
+        with ExitStack() as shown:
             summary = run_launch(
                 study,
                 storage_url=url,
@@ -162,12 +169,13 @@ def launch(
                 cache_dir=cache_dir(),
                 address=address,
                 on_event=progress,
+                on_ready=show_progress,
                 max_retries=max_retries,
                 log_to_driver=ray_logs,
             )
     except KeyboardInterrupt:
         # The same options matter (--data-path, --set, --storage): they decide the study.
-        command = shlex.join(["ragsweep", *sys.argv[1:]])
+        command = mask_secrets(shlex.join(["ragsweep", *sys.argv[1:]]))
         print_error(
             "interrupted: completed trials are kept, the running ones are marked failed "
             f"(retryable); launch {spec} again with the same options to finish the study: "

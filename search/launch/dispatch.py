@@ -44,6 +44,7 @@ from search.plan import Plan, Stage, make_plan
 from search.spec import StudySpec
 from search.store import (
     check_spec_matches,
+    database_exists,
     existing_stage_study,
     fail_running_trials,
     open_stage_study,
@@ -81,20 +82,25 @@ def launch(
     max_retries: int = 1,
     log_to_driver: bool = False,
     heartbeat_s: float = 30.0,
+    on_ready: Callable[[], None] | None = None,
 ) -> LaunchSummary:
     """Run every stage of ``spec``'s plan that still has work; completed trials are kept.
 
     A second launch of the same spec is refused while this one runs; trials a dead launch left
-    RUNNING are failed (retryable) and their points run again.
+    RUNNING are failed (retryable) and their points run again. ``on_ready`` is called once every
+    check has passed, before anything is written (a launch with bad input writes nothing).
     """
     started = time.perf_counter()
     # Tune runs each trial in its own working directory: relative paths would land there.
     runs_dir, cache_dir = runs_dir.resolve(), cache_dir.resolve()
     plan = make_plan(spec)
-    storage = open_storage(storage_url)
-    check_spec_matches(storage, spec)
+    # A new SQLite file is created only once every check has passed.
+    storage = open_storage(storage_url) if database_exists(storage_url) else None
+    if storage is not None:
+        check_spec_matches(storage, spec)
     existing = {
-        stage.name: existing_stage_study(storage, spec, stage.name) for stage in plan.stages
+        stage.name: existing_stage_study(storage, spec, stage.name) if storage else None
+        for stage in plan.stages
     }
     check_not_running([study for study in existing.values() if study is not None])
     notify = on_event or ignore_event
@@ -109,6 +115,9 @@ def launch(
     try:
         start_ray(address, log_to_driver)
         check_resources(spec, plan)
+        if on_ready is not None:
+            on_ready()
+        storage = storage or open_storage(storage_url)
         studies = {stage.name: open_stage_study(storage, spec, stage.name) for stage in plan.stages}
         _run_claimed(
             spec,

@@ -15,6 +15,7 @@ split, versions, commit, hardware), ``checkpoint`` where later stages reuse it, 
 While a launch runs, its stage studies also carry ``ragsweep.launch`` (``search.launch._lease``).
 """
 
+from search.metrics import COST_METRICS, HEADLINE_METRICS, METRIC_NAMES, QUALITY_METRICS
 from search.store._database import StoredStudy, StudyDatabase, open_database
 from search.store._studies import (
     GROUP_ATTR,
@@ -22,6 +23,7 @@ from search.store._studies import (
     STAGE_ATTR,
     StorageError,
     check_spec_matches,
+    database_exists,
     existing_stage_study,
     mask_url,
     open_stage_study,
@@ -30,10 +32,6 @@ from search.store._studies import (
     stage_study_name,
 )
 from search.store._trials import (
-    COST_METRICS,
-    HEADLINE_METRICS,
-    METRIC_NAMES,
-    QUALITY_METRICS,
     TrialOutcome,
     TrialRecord,
     best_trial,
@@ -60,6 +58,7 @@ __all__ = [
     "TrialRecord",
     "best_trial",
     "check_spec_matches",
+    "database_exists",
     "existing_stage_study",
     "fail_running_trials",
     "finished_params",

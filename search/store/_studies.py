@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search.spec import StudySpec
-from trainers import ConfigError, RagsweepError, one_line
+from trainers import ConfigError, RagsweepError, mask_secrets, one_line
 
 if TYPE_CHECKING:
     import optuna
@@ -31,6 +31,10 @@ class StorageError(RagsweepError):
     """The study database cannot be opened or written."""
 
 
+class _MissingFile(StorageError):
+    """A SQLite database file that is not there."""
+
+
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ``***``, for every message and log line."""
     from sqlalchemy.engine import make_url
@@ -38,8 +42,9 @@ def mask_url(url: str) -> str:
 
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url.split("@")[-1] if "@" in url else url
+    except ArgumentError:  # not a URL SQLAlchemy reads: keep nothing before an "@"
+        masked = mask_secrets(url)
+        return masked if masked != url or "@" not in url else "***@" + url.rsplit("@", 1)[-1]
 
 
 def open_storage(url: str, *, create: bool = True) -> optuna.storages.RDBStorage:
@@ -88,11 +93,36 @@ def engine_options(url: str, *, create: bool) -> dict[str, Any]:
     return {"pool_pre_ping": True, "connect_args": {"timeout": 60}}
 
 
+def database_exists(url: str) -> bool:
+    """Whether ``url`` names a database that is there: a server's, or an existing SQLite file.
+    The URL is checked as :func:`open_storage` checks it, and a SQLite file that is not there
+    must be one this process can create; nothing is created."""
+    import tempfile
+
+    from sqlalchemy.engine import make_url
+
+    try:
+        engine_options(url, create=False)
+    except _MissingFile:
+        path = Path(str(make_url(url).database)).absolute()
+        folder = next(parent for parent in path.parents if parent.exists())
+        try:  # a file made and gone at once: the only sure test of a folder (root passes access())
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise StorageError(
+                f"cannot create the database file {path}: {folder} is not a folder you can write "
+                f"({e.strerror}); choose another --storage path"
+            ) from None
+        return False
+    return True
+
+
 def missing_file(url: str) -> StorageError:
     """The error for a SQLite ``url`` whose file is not there, when reading."""
     from sqlalchemy.engine import make_url
 
-    return StorageError(
+    return _MissingFile(
         f"database file '{make_url(url).database}' does not exist; check --storage "
         f"({mask_url(url)}) or launch a study there first"
     )

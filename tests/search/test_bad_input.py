@@ -72,23 +72,35 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _launch(tmp_path: Path, db: Path, spec: dict | str, *args: str, cache_dir: Path):
-    """Run ``ragsweep launch`` on ``spec`` against ``db``; assert the database did not change."""
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every file, folder and link under ``folder``: a hash of each file, "dir" for each
+    folder, the target of each link."""
+
+    def state(path: Path) -> str:
+        if path.is_symlink():
+            return f"link to {os.readlink(path)}"
+        return "dir" if path.is_dir() else _digest(path)
+
+    return {str(path.relative_to(folder)): state(path) for path in sorted(folder.rglob("*"))}
+
+
+def _launch(tmp_path: Path, db: Path | None, spec: dict | str, *args: str, cache_dir: Path):
+    """Run ``ragsweep launch`` on ``spec`` against ``db`` (None: a new database file); assert
+    that nothing in ``tmp_path`` was created or changed."""
     path = tmp_path / "spec.yaml"
     path.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec))
-    before = _digest(db)
+    before = _snapshot(tmp_path)
     result = ragsweep(
         "launch",
         str(path),
         "--storage",
-        f"sqlite:///{db}",
+        f"sqlite:///{db or tmp_path / 'new' / 'studies.db'}",
         "--runs-dir",
         str(tmp_path / "runs"),
         *args,
         cache_dir=cache_dir,
     )
-    assert _digest(db) == before, "the bad launch changed the database"
-    assert not (tmp_path / "runs").exists()
+    assert _snapshot(tmp_path) == before, "the bad launch created or changed files"
     return result
 
 
@@ -174,6 +186,38 @@ SPEC_MISTAKES = {
         ["data.corpus_path"],
     ),
     "seed_not_a_number": (GOOD | {"seed": "abc"}, ["seed", "integer"]),
+    "objective_metric_typo": (
+        GOOD | {"objectives": [{"metric": "f_1"}]},
+        ["objectives.0", "'f_1' is not a figure trials report", "recall_at_k"],
+    ),
+    "quality_objective_minimized": (
+        GOOD | {"objectives": [{"metric": "f1", "direction": "minimize"}]},
+        ["objectives.0", "f1 is a quality figure", "direction: maximize"],
+    ),
+    "empty_study_name": (GOOD | {"name": ""}, ["name:", "change name"]),
+    "study_name_with_a_slash": (GOOD | {"name": "a/b"}, ["name:", "'a/b'", "change name"]),
+    "epochs_absurd": (
+        GOOD | {"training": TINY_SPEC["training"] | {"epochs": 1_000_000_000}},
+        ["training.epochs", "less than or equal to 1000", "1000000000", "change training.epochs"],
+    ),
+    "epochs_in_e_notation": (
+        GOOD | {"training": TINY_SPEC["training"] | {"epochs": "1e9"}},
+        ["training.epochs", "'1e9'", "change training.epochs"],
+    ),
+    "k_absurd": (
+        GOOD | {"training": TINY_SPEC["training"] | {"k": 100_000}},
+        ["training.k", "less than or equal to 1000", "change training.k"],
+    ),
+    "device_gpu": (
+        GOOD | {"training": TINY_SPEC["training"] | {"device": "gpu"}},
+        ["training.device", "'gpu' is not a device", "cuda:N"],
+    ),
+    "grid_of_a_thousand_rates": (
+        GOOD | {"search": {"lr_embedder": [i * 1e-6 for i in range(1, 1001)]}},
+        ["search.lr_embedder", "1000 learning rates", "at most 100"],
+    ),
+    "empty_spec_file": ("", ["is empty", "studies/demo.yaml"]),
+    "spec_only_a_comment": ("# nothing yet\n", ["is empty", "studies/demo.yaml"]),
 }
 
 
@@ -181,6 +225,49 @@ SPEC_MISTAKES = {
 def test_spec_mistake(case, tmp_path, db, cache_dir):
     spec, fragments = SPEC_MISTAKES[case]
     assert_one_line_error(_launch(tmp_path, db, spec, cache_dir=cache_dir), *fragments)
+
+
+@pytest.mark.parametrize(
+    ("make", "fragments"),
+    [
+        (lambda path: path.mkdir(), ["is a folder", "studies/demo.yaml"]),
+        (lambda path: path.write_bytes(b"name: caf\xe9\n"), ["not UTF-8", "save it as UTF-8"]),
+        (lambda path: path.write_bytes(b"\xff\xfe\x00n\x00"), ["not UTF-8"]),
+        (
+            lambda path: path.write_text("name: demo\n" + "# padding\n" * 200_000),
+            ["MiB, not a spec", "studies/demo.yaml"],
+        ),
+        (lambda path: path.symlink_to(path.parent / "gone.yaml"), ["does not exist"]),
+    ],
+    ids=["spec_is_a_folder", "spec_latin1", "spec_utf16", "spec_huge", "spec_dangling_symlink"],
+)
+def test_spec_file_that_is_not_a_spec(make, fragments, tmp_path, db, cache_dir):
+    path = tmp_path / "odd spec ü.yaml"  # a space and a non-ASCII letter in the path, too
+    make(path)
+    before = _snapshot(tmp_path)
+    result = ragsweep("launch", str(path), "--storage", f"sqlite:///{db}", cache_dir=cache_dir)
+    assert_one_line_error(result, *fragments)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragments"),
+    [
+        (
+            {"data": {"source": "hotpotqa", "path": "/nonexistent/missing.jsonl"}},
+            ["missing.jsonl", "does not exist"],
+        ),
+        ({"training": TINY_SPEC["training"] | {"k": 500}}, ["training.k is 500"]),
+        ({"resources": {"cpus": 512}}, ["resources.cpus is 512"]),
+    ],
+    ids=["missing_data", "k_larger_than_corpus", "too_many_cpus"],
+)
+def test_a_refused_launch_creates_no_database(spec, fragments, tmp_path, cache_dir):
+    """The new database (its folder, its file, Optuna's tables) is made only once every check
+    of the data, the models and the Ray cluster has passed."""
+    result = _launch(tmp_path, None, GOOD | spec, cache_dir=cache_dir)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "new").exists()
 
 
 def test_missing_spec_file(tmp_path, db, cache_dir):
@@ -320,7 +407,7 @@ def test_bad_option_value(option, value, fragments, tmp_path, db, cache_dir):
     [
         ("redis://localhost/0", ["scheme 'redis' is not supported", "sqlite:///"]),
         ("studies.db", ["'studies.db' is not a database URL", "sqlite:///"]),
-        ("sqlite:////proc/no-such-dir/studies.db", ["cannot create the folder", "you can write"]),
+        ("sqlite:////proc/no-such-dir/studies.db", ["cannot create", "folder you can write"]),
     ],
     ids=["unknown_storage_scheme", "storage_not_a_url", "sqlite_folder_not_writable"],
 )

@@ -34,6 +34,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
     assert "Traceback" not in result.stderr
+    assert result.stdout.strip() == "", f"a refused command printed: {result.stdout}"
     for fragment in fragments:
         assert fragment in lines[0]
 

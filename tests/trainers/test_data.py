@@ -486,3 +486,30 @@ def test_questions_without_gold_documents_mean_no_context_labels(tmp_path: Path)
     )
     assert len(data.train) == 2
     assert not data.has_context_labels
+
+
+@pytest.mark.parametrize(
+    ("n_labelled", "has_labels"), [(4, True), (2, True), (1, False), (0, False)]
+)
+def test_context_labels_need_two_labelled_training_questions_not_all(
+    tmp_path: Path, n_labelled: int, has_labels: bool
+) -> None:
+    rows = [
+        {"id": f"q{i}", "question": "Why?", "answers": ["a"], "gold_doc_ids": []} for i in range(6)
+    ]
+    corpus = _write_jsonl(tmp_path / "c.jsonl", [{"id": "d1", "title": "T", "text": "Text."}])
+    config = DataConfig(
+        source="jsonl",
+        path=_write_jsonl(tmp_path / "q.jsonl", rows),
+        corpus_path=corpus,
+        n_train=4,
+        n_validation=2,
+    )
+    train_ids = [q.id for q in load_data(config).train]  # the split depends on the ids only
+    for row in rows:
+        if row["id"] in train_ids[:n_labelled]:
+            row["gold_doc_ids"] = ["d1"]
+    _write_jsonl(tmp_path / "q.jsonl", rows)
+    data = load_data(config)
+    assert [q.id for q in data.labelled_train] == train_ids[:n_labelled]
+    assert data.has_context_labels == has_labels

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from tests.tiny import TINY_TRAINING, tiny_config
 from trainers.cost import CostMeter, PhaseCost
 from trainers.methods import Phase, method_phases
-from trainers.train import _Item, _loss, activation_checkpointing, linear_lr_factor, train_phase
+from trainers.train import (
+    _Item,
+    _items,
+    _loss,
+    activation_checkpointing,
+    linear_lr_factor,
+    train_phase,
+)
 from trainers.trial import build_pipeline
 
 
@@ -52,6 +61,34 @@ def test_gradients_reach_exactly_what_the_phase_trains(tiny_pipeline, phase: Pha
     assert _has_grad(embedder.parameters()) == phase.trains_embedder
     assert _has_grad(lora) == phase.trains_generator
     assert not _has_grad(frozen_base)  # LoRA: the base weights never train
+
+
+def test_the_embedder_phase_trains_on_exactly_the_labelled_questions(tiny_pipeline):
+    data, pipeline = tiny_pipeline
+    # Every third training question loses its gold documents: partly labelled data.
+    records = [
+        record if i % 3 else dataclasses.replace(record, gold_doc_ids=())
+        for i, record in enumerate(data.train)
+    ]
+    labelled = [record for record in records if record.gold_doc_ids]
+    assert 0 < len(labelled) < len(records)
+    (mnrl,) = method_phases("ft_embed", TINY_TRAINING)
+    # With mined negatives too: unlabelled questions mine none either.
+    mining = dataclasses.replace(
+        pipeline, training=TINY_TRAINING.model_copy(update={"mnrl_hard_negatives": 2})
+    )
+    cost, labelled_cost = PhaseCost(mnrl.name), PhaseCost(mnrl.name)
+    items = _items(mnrl, mining, records, cost)
+    assert [(item.record, item.doc_id) for item in items] == [
+        (record, doc_id) for record in labelled for doc_id in record.gold_doc_ids
+    ]
+    assert all(len(item.negative_ids) == 2 for item in items)
+    # Mining reads the labelled questions only: the same items at the same cost as without the rest.
+    assert _items(mnrl, mining, labelled, labelled_cost) == items
+    assert cost.tokens == labelled_cost.tokens > 0
+    # The generator phases still train on every question.
+    (nll,) = method_phases("ft_gen", TINY_TRAINING)
+    assert [item.record for item in _items(nll, pipeline, records, PhaseCost(nll.name))] == records
 
 
 def test_batched_answer_scoring_equals_each_row_alone(tiny_pipeline):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.tiny import TINY_DATA, TINY_TRAINING, tiny_config
+from trainers.config import DataConfig
 from trainers.data import load_data
 from trainers.errors import ConfigError
 from trainers.methods import method_phases
@@ -134,3 +136,58 @@ def test_a_diverging_phase_raises_a_training_error(cache_dir):
 
     with pytest.raises(TrainingError, match="lower the learning rate"):
         run_trial(tiny_config("ft_gen", lr_generator=1e30), cache_dir=cache_dir)
+
+
+def _partly_labelled(folder: Path, n_labelled: int) -> DataConfig:
+    """TINY_DATA's questions as JSONL (the same split), with gold documents on only
+    ``n_labelled`` of its training questions; the validation questions keep theirs."""
+    data = load_data(TINY_DATA)
+    everything = load_data(TINY_DATA.model_copy(update={"n_train": None}))  # the same shuffle
+    keep = {q.id for q in data.train[:n_labelled]} | {q.id for q in data.validation}
+    questions, corpus = folder / "questions.jsonl", folder / "corpus.jsonl"
+    rows = [
+        {
+            "id": q.id,
+            "question": q.question,
+            "answers": list(q.answers),
+            "gold_doc_ids": list(q.gold_doc_ids) if q.id in keep else [],
+        }
+        for q in (*everything.train, *everything.validation)
+    ]
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    documents = [{"id": d.id, "title": d.title, "text": d.text} for d in data.corpus]
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in documents))
+    return TINY_DATA.model_copy(
+        update={"source": "jsonl", "path": str(questions), "corpus_path": str(corpus)}
+    )
+
+
+def test_ft_embed_trains_on_the_labelled_questions_of_partly_labelled_data(tmp_path, cache_dir):
+    data = _partly_labelled(tmp_path, n_labelled=6)
+    labelled = load_data(data).labelled_train
+    assert [q.id for q in labelled] == [q.id for q in load_data(TINY_DATA).train[:6]]
+    result = run_trial(tiny_config("ft_embed", data=data), cache_dir=cache_dir)
+    assert result.record["has_context_labels"] is True
+    assert result.record["labelled_train_questions"] == 6
+    items = sum(len(q.gold_doc_ids) for q in labelled)  # one MNRL item per gold document
+    assert result.metrics["embedder.steps"] == math.ceil(items / 4)  # batch 4, one epoch
+    assert 0.0 <= result.metrics["recall_at_k"] <= 1.0
+
+
+@pytest.mark.parametrize("method", ["ft_embed", "independent"])
+def test_too_few_labelled_training_questions_are_refused_with_the_counts(
+    tmp_path, cache_dir, method
+):
+    data = _partly_labelled(tmp_path, n_labelled=1)
+    with pytest.raises(ConfigError) as error:
+        run_trial(tiny_config(method, data=data), cache_dir=cache_dir)
+    message = str(error.value)
+    assert f"method '{method}'" in message and "\n" not in message
+    assert "only 1 of 16 training questions has a gold document (at least 2" in message
+    assert "gold_doc_ids" in message and "two_phase" in message
+
+
+def test_the_record_counts_labelled_questions_for_a_fully_labelled_set(default_trial):
+    record = default_trial("ft_embed").record
+    assert record["has_context_labels"] is True
+    assert record["labelled_train_questions"] == len(load_data(TINY_DATA).train)
