@@ -124,7 +124,8 @@ def quiet_libraries(debug: bool) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # Its loaders log a failure before raising it; the one error line says it already.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     logging.getLogger("sentence_transformers").setLevel(logging.ERROR)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow
 from datasets.exceptions import DatasetNotFoundError
 
 from trainers._generated import generate_encyclopedia
@@ -333,12 +334,22 @@ def _read_local(path: str, field: str, required: Sequence[str]) -> datasets.Data
         raise DataError(
             f"{field} '{path}' has an unknown format: use a {', '.join(_LOCAL_BUILDERS)} file"
         )
+    if file.stat().st_size == 0:
+        raise DataError(f"{field} '{path}' is empty: point it at the file with the rows")
     try:
         rows = datasets.load_dataset(builder, data_files=str(file), split="train")
     except Exception as e:  # datasets and pyarrow raise many types for one cause: a bad file
         raise DataError(
             f"{field} '{path}' cannot be read as {builder} "
             f"({one_line(e)}): fix or re-export the file"
+        ) from e
+    try:
+        # Arrow keeps text as it found it and fails only when a row is read; a full validation
+        # finds bytes that are not UTF-8 now, in C++, before any row is used.
+        rows.data.table.validate(full=True)
+    except pyarrow.ArrowInvalid as e:
+        raise DataError(
+            f"{field} '{path}' is not UTF-8 text ({one_line(e)}): save it as UTF-8"
         ) from e
     return _require(rows, required, f"{field} '{path}'")
 
@@ -391,9 +402,13 @@ def _question(row: _Row, where: str) -> QARecord:
     if qid is None or not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: question {qid!r} has no id or empty text: fix the row")
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise DataError(f"{where}: question {qid} needs 'answers' as a list of strings")
+        raise DataError(
+            f"{where}: question {qid} needs 'answers' as a list of strings: fix the row"
+        )
     if not isinstance(gold, list):
-        raise DataError(f"{where}: question {qid} needs 'gold_doc_ids' as a list ([] for none)")
+        raise DataError(
+            f"{where}: question {qid} needs 'gold_doc_ids' as a list ([] for none): fix the row"
+        )
     answers = [a.strip() for a in answers if a.strip()]
     if not answers:
         raise DataError(f"{where}: question {qid} has no answer: add one or drop the question")

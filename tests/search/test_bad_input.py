@@ -307,6 +307,30 @@ def test_dataset_missing_fields(tmp_path, db, cache_dir):
     assert_one_line_error(result, "lacks the field(s) answers, gold_doc_ids", "add them")
 
 
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        (b"", ["is empty", "point it at the file"]),
+        (
+            b'{"id": "q1", "question": "caf\xe9?", "answers": ["x"], "gold_doc_ids": []}\n',
+            ["is not UTF-8 text", "save it as UTF-8"],
+        ),
+        (b"this is not json\n", ["cannot be read as json", "re-export the file"]),
+        (
+            b'{"id": "q1", "question": "what?", "answers": "7", "gold_doc_ids": []}\n',
+            ["question q1 needs 'answers' as a list of strings", "fix the row"],
+        ),
+    ],
+    ids=["data_empty", "data_latin1", "data_not_json", "data_answers_not_a_list"],
+)
+def test_data_file_that_cannot_be_used(content, fragments, tmp_path, db, cache_dir):
+    questions = tmp_path / "questions ü.jsonl"
+    questions.write_bytes(content)
+    data = {"source": "jsonl", "path": str(questions), "corpus_path": str(_corpus(tmp_path))}
+    result = _launch(tmp_path, db, GOOD | {"data": data}, cache_dir=cache_dir)
+    assert_one_line_error(result, *fragments)
+
+
 def test_method_needing_context_labels_on_unlabelled_data(tmp_path, db, cache_dir):
     spec = GOOD | {"methods": ["independent"], "data": _unlabelled_data(tmp_path)}
     spec["search"] = {"lr_embedder": [1e-3], "lr_generator": [1e-3]}

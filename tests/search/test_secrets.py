@@ -1,0 +1,164 @@
+"""A password in a PostgreSQL URL never leaves the process: not in any output, stored attribute,
+Ray trial config, log file or checkpoint, through a launch that is interrupted, relaunched, has a
+failing trial, and is queried."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+import yaml
+from sqlalchemy.engine import make_url
+
+from search.store import open_storage
+from tests.storage import POSTGRESQL_GROUP
+from tests.tiny import TINY_SPEC
+
+GRID = [1e-3, 1e-4, 1e30]  # 1e30 diverges: a failed trial with its reason
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    url = os.environ.get("RAGSWEEP_TEST_POSTGRES_URL")
+    if not url or not make_url(url).password:
+        pytest.skip("needs RAGSWEEP_TEST_POSTGRES_URL with a password (.ci/run sets one)")
+    return url
+
+
+@pytest.fixture
+def ray_dir():
+    """Ray's session folder, where its logs go: short, since Ray's socket paths must be."""
+    folder = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ragsweep(
+    *args: str, cache_dir: Path, ray_dir: Path, background: bool = False
+) -> subprocess.Popen | subprocess.CompletedProcess:
+    env = os.environ | {
+        "RAGSWEEP_CACHE": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "RAY_TMPDIR": str(ray_dir),
+    }
+    env.pop("RAGSWEEP_STORAGE", None)
+    command = [sys.executable, "-c", "from search.cli import main; main()", *args]
+    if background:  # in its own process group, as a terminal runs it (Ctrl-C signals the group)
+        return subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+
+
+def _wait_for_a_running_trial(driver: subprocess.Popen, url: str, study_name: str) -> None:
+    storage = open_storage(url)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert driver.poll() is None, driver.communicate()
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+            if any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
+                return
+        except KeyError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{study_name} never ran a trial")
+
+
+def _database_dump(url: str) -> str:
+    """Every row of every table of the database, as text."""
+    engine = sqlalchemy.create_engine(url)
+    metadata = sqlalchemy.MetaData()
+    metadata.reflect(engine)
+    rows = []
+    with engine.connect() as connection:
+        for table in metadata.sorted_tables:
+            rows += [repr(tuple(row)) for row in connection.execute(table.select())]
+    engine.dispose()
+    return "\n".join(rows)
+
+
+def _files_holding(folder: Path, secret: str) -> list[str]:
+    found = []
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                if secret.encode() in path.read_bytes():
+                    found.append(str(path))
+            except OSError:  # sockets, files Ray removed meanwhile
+                continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(POSTGRESQL_GROUP)
+def test_the_password_appears_nowhere(postgres_url, tmp_path, cache_dir, ray_dir):
+    password = str(make_url(postgres_url).password)
+    name = f"secret-{uuid.uuid4().hex[:8]}"
+    spec = tmp_path / "spec.yaml"
+    # The password in the spec, as a user may keep it.
+    fields = {"name": name, "storage": postgres_url, "methods": ["ft_embed", "ft_gen"]}
+    fields["search"] = {"lr_embedder": GRID, "lr_generator": [1e-3]}
+    spec.write_text(yaml.safe_dump(TINY_SPEC | fields))
+    runs = tmp_path / "runs"
+    outputs = []
+
+    # Interrupted (Ctrl-C) with the URL on the command line: the line to repeat is masked.
+    driver = _ragsweep(
+        "launch", str(spec), "--storage", postgres_url, "--runs-dir", str(runs),
+        cache_dir=cache_dir, ray_dir=ray_dir, background=True,
+    )  # fmt: skip
+    _wait_for_a_running_trial(driver, postgres_url, f"{name}/ft_embed")
+    os.killpg(driver.pid, signal.SIGINT)
+    out, err = driver.communicate(timeout=180)
+    assert driver.returncode == 130, err
+    assert "***@" in err and "launch" in err
+    outputs += [out, err]
+
+    # Relaunched with the URL from the spec only; the diverging trial fails with its reason.
+    done = _ragsweep(
+        "launch", str(spec), "--runs-dir", str(runs), cache_dir=cache_dir, ray_dir=ray_dir
+    )
+    assert done.returncode == 0, done.stderr
+    outputs += [done.stdout, done.stderr]
+
+    export = tmp_path / "trials.json"
+    queries = [
+        ["studies"],
+        ["trials", name],
+        ["trials", name, "--format", "json"],
+        ["best", name, "--format", "json"],
+        ["compare", name],
+        ["export", name, "-o", str(export)],
+        ["trials", "no-such-study"],  # an error names the database
+    ]
+    results = {}
+    for query in queries:
+        result = _ragsweep(*query, "--storage", postgres_url, cache_dir=cache_dir, ray_dir=ray_dir)
+        results[" ".join(query[:3])] = result
+        outputs += [result.stdout, result.stderr]
+    trials = json.loads(results[f"trials {name} --format"].stdout)
+    assert any("diverged" in (trial["fail_reason"] or "") for trial in trials)
+    assert "***@" in results["trials no-such-study"].stderr  # the error names the database
+
+    assert all(password not in text for text in outputs)
+    assert password not in export.read_text()
+    assert password not in _database_dump(postgres_url)
+    assert _files_holding(ray_dir, password) == []  # Ray's session logs and trial configs
+    assert _files_holding(runs, password) == []  # checkpoints and trial.json files
