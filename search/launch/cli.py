@@ -68,6 +68,8 @@ def train(
 
     if method not in METHODS:
         raise bad_choice("--method", method, METHODS)
+    if out is not None:
+        _check_folder_option("--out", out)
     study = load_spec(spec, _spec_overrides(settings, {"data.path": data_path}))
     config = trial_config(
         study, method, lr_embedder=lr_embedder, lr_generator=lr_generator, seed=seed
@@ -142,6 +144,8 @@ def launch(
 
     overrides = {"name": name, "data.path": data_path, "concurrency": concurrency}
     study = load_spec(spec, _spec_overrides(settings, overrides))
+    runs_dir = runs_dir or spec.parent / "runs"
+    _check_folder_option("--runs-dir", runs_dir)
     url = storage_url(storage, study.storage, spec.parent / f"{study.name}.db")
     quiet_libraries(debug)
     os.environ.setdefault(
@@ -165,7 +169,7 @@ def launch(
             summary = run_launch(
                 study,
                 storage_url=url,
-                runs_dir=runs_dir or spec.parent / "runs",
+                runs_dir=runs_dir,
                 cache_dir=cache_dir(),
                 address=address,
                 on_event=progress,
@@ -199,6 +203,17 @@ def launch(
         error_console.print(f"stage {stage} did not run: {reason}", highlight=False, soft_wrap=True)
     if summary.blocked:
         raise typer.Exit(1)
+
+
+def _check_folder_option(option: str, folder: Path) -> None:
+    """Refuse an output folder that is a file, or lies under one, before anything runs."""
+    for path in (folder, *folder.absolute().parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(
+                    f"{option} {folder}: {path} is a file, not a folder; give a folder"
+                )
+            return
 
 
 def _spec_overrides(settings: list[str] | None, options: Mapping[str, object]) -> dict[str, object]:

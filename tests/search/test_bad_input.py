@@ -426,6 +426,11 @@ def test_bad_option_value(option, value, fragments, tmp_path, db, cache_dir):
     assert_one_line_error(result, *fragments)
 
 
+def test_runs_dir_that_is_a_file(tmp_path, db, cache_dir):
+    result = _launch(tmp_path, db, GOOD, "--runs-dir", str(db / "runs"), cache_dir=cache_dir)
+    assert_one_line_error(result, "--runs-dir", "is a file, not a folder", "give a folder")
+
+
 @pytest.mark.parametrize(
     ("storage", "fragments"),
     [

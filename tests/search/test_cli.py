@@ -82,10 +82,12 @@ def test_train_prints_a_table_by_default(tmp_path, cache_dir):
         (["--method", "joint"], ["--method 'joint'", "rag_token"]),
         (["--method", "ft_gen"], ["lr_generator", "--lr-generator"]),
         (["--method", "ft_embed", "--lr-embedder", "-1"], ["lr_embedder", "greater than 0"]),
+        (["--method", "none", "--out", "spec.yaml/out"], ["--out", "is a file", "give a folder"]),
     ],
 )
 def test_bad_arguments_get_one_line(tmp_path, cache_dir, args, fragments):
     spec = write_spec(tmp_path, TINY_SPEC)
+    args = [arg.replace("spec.yaml", str(spec)) for arg in args]
     assert_one_line_error(
         ragsweep("train", "--spec", str(spec), *args, cache_dir=cache_dir), *fragments
     )
