@@ -1,7 +1,9 @@
 """How the query commands print: rich tables for people, JSON and CSV for programs.
 
 Every command builds plain records (lists of dicts) first; the table, JSON and CSV are three
-renderings of the same records, so the formats never disagree.
+renderings of the same records, so the formats never disagree. Text from the database (study,
+stage and method names, failure reasons) is escaped in what rich prints: ``[/]`` in a name is
+shown, not read as markup.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from search.query.compare import Comparison
@@ -165,7 +168,7 @@ def as_csv(records: Sequence[dict[str, Any]]) -> str:
 
 
 def as_table(title: str, records: Sequence[dict[str, Any]], columns: Sequence[str]) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for column in columns:
         numeric = any(isinstance(r.get(column), int | float) for r in records)
         table.add_column(
@@ -174,7 +177,7 @@ def as_table(title: str, records: Sequence[dict[str, Any]], columns: Sequence[st
             no_wrap=column in ("trial", "study", "method"),
         )
     for record in records:
-        table.add_row(*(cell(column, record.get(column)) for column in columns))
+        table.add_row(*(escape(cell(column, record.get(column))) for column in columns))
     return table
 
 
@@ -245,24 +248,24 @@ def _seconds(value: float) -> str:
 def trial_detail(report: StudyReport, row: TrialRecord, title: str) -> Table:
     """``ragsweep best``: the headline figures, then what the record says about the run."""
     record = row.record
-    environment = record.get("environment") or {}
+    environment = row.environment
     summary = trial_record(report, row)
-    table = Table(title=title, title_justify="left", show_header=False)
+    table = Table(title=escape(title), title_justify="left", show_header=False)
     table.add_column("field")
     table.add_column("value")
     headline = ("trial", "method", "state", "lr_embedder", "lr_generator", *QUALITY_METRICS)
     for key in (*headline, "train_flops", "run_flops", "train_device_s", "wall_s"):
-        table.add_row(key, cell(key, summary[key]))
-    git = environment.get("git") or {}
+        table.add_row(key, escape(cell(key, summary[key])))
+    git = environment.get("git")
     details = {
         "seed": record.get("seed"),
-        "data fingerprint": record.get("data_fingerprint"),
-        "phases": ", ".join(record.get("phases", [])) or "none",
-        "reused phases": ", ".join(record.get("reused_phases", [])) or "none",
+        "data fingerprint": row.data_fingerprint,
+        "phases": ", ".join(row.phases) or "none",
+        "reused phases": ", ".join(row.reused_phases) or "none",
         "final losses": record.get("final_losses"),
         "checkpoint": row.checkpoint,
         "git commit": f"{git.get('commit')}{' (uncommitted changes)' if git.get('dirty') else ''}"
-        if git
+        if isinstance(git, dict) and git
         else None,
         "packages": environment.get("packages"),
         "hardware": environment.get("hardware"),
@@ -270,14 +273,15 @@ def trial_detail(report: StudyReport, row: TrialRecord, title: str) -> Table:
         "completed": row.completed,
     }
     for key, value in details.items():
-        table.add_row(key, "-" if value is None else str(value))
+        table.add_row(key, "-" if value is None else escape(str(value)))
     return table
 
 
 def reproduction_report(reproduction: Reproduction) -> list[Table | str]:
     """``ragsweep reproduce``: metrics recorded against reproduced, drift, saved models, verdict."""
     table = Table(
-        title=f"trial {reproduction.trial.id}: recorded against reproduced", title_justify="left"
+        title=escape(f"trial {reproduction.trial.id}: recorded against reproduced"),
+        title_justify="left",
     )
     for column in ("metric", "recorded", "reproduced", "|difference|"):
         table.add_column(column, justify="left" if column == "metric" else "right")
@@ -290,11 +294,11 @@ def reproduction_report(reproduction: Reproduction) -> list[Table | str]:
         for column in ("field", "recorded", "now"):
             drift.add_column(column)
         for field, before, after in reproduction.drift:
-            drift.add_row(field, before, after)
+            drift.add_row(escape(field), escape(before), escape(after))
         parts.append(drift)
     else:
         parts.append("environment: same versions, commit and hardware as recorded")
-    parts += [f"saved {name}: {path}" for name, path in reproduction.saved.items()]
+    parts += [escape(f"saved {name}: {path}") for name, path in reproduction.saved.items()]
     verdict = "match" if reproduction.matches else "DIFFER"
     parts.append(
         f"metrics {verdict} within the tolerance of {reproduction.tolerance:g} "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from search.cli_common import (
     DebugOption,
@@ -194,9 +195,9 @@ def compare(
         " (shared stages counted once)"
     )
     for note in comparison.notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(escape(f"note: {note}"), highlight=False)
     for line in comparison.recommendation:
-        console.print(f"[bold]advice:[/] {line}", highlight=False)
+        console.print(f"[bold]advice:[/] {escape(line)}", highlight=False)
 
 
 @app.command()
@@ -217,7 +218,7 @@ def export(
     rows = export_rows(report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(as_json(rows) if out.suffix.lower() == ".json" else as_csv(rows))
-    console.print(f"wrote {len(rows)} trials of {report.name} to {out}")
+    console.print(escape(f"wrote {len(rows)} trials of {report.name} to {out}"))
 
 
 @app.command()
@@ -236,7 +237,7 @@ def plot(
     from search.query.plots import plot_study
 
     report = _load_report(study, storage)
-    console.print(f"wrote {plot_study(report, out, metric=metric, cost=cost)}")
+    console.print(escape(f"wrote {plot_study(report, out, metric=metric, cost=cost)}"))
 
 
 @app.command()
@@ -269,7 +270,7 @@ def reproduce(
     """Re-run a trial from its stored record; exit 1 when metrics differ beyond the tolerance."""
     from search.query._views import as_json, reproduction_record, reproduction_report
     from search.query.report import best_of
-    from search.query.reproduce import reproduce_trial
+    from search.query.reproduce import reproduce_trial, stored_config
     from trainers import ConfigError
 
     _check_format(fmt, ("table", "json"))
@@ -277,16 +278,14 @@ def reproduce(
         raise ConfigError("say which trial: --trial <stage>/<number> or --best (one of them)")
     report = _load_report(study, storage)
     row = best_of(report) if best_trial else report.trial(trial or "")
+    config = stored_config(row, data_path=data_path)  # a record that cannot re-run: before loading
     quiet_libraries(debug)
     if fmt == "table":
-        console.print(f"reproducing {report.name} {row.id} ({row.method}) from its record ...")
+        console.print(
+            escape(f"reproducing {report.name} {row.id} ({row.method}) from its record ...")
+        )
     reproduction = reproduce_trial(
-        row,
-        cache_dir=cache_dir(),
-        out_dir=out,
-        merged=merged,
-        tolerance=tolerance,
-        data_path=data_path,
+        row, config, cache_dir=cache_dir(), out_dir=out, merged=merged, tolerance=tolerance
     )
     if fmt == "json":
         print(as_json(reproduction_record(reproduction)))
@@ -309,7 +308,7 @@ def dashboard(
     debug: DebugOption = False,
 ) -> None:
     """optuna-dashboard on the study database, on 127.0.0.1 unless --host says otherwise."""
-    from search.store import mask_url, open_storage
+    from search.store import mask_url, open_database, open_storage
     from trainers import ConfigError
 
     try:
@@ -319,9 +318,12 @@ def dashboard(
             "optuna-dashboard is not installed; pip install 'ragsweep[dashboard]'"
         ) from e
     url = _query_url(storage, study)
+    # Read first, as every query does: Optuna's storage would add its tables to a file that has
+    # none (an empty file, another program's database) rather than refuse it.
+    open_database(url).studies()
     opened = open_storage(url, create=False)
     console.print(
-        f"optuna-dashboard for {mask_url(url)} on http://{host}:{port} (Ctrl-C stops it)",
+        escape(f"optuna-dashboard for {mask_url(url)} on http://{host}:{port} (Ctrl-C stops it)"),
         highlight=False,
     )
     run_server(opened, host=host, port=port)

@@ -39,7 +39,12 @@ class Comparison:
 
 
 def compare(report: StudyReport, metric: str | None = None) -> Comparison:
-    """The paper's table: each method's best run on validation, its cost and its search's cost."""
+    """The paper's table: each method's best run on validation, its cost and its search's cost.
+
+    A method's search cost counts the earlier stages the plan says it built on: a study whose
+    stored spec cannot be read is refused in one line rather than shown without them.
+    """
+    report.needs_plan("compare", "the stages each method's search ran")
     metric_key = quality_key(metric or _first_objective(report))
     rows = []
     for method in report.methods:

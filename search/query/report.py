@@ -4,6 +4,10 @@ and the paper's comparison of methods.
 Read-only. A *study* here is what one spec launched (its stage studies share the ``ragsweep.group``
 attribute); a stage study's own name (``demo/ft_gen``) selects that stage alone, and a study that
 ragsweep did not write is read as one stage. Trials are named ``<stage>/<number>``.
+
+Whatever the database holds is read as far as it makes sense (:func:`search.store.record_of` for
+trials); a stored spec that cannot be read leaves the study without its plan, which only
+``compare`` needs (see :attr:`StudyReport.spec_problem`).
 """
 
 from __future__ import annotations
@@ -60,10 +64,23 @@ class StudyReport:
     """A study's trials in stage order, with the spec and plan it was launched with when stored."""
 
     name: str
-    stages: tuple[str, ...]
+    stages: tuple[str, ...]  # the plan's order; without a plan, by name
     trials: tuple[TrialRecord, ...]
     spec: StudySpec | None
     plan: Plan | None
+    # Why a stored spec gave no plan: not JSON, not an object, not a spec this version reads.
+    # The trials read without it; what needs the plan refuses the study (needs_plan).
+    spec_problem: str | None = None
+
+    def needs_plan(self, command: str, use: str) -> None:
+        """Refuse, in one line, a study whose stored spec cannot be read: ``command`` needs it
+        for ``use``."""
+        if self.spec_problem is not None:
+            raise ConfigError(
+                f"{self.spec_problem}; {command} needs it for {use}: run {command} with the "
+                "ragsweep version that launched the study (trials, best, pareto, export and "
+                "plot read the study without it)"
+            )
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -280,34 +297,47 @@ def export_row(report: StudyReport, row: TrialRecord) -> dict[str, Any]:
 
 
 def _report(database: StudyDatabase, name: str, studies: Sequence[StoredStudy]) -> StudyReport:
-    spec = _stored_spec(studies)
-    plan = _plan_of(spec)
+    spec, plan, problem = _stored_plan(name, studies)
     order = [stage.name for stage in plan.stages] if plan else []
     by_stage = {study.stage: study for study in studies}
     stages = tuple(
         sorted(by_stage, key=lambda st: (order.index(st) if st in order else len(order), st))
     )
     trials = database.trials([by_stage[stage] for stage in stages])
-    return StudyReport(name=name, stages=stages, trials=tuple(trials), spec=spec, plan=plan)
+    return StudyReport(
+        name=name,
+        stages=stages,
+        trials=tuple(trials),
+        spec=spec,
+        plan=plan,
+        spec_problem=problem,
+    )
 
 
-def _stored_spec(studies: Sequence[StoredStudy]) -> StudySpec | None:
+def _stored_plan(
+    name: str, studies: Sequence[StoredStudy]
+) -> tuple[StudySpec | None, Plan | None, str | None]:
+    """(spec, plan, why not) from the first of ``studies`` whose stored spec reads; no spec stored
+    (a study ragsweep did not write) is no plan and no problem."""
+    problem = None
     for study in studies:
-        if study.spec is not None:
-            try:
-                return StudySpec.model_validate(study.spec)
-            except ValidationError:
-                return None  # written by another ragsweep version: report without the plan
-    return None
+        if study.spec is None:
+            problem = problem or _spec_problem(name, study.spec_problem)
+            continue
+        try:
+            spec = StudySpec.model_validate(study.spec)
+            return spec, make_plan(spec, forecast=False), None  # the stages only: no torch
+        except ValidationError as e:  # written by another ragsweep version
+            error = e.errors()[0]
+            where = ".".join(str(part) for part in error["loc"]) or "spec"
+            problem = problem or _spec_problem(name, f"does not validate ({where}: {error['msg']})")
+        except ConfigError as e:
+            problem = problem or _spec_problem(name, f"gives no plan ({e})")
+    return None, None, problem
 
 
-def _plan_of(spec: StudySpec | None) -> Plan | None:
-    if spec is None:
-        return None
-    try:
-        return make_plan(spec, forecast=False)  # the stages only: no torch in a query
-    except ConfigError:
-        return None
+def _spec_problem(name: str, why: str | None) -> str | None:
+    return None if why is None else f"the spec stored with study '{name}' {why}"
 
 
 # --- small helpers ---------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from search.store import QUALITY_METRICS, TrialRecord
 from trainers import ConfigError, TrialConfig, method_phases
 
-__all__ = ["Reproduction", "reproduce_trial"]
+__all__ = ["Reproduction", "reproduce_trial", "stored_config"]
 
 
 @dataclass(frozen=True)
@@ -42,38 +44,78 @@ class Reproduction:
         return all(diff <= self.tolerance for diff in self.differences.values())
 
 
+def stored_config(trial: TrialRecord, *, data_path: str | None = None) -> TrialConfig:
+    """The config that re-runs ``trial``, from its record alone (the data at ``data_path`` when
+    given). A record that cannot re-run it (none stored, not a JSON object, without a config or a
+    data fingerprint, or a config this version does not read) is refused in one line naming the
+    trial, before anything loads."""
+    record = trial.attributes().get("record")  # as stored
+    if record is None:
+        reason = f" (it failed: {trial.fail_reason})" if trial.fail_reason else ""
+        raise ConfigError(
+            f"trial {trial.id} has no stored record{reason}; reproduce a completed trial (`ragsweep trials --state complete`)"
+        )
+    if not isinstance(record, dict):
+        raise ConfigError(
+            f"trial {trial.id}'s stored record is not a JSON object (another program wrote it, "
+            "or it was edited); reproduce a trial ragsweep recorded "
+            "(`ragsweep trials --state complete`)"
+        )
+    if not trial.config:
+        raise ConfigError(
+            f'trial {trial.id}\'s record holds no config (a JSON object under "config"); '
+            "reproduce a trial ragsweep recorded (`ragsweep trials --state complete`)"
+        )
+    stored = dict(trial.config)
+    stored["reuse"] = {}  # train every phase here; see the module docstring
+    if data_path:
+        data = stored.get("data")
+        stored["data"] = {**(data if isinstance(data, dict) else {}), "path": data_path}
+    try:
+        config = TrialConfig.model_validate(stored)
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "config"
+        raise ConfigError(
+            f"trial {trial.id}'s stored config is not a trial config to this ragsweep ({where}: "
+            f"{error['msg']}); reproduce it with the ragsweep version recorded with the trial"
+        ) from e
+    if trial.data_fingerprint is None:
+        raise ConfigError(
+            f"trial {trial.id}'s record has no data fingerprint, so its data cannot be checked; "
+            "reproduce a trial ragsweep recorded (`ragsweep trials --state complete`)"
+        )
+    return config
+
+
 def reproduce_trial(
     trial: TrialRecord,
+    config: TrialConfig,
     *,
     cache_dir: Path,
     out_dir: Path | None = None,
     merged: bool = False,
     tolerance: float = 1e-6,
-    data_path: str | None = None,
 ) -> Reproduction:
-    """Train and evaluate ``trial`` again; models go to ``out_dir`` when given."""
+    """Train and evaluate ``trial`` again with ``config`` (:func:`stored_config`); models go to
+    ``out_dir`` when given."""
     import torch
 
     from trainers import environment_record, load_data, run_trial
 
-    record = trial.record
-    if not record:
-        reason = f" (it failed: {trial.fail_reason})" if trial.fail_reason else ""
-        raise ConfigError(
-            f"trial {trial.id} has no stored record{reason}; reproduce a completed trial (`ragsweep trials --state complete`)"
-        )
-    config = _config(record, data_path)
+    recorded = trial.data_fingerprint or ""
     fingerprint = load_data(config.data).fingerprint
-    if fingerprint != record["data_fingerprint"]:
+    if fingerprint != recorded:
         raise ConfigError(
             f"the data now reads differently from trial {trial.id}'s (fingerprint {fingerprint[:12]} "
-            f"!= recorded {record['data_fingerprint'][:12]}); pass --data-path with the file it used"
+            f"!= recorded {recorded[:12]}); pass --data-path with the file it used"
         )
-    environment = record.get("environment") or {}
+    environment = trial.environment
     # Float sums depend on how work is split over threads: use the trial's thread count.
-    threads = (environment.get("hardware") or {}).get("torch_threads")
-    if threads:
-        torch.set_num_threads(int(threads))
+    hardware = environment.get("hardware")
+    threads = hardware.get("torch_threads") if isinstance(hardware, dict) else None
+    if type(threads) is int and threads > 0:
+        torch.set_num_threads(threads)
     result = run_trial(config, cache_dir=cache_dir, out_dir=out_dir, merge_generator=merged)
     return Reproduction(
         trial=trial,
@@ -83,20 +125,6 @@ def reproduce_trial(
         drift=_drift(environment, environment_record()),
         saved=_saved_models(config, out_dir, merged) if out_dir else {},
     )
-
-
-def _config(record: dict[str, Any], data_path: str | None) -> TrialConfig:
-    stored = dict(record["config"])
-    stored["reuse"] = {}  # train every phase here; see the module docstring
-    if data_path:
-        stored["data"] = {**stored["data"], "path": data_path}
-    try:
-        return TrialConfig.model_validate(stored)
-    except ValueError as e:
-        raise ConfigError(
-            f"the stored config no longer validates ({str(e).splitlines()[0]}); reproduce it with the "
-            "ragsweep version recorded with the trial"
-        ) from e
 
 
 def _drift(recorded: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, str, str]]:

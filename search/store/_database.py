@@ -19,7 +19,7 @@ import re
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -35,7 +35,7 @@ from search.store._studies import (
     mask_url,
     missing_file,
 )
-from search.store._trials import TrialRecord, record_of
+from search.store._trials import UNREADABLE, TrialRecord, json_value, record_of, study_place
 from trainers import one_line
 
 _Rows = Callable[[str], list[tuple[Any, ...]]]  # runs one query, returns its rows
@@ -45,12 +45,19 @@ _Rows = Callable[[str], list[tuple[Any, ...]]]  # runs one query, returns its ro
 
 @dataclass(frozen=True)
 class StoredStudy:
-    """One Optuna study as ragsweep reads it: the launch it belongs to, its stage, its spec."""
+    """One Optuna study as ragsweep reads it: the launch it belongs to, its stage, its spec.
+
+    Its attributes are read as :func:`search.store._trials.study_place` says; two studies of one
+    launch that say the same stage (one copied with ``optuna copy-study``) both read, the one not
+    named ``<launch>/<stage>`` with its name as its stage.
+    """
 
     name: str  # the Optuna study name, e.g. demo/ft_gen
     group: str  # the launch (the spec's name); for a study ragsweep did not write, its name
     stage: str  # likewise
-    spec: dict[str, Any] | None  # the spec it was launched with, as JSON
+    spec: dict[str, Any] | None  # the spec it was launched with, as JSON; None when not stored
+    # Why a stored spec is not read (not JSON, or not a JSON object); then spec is None.
+    spec_problem: str | None = None
 
 
 class StudyDatabase:
@@ -66,6 +73,11 @@ class StudyDatabase:
 
             self._engine = sqlalchemy.create_engine(url, **engine_options(url, create=False))
             self._errors = (sqlalchemy.exc.SQLAlchemyError,)
+        elif self._sqlite_file.is_dir():
+            raise StorageError(
+                f"'{self._sqlite_file}' is a folder, not a database file; give --storage (or "
+                f"RAGSWEEP_STORAGE) the file in it, e.g. sqlite:///{self._sqlite_file}/demo.db"
+            )
         elif not self._sqlite_file.is_file():
             raise missing_file(url)
 
@@ -76,17 +88,16 @@ class StudyDatabase:
             user = rows("SELECT a.study_id, a.key, a.value_json FROM study_user_attributes a")
             system = rows("SELECT a.study_id, a.key, a.value_json FROM study_system_attributes a")
         wanted = (GROUP_ATTR, STAGE_ATTR)
-        attrs = {(i, key): json.loads(text) for i, key, text in user if key in wanted}
-        spec = {i: json.loads(text) for i, key, text in system if key == SPEC_ATTR}
-        return [
-            StoredStudy(
-                name=name,
-                group=attrs.get((study_id, GROUP_ATTR)) or name,
-                stage=attrs.get((study_id, STAGE_ATTR)) or name,
-                spec=spec.get(study_id),
+        attrs = {(i, key): json_value(text) for i, key, text in user if key in wanted}
+        specs = {i: json_value(text) for i, key, text in system if key == SPEC_ATTR}
+        studies = []
+        for study_id, name in names:
+            group, stage = study_place(
+                str(name), attrs.get((study_id, GROUP_ATTR)), attrs.get((study_id, STAGE_ATTR))
             )
-            for study_id, name in names
-        ]
+            spec, problem = _spec(specs.get(study_id))
+            studies.append(StoredStudy(str(name), group, stage, spec, problem))
+        return _distinct_stages(studies)
 
     def trials(self, studies: Sequence[StoredStudy]) -> list[TrialRecord]:
         """Every trial of ``studies``, study by study in that order, by number within each."""
@@ -117,7 +128,9 @@ class StudyDatabase:
             )
             trial_params: dict[int, dict[str, Any]] = {}
             for trial_id, name, value, distribution_json in params:
-                trial_params.setdefault(trial_id, {})[name] = _external(value, distribution_json)
+                external = _external(value, distribution_json)
+                if external is not UNREADABLE:
+                    trial_params.setdefault(trial_id, {})[name] = external
             trial_attrs: dict[int, dict[str, str]] = {}
             for trial_id, key, text in attrs:
                 trial_attrs.setdefault(trial_id, {})[key] = text
@@ -143,17 +156,38 @@ class StudyDatabase:
     @contextmanager
     def _reading(self) -> Iterator[_Rows]:
         try:
-            if self._engine is None:
-                with closing(sqlite3.connect(str(self._sqlite_file), timeout=60)) as connection:
+            if self._sqlite_file is not None:
+                # Read-only (SQLite's mode=ro): a query never writes to the file, whatever it is.
+                uri = f"{self._sqlite_file.absolute().as_uri()}?mode=ro"
+                with closing(sqlite3.connect(uri, uri=True, timeout=60)) as connection:
                     yield lambda sql: connection.execute(sql).fetchall()
             else:
                 with self._engine.connect() as connection:
                     yield lambda sql: [tuple(row) for row in connection.exec_driver_sql(sql)]
         except self._errors as e:  # the server is unreachable, the tables are not Optuna's
-            raise StorageError(
-                f"cannot read storage '{mask_url(self.url)}': {one_line(e)}; check that the server "
-                "is up and that the URL names a study database"
-            ) from e
+            raise self._unreadable(e) from e
+
+    def _unreadable(self, error: Exception) -> StorageError:
+        if self._sqlite_file is None:
+            return StorageError(
+                f"cannot read storage '{mask_url(self.url)}': {one_line(error)}; check that the "
+                "server is up and that the URL names a study database"
+            )
+        if "locked" in str(error):
+            return StorageError(
+                f"cannot read '{self._sqlite_file}': {one_line(error)} (a launch is writing it); "
+                "try again in a moment"
+            )
+        if "unable to open" in str(error):
+            return StorageError(
+                f"cannot open '{self._sqlite_file}': {one_line(error)}; check that you may read "
+                "the file"
+            )
+        # Not SQLite (a text file), or none of Optuna's tables (empty, another program's file).
+        return StorageError(
+            f"'{self._sqlite_file}' is not a study database ({one_line(error)}); give --storage "
+            "(or RAGSWEEP_STORAGE) the SQLite file a launch or Optuna wrote"
+        )
 
 
 def open_database(url: str) -> StudyDatabase:
@@ -174,17 +208,47 @@ def _sqlite_file(url: str) -> Path | None:
 
 
 def _external(value: float, distribution_json: str) -> Any:
-    """A parameter's value as Optuna gives it (``BaseDistribution.to_external_repr``)."""
-    if _is_float(distribution_json):
-        return value  # what ragsweep searches: the stored float itself
-    import optuna  # other kinds (categorical, int) only in studies ragsweep did not write
+    """A parameter's value as Optuna gives it (``BaseDistribution.to_external_repr``), or
+    UNREADABLE when its distribution is not one Optuna reads (the parameter is left out)."""
+    try:
+        if _is_float(distribution_json):
+            return value  # what ragsweep searches: the stored float itself
+        import optuna  # other kinds (categorical, int) only in studies ragsweep did not write
 
-    return optuna.distributions.json_to_distribution(distribution_json).to_external_repr(value)
+        distribution = optuna.distributions.json_to_distribution(distribution_json)
+        return distribution.to_external_repr(value)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return UNREADABLE
 
 
 @lru_cache(maxsize=64)  # one per searched rate and range
 def _is_float(distribution_json: str) -> bool:
     return bool(json.loads(distribution_json).get("name") == "FloatDistribution")
+
+
+def _spec(stored: object) -> tuple[dict[str, Any] | None, str | None]:
+    """A study's spec attribute as stored -> (the spec as JSON, why it is not read)."""
+    if stored is None:
+        return None, None
+    if stored is UNREADABLE:
+        return None, "is not JSON"
+    if not isinstance(stored, dict):
+        return None, f"is a JSON {type(stored).__name__}, not an object"
+    return stored, None
+
+
+def _distinct_stages(studies: list[StoredStudy]) -> list[StoredStudy]:
+    """The studies, each stage of a launch held by one: of studies that say the same stage, the
+    one named ``<launch>/<stage>`` (else the first) keeps it, the others read with their names."""
+    holders: dict[tuple[str, str], StoredStudy] = {}
+    for study in studies:
+        place = (study.group, study.stage)
+        if place not in holders or study.name == f"{study.group}/{study.stage}":
+            holders[place] = study
+    return [
+        study if holders[(study.group, study.stage)] is study else replace(study, stage=study.name)
+        for study in studies
+    ]
 
 
 @contextmanager
@@ -199,9 +263,13 @@ def _no_cycle_collection() -> Iterator[None]:
 
 
 def _local_time(utc: datetime | str | None) -> datetime | None:
-    # Optuna's RDB storage keeps naive UTC (SQLite: as text) and hands out naive local time.
-    if utc is None:
-        return None
+    # Optuna's RDB storage keeps naive UTC (SQLite: as text) and hands out naive local time; a
+    # time that is not one reads as not recorded.
     if isinstance(utc, str):
-        utc = datetime.fromisoformat(utc)
+        try:
+            utc = datetime.fromisoformat(utc)
+        except ValueError:
+            return None
+    if not isinstance(utc, datetime):
+        return None
     return utc.replace(tzinfo=timezone.utc).astimezone().replace(tzinfo=None)

@@ -1,5 +1,5 @@
-"""What a trial stores: its metrics' names, the record type, its one writer and one reader, and
-the one rule that picks the best trial."""
+"""What a trial stores: the record type, its one writer and one reader, and the one rule that
+picks the best trial."""
 
 from __future__ import annotations
 
@@ -10,46 +10,10 @@ from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from search.store._studies import STAGE_ATTR
+from search.store._studies import GROUP_ATTR, STAGE_ATTR
 
 if TYPE_CHECKING:
     import optuna
-
-# The figures every trial reports (trainers.evaluate and trainers.cost), by kind.
-# Validation quality, higher is better:
-QUALITY_METRICS: tuple[str, ...] = ("em", "f1", "recall_at_k")
-# Cost; train_* count only the phases the trial trained itself. A trial also reports each
-# phase's own figures as "<phase>.<figure>" (``generator.flops``).
-COST_METRICS: tuple[str, ...] = (
-    "train_flops",
-    "train_wall_s",
-    "train_device_s",
-    "train_tokens",
-    "flops",
-    "wall_s",
-    "device_s",
-    "tokens",
-    "peak_mem_mb",
-)
-# What `ragsweep train` shows first of one trial's figures (then each phase's own).
-HEADLINE_METRICS: tuple[str, ...] = (
-    *QUALITY_METRICS,
-    "wall_s",
-    "train_wall_s",
-    "device_s",
-    "tokens",
-    "flops",
-    "peak_mem_mb",
-    "index_build_s",
-    "index_cache_hit",
-)
-# --metric names users type -> the quality metric trials report.
-METRIC_NAMES: dict[str, str] = {
-    "f1": "f1",
-    "em": "em",
-    "recall": "recall_at_k",
-    "recall_at_k": "recall_at_k",
-}
 
 
 @dataclass(frozen=True)
@@ -94,12 +58,19 @@ class StoredJson:
 _DECODER = json.JSONDecoder()
 # How a record's JSON begins as trainers write it (config first) and Optuna stores it (json.dumps).
 _CONFIG_FIRST = '{"config": '
+# What json_value gives for text that is not JSON.
+UNREADABLE: Any = object()
 
 
 @dataclass(frozen=True)
 class TrialRecord:
     """One stored trial: Optuna's part (number, state, parameters, times) and every user attribute
-    ragsweep writes, typed. :func:`trial_attrs` writes it; :func:`read_trial` reads it."""
+    ragsweep writes, typed. :func:`trial_attrs` writes it; :func:`read_trial` reads it.
+
+    Every field and property has the type it says, whatever the database holds: a value of
+    another kind (written by another program, an older ragsweep or a hand edit) reads as not
+    recorded; :func:`record_of` says how, case by case.
+    """
 
     stage: str  # the stage study the trial is in
     number: int
@@ -108,14 +79,15 @@ class TrialRecord:
     started: datetime | None
     completed: datetime | None
     method: str  # the method trained; for a trial ragsweep did not write, the stage
-    metrics: Mapping[str, float]  # every figure it reported ({} when none)
+    metrics: Mapping[str, float]  # every figure it reported that is a finite number ({} when none)
     checkpoint: str | None  # where its models are, when a later stage reuses them
     fail_reason: str | None
     retryable: bool | None  # with a failure: whether a relaunch runs the trial again
     node: str | None  # the Ray node that ran it
     other_attrs: Mapping[str, Any]  # user attributes ragsweep does not write, as stored
-    # The record as stored, or its JSON text until first read (kilobytes; few queries need it).
-    _record: dict[str, Any] | StoredJson | None = field(repr=False, compare=False)
+    # The record as stored (any JSON value), or its JSON text until first read (kilobytes; few
+    # queries need it).
+    _record: object = field(repr=False, compare=False)
 
     @property
     def id(self) -> str:
@@ -124,17 +96,17 @@ class TrialRecord:
 
     @cached_property
     def record(self) -> dict[str, Any]:
-        """Resolved config, seed, data fingerprint, split, phases, environment ({} when none)."""
-        stored = self._record
-        decoded: dict[str, Any] | None = (
-            json.loads(stored.text) if isinstance(stored, StoredJson) else stored
-        )
-        return decoded or {}
+        """Resolved config, seed, data fingerprint, split, phases, environment ({} when none is
+        stored, or what is stored is not a JSON object)."""
+        stored = self._stored_record
+        return stored if isinstance(stored, dict) else {}
 
     @cached_property
     def config(self) -> dict[str, Any]:
-        """The resolved trial config (``trainers.TrialConfig`` as JSON; {} when not recorded)."""
+        """The resolved trial config (``trainers.TrialConfig`` as JSON; {} when not recorded or
+        not a JSON object)."""
         stored = self._record
+        config: object
         if (
             "record" not in self.__dict__
             and isinstance(stored, StoredJson)
@@ -142,10 +114,13 @@ class TrialRecord:
         ):
             # Decode the config alone, under half the record: listing trials reads every one's
             # config (its rates and reused phases) and no other part.
-            config, _ = _DECODER.raw_decode(stored.text, len(_CONFIG_FIRST))
+            try:
+                config, _ = _DECODER.raw_decode(stored.text, len(_CONFIG_FIRST))
+            except ValueError:  # not JSON: no record to read
+                config = None
         else:
             config = self.record.get("config")
-        return config or {}
+        return config if isinstance(config, dict) else {}
 
     @property
     def lr_embedder(self) -> float | None:
@@ -157,19 +132,44 @@ class TrialRecord:
 
     @property
     def reuse(self) -> dict[str, str]:
-        """Phase -> the checkpoint folder the trial loaded that phase from."""
-        reuse: dict[str, str] = self.config.get("reuse") or {}
-        return reuse
+        """Phase -> the checkpoint folder the trial loaded that phase from ({} unless the config
+        maps names to folders)."""
+        reuse = self.config.get("reuse")
+        if isinstance(reuse, dict) and all(isinstance(folder, str) for folder in reuse.values()):
+            return reuse
+        return {}
 
     @property
     def has_context_labels(self) -> bool:
-        """Whether the trial's data had gold passages."""
-        return bool(self.record.get("has_context_labels"))
+        """Whether the trial's data had gold passages (recorded as true)."""
+        return self.record.get("has_context_labels") is True
+
+    @property
+    def data_fingerprint(self) -> str | None:
+        """The fingerprint of the data the trial read, when recorded as text."""
+        return _text(self.record.get("data_fingerprint"))
+
+    @property
+    def environment(self) -> dict[str, Any]:
+        """Versions, commit and hardware the trial ran on ({} when not a JSON object)."""
+        environment = self.record.get("environment")
+        return environment if isinstance(environment, dict) else {}
+
+    @property
+    def phases(self) -> list[str]:
+        """The method's phases, in order ([] unless recorded as a list of names)."""
+        return _names(self.record.get("phases"))
+
+    @property
+    def reused_phases(self) -> list[str]:
+        """The phases loaded from an earlier stage's checkpoint ([] unless a list of names)."""
+        return _names(self.record.get("reused_phases"))
 
     def attributes(self) -> dict[str, Any]:
-        """Every stored user attribute but metrics, method and stage, as stored, by name."""
+        """Every stored user attribute but metrics, method and stage, by name: the record as
+        stored (its text when that is not JSON), the others as read."""
         declared = {
-            "record": None if self._record is None else self.record,
+            "record": None if self._record is None else self._stored_record,
             "checkpoint": self.checkpoint,
             "fail_reason": self.fail_reason,
             "retryable": self.retryable,
@@ -179,9 +179,17 @@ class TrialRecord:
         # By name, as Optuna reads them from SQLite (its index on trial and name), on every backend.
         return dict(sorted(stored.items()))
 
+    @cached_property
+    def _stored_record(self) -> object:
+        stored = self._record
+        if not isinstance(stored, StoredJson):
+            return stored
+        value = json_value(stored.text)
+        return stored.text if value is UNREADABLE else value
+
     def _rate(self, rate: str) -> float | None:
         # Searched rates are parameters; a rate the stage took from an earlier one is in the record.
-        return self.params[rate] if rate in self.params else self.config.get(rate)
+        return _number(self.params[rate] if rate in self.params else self.config.get(rate))
 
 
 def trial_attrs(outcome: TrialOutcome) -> dict[str, Any]:
@@ -212,7 +220,9 @@ def read_trials(
     study: optuna.Study, states: Sequence[optuna.trial.TrialState] | None = None
 ) -> list[TrialRecord]:
     """The records of ``study``'s trials (of ``states``, when given), by number."""
-    stage = study.user_attrs.get(STAGE_ATTR) or study.study_name
+    _, stage = study_place(
+        study.study_name, study.user_attrs.get(GROUP_ATTR), study.user_attrs.get(STAGE_ATTR)
+    )
     frozen = study.get_trials(deepcopy=False, states=states)
     return [read_trial(stage, trial) for trial in frozen]
 
@@ -272,11 +282,31 @@ def record_of(
     json_text: bool = False,
 ) -> TrialRecord:
     """The one reader of trial attributes: ``attrs`` as Optuna decodes them, or (``json_text``)
-    as stored, JSON text; then the record is decoded on first use."""
+    as stored, JSON text; then the record is decoded on first use.
+
+    What is stored is not trusted: another program, an older ragsweep or a hand edit may have
+    written it. A declared attribute that is not JSON, or not of its kind, reads as not recorded,
+    so that the trial is listed with what it has: ``metrics`` keeps the figures that are finite
+    numbers (a trial without a figure shows a blank and is never best on it), a ``method`` that is
+    not a name is the stage's, ``checkpoint``, ``fail_reason`` and ``node`` are text or None,
+    ``retryable`` true, false or None (a relaunch retries only a failure marked retryable). The
+    record reads as {} unless a JSON object, and so do its config and parts
+    (:class:`TrialRecord`). Attributes ragsweep does not write are kept as stored (their text when
+    it is not JSON). A command that needs a value refuses the trial in one line (``reproduce``
+    one without a config); none refuses the listing.
+    """
+    stored: dict[str, Any]
     if json_text:
-        stored = {key: json.loads(text) for key, text in attrs.items() if key != "record"}
+        stored = {}
+        for key, text in attrs.items():
+            if key != "record":
+                value = json_value(text)
+                if value is not UNREADABLE:
+                    stored[key] = value
+                elif key not in _TRIAL_ATTRS:
+                    stored[key] = text
         record = attrs.get("record")
-        stored_record = None if record is None else StoredJson(record)
+        stored_record: object = StoredJson(record) if isinstance(record, str) else None
     else:
         stored, stored_record = dict(attrs), attrs.get("record")
     return TrialRecord(
@@ -286,12 +316,81 @@ def record_of(
         params=params,
         started=started,
         completed=completed,
-        method=stored.get("method") or stage,
-        metrics=stored.get("metrics") or {},
-        checkpoint=stored.get("checkpoint"),
-        fail_reason=stored.get("fail_reason"),
-        retryable=stored.get("retryable"),
-        node=stored.get("node"),
+        method=_text(stored.get("method")) or stage,
+        metrics=_figures(stored.get("metrics")),
+        checkpoint=_text(stored.get("checkpoint")),
+        fail_reason=_text(stored.get("fail_reason")),
+        retryable=_flag(stored.get("retryable")),
+        node=_text(stored.get("node")),
         other_attrs={key: value for key, value in stored.items() if key not in _TRIAL_ATTRS},
         _record=stored_record,
     )
+
+
+def json_value(text: object) -> Any:
+    """Stored JSON text decoded, or :data:`UNREADABLE` when it is not JSON (written around
+    Optuna, which stores only ``json.dumps``)."""
+    try:
+        return json.loads(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return UNREADABLE
+
+
+def study_place(name: str, group: object, stage: object) -> tuple[str, str]:
+    """(launch, stage) of the study ``name`` from its group and stage attributes as stored.
+
+    One that is not text reads from the name, which ragsweep writes as ``<group>/<stage>``; a
+    study without either attribute (one ragsweep did not write) is a launch of one stage, both
+    its name.
+    """
+    group_name, stage_name = _text(group), _text(stage)
+    if group_name is None and stage_name is not None and name.endswith(f"/{stage_name}"):
+        group_name = name.removesuffix(f"/{stage_name}")
+    if stage_name is None and group_name is not None and name.startswith(f"{group_name}/"):
+        stage_name = name.removeprefix(f"{group_name}/")
+    return group_name or name, stage_name or name
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _flag(value: object) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _number(value: object) -> float | None:
+    """A rate as a float; None for anything but a finite number (text, true, NaN)."""
+    if type(value) not in (float, int):
+        return None
+    try:
+        rate = float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an integer too large for a float
+        return None
+    return rate if rate - rate == 0.0 else None
+
+
+def _names(value: object) -> list[str]:
+    if isinstance(value, list) and all(isinstance(name, str) for name in value):
+        return value
+    return []
+
+
+def _figures(value: object) -> dict[str, float]:
+    """The finite numbers of a stored metrics object ({} when it is not one)."""
+    if not isinstance(value, dict):
+        return {}
+    figures = value.values()
+    # The usual case, in two C loops: every figure a number and their sum finite.
+    if set(map(type, figures)) <= {float, int}:
+        try:
+            total: float = sum(figures)
+        except OverflowError:  # an integer too large for a float
+            total = float("inf")
+        if total - total == 0.0:
+            return value
+    return {
+        name: figure
+        for name, figure in value.items()
+        if type(figure) is int or (type(figure) is float and figure - figure == 0.0)
+    }
