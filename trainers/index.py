@@ -22,6 +22,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from trainers.data import Document
+from trainers.errors import DataError, one_line
 from trainers.models import weights_fingerprint
 
 __all__ = ["DocumentIndex", "build_index", "passage_text"]
@@ -143,9 +144,16 @@ def _save_atomically(path: Path, doc_vectors: np.ndarray) -> None:
     # Trials running at once may build the same index; a rename never leaves a half-written file.
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    with os.fdopen(handle, "wb") as file:
-        np.save(file, doc_vectors, allow_pickle=False)
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.save(file, doc_vectors, allow_pickle=False)
+        os.replace(temporary, path)
+    except OSError as e:
+        Path(temporary).unlink(missing_ok=True)  # a partial file holds the space that ran out
+        raise DataError(
+            f"cannot write the index cache {path.parent}: {one_line(e)}; free space there or "
+            "point RAGSWEEP_CACHE at a larger disk"
+        ) from e
 
 
 _gpu_resources: list[faiss.StandardGpuResources] = []  # must outlive every GPU index made from it

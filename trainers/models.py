@@ -456,6 +456,14 @@ def _build_once(folder: Path, build: Callable[[Path], None]) -> Path:
             if not folder.is_dir():
                 raise
             # Another process finished first; its folder is complete too, keep it.
+    except Exception as e:
+        # A full disk, mostly; safetensors (Rust) raises its own error type, saying "os error".
+        if not isinstance(e, OSError) and "os error" not in str(e):
+            raise
+        raise ModelError(
+            f"cannot write built-in models under '{folder.parent}': {one_line(e)}; free space "
+            "there or point RAGSWEEP_CACHE at a larger disk"
+        ) from e
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return folder

@@ -7,6 +7,7 @@ launch is alive, and the trials a dead launch left RUNNING are failed (retryable
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import optuna
 import psutil
 
+from search.launch._optuna_search import unreachable
 from search.store import GROUP_ATTR, fail_running_trials
 from trainers.errors import ConfigError
 
@@ -100,11 +102,22 @@ def heartbeat_studies(studies: Iterable[optuna.Study], owner: LaunchOwner) -> No
 
 
 def release_studies(studies: Iterable[optuna.Study], owner: LaunchOwner) -> None:
-    """Clear the claim of ``owner`` (Optuna cannot delete an attribute; it is set to null)."""
-    for study in studies:
-        current = study.user_attrs.get(LAUNCH_ATTR)
-        if current and current.get("id") == owner["id"]:
-            study.set_user_attr(LAUNCH_ATTR, None)
+    """Clear the claim of ``owner`` (Optuna cannot delete an attribute; it is set to null).
+
+    A database that cannot be reached keeps the claim: it lapses by itself, at once on this host
+    (the process is gone) and elsewhere once its heartbeat is stale, and the launch's own error,
+    if any, is the one to show."""
+    try:
+        for study in studies:
+            current = study.user_attrs.get(LAUNCH_ATTR)
+            if current and current.get("id") == owner["id"]:
+                study.set_user_attr(LAUNCH_ATTR, None)
+    except Exception as e:
+        if not unreachable(e):
+            raise
+        logging.getLogger(__name__).debug(
+            "claim left in place: database unreachable", exc_info=True
+        )
 
 
 def fail_abandoned_trials(study: optuna.Study, previous: dict[str, Any] | None) -> list[int]:

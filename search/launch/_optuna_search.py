@@ -3,22 +3,31 @@
 Translates only. Tune's trial ids become Optuna trials (``Study.ask``, an enqueued grid point
 first), and each trial's outcome is told back (``Study.tell``) with everything it reported stored
 through :func:`search.store.record_trial`; a failure is stored with its reason, never dropped.
-Which stage runs, and when, is :mod:`search.launch._scheduler`'s.
+Each ask and tell may be tried again after a lost connection (:class:`DatabaseWait`) and does
+its work once. Which stage runs, and when, is :mod:`search.launch._scheduler`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 
 from search.plan import Stage
 from search.spec import StudySpec
-from search.store import TrialOutcome, record_trial, trial_attrs
+from search.store import StorageError, TrialOutcome, mask_url, record_trial, trial_attrs
+from trainers import one_line
 
 OUTCOME_KEY = "ragsweep_payload"  # the result key carrying a trial's TrialOutcome as JSON
+# How long a launch waits for its database to come back (a PostgreSQL server restarting or failing
+# over, a network cut, a SQLite file locked past its busy timeout) before it stops. Shorter than
+# the lease's staleness (search.launch._lease, 300 s): while it waits, its heartbeat is at most
+# this plus one beat old, so a launch on another host does not take its studies for abandoned.
+DATABASE_WAIT_S = 240.0
+_T = TypeVar("_T")
 
 
 class StageSearch:
@@ -28,17 +37,25 @@ class StageSearch:
         self._study, self._space, self._objectives = study, space, list(objectives)
         self._trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its Optuna trial
         self._values: dict[str, list[float] | None] = {}  # ended: objective values, None failed
+        self._asking = False  # an ask is under way (True after one that raised)
 
     def suggest(self, trial_id: str) -> dict[str, float]:
         """The config of a new Optuna trial (a queued grid point, else the sampler's pick)."""
         if trial_id not in self._trials:
-            self._trials[trial_id] = self._study.ask()
+            # Optuna's ask marks a queued point's trial RUNNING before it reads the study and
+            # writes the parameters: an ask cut short by a lost connection leaves that trial
+            # RUNNING with no Tune trial. The next ask takes it rather than the next point.
+            unclaimed = self._unclaimed_trial() if self._asking else None
+            self._asking = True
+            self._trials[trial_id] = unclaimed or self._study.ask()
+            self._asking = False
         return self._space(self._trials[trial_id])
 
     def retry(self, dead_trial_id: str, trial_id: str) -> dict[str, float]:
         """The config of ``dead_trial_id``'s Optuna trial, handed out again as ``trial_id``: the
         re-run of a trial whose worker died reports to the same Optuna trial."""
-        self._trials[trial_id] = self._trials.pop(dead_trial_id)
+        if dead_trial_id in self._trials:  # not yet moved by a try cut short
+            self._trials[trial_id] = self._trials.pop(dead_trial_id)
         return self.suggest(trial_id)
 
     def complete_trial(
@@ -65,10 +82,11 @@ class StageSearch:
         )
         outcome = reported
         if values is None:
-            # A failure the trial reported recurs on a re-run; a dead worker may not.
+            # A failure the trial reported recurs on a re-run unless it says otherwise (a full
+            # disk); a dead worker may not.
             outcome = reported.failed(
                 reported.fail_reason or _unreported_failure(error, death, self._objectives),
-                retryable=not reported.fail_reason,
+                retryable=bool(reported.retryable) if reported.fail_reason else True,
             )
         try:
             record_trial(trial, outcome)
@@ -78,10 +96,125 @@ class StageSearch:
                 self._study.tell(trial, values)
         except optuna.exceptions.UpdateFinishedTrialError:
             # Another launch took this one for dead and failed the trial: keep the result as a
-            # trial of its own rather than lose it.
-            self._study.add_trial(_finished_copy(trial, outcome, values))
+            # trial of its own rather than lose it. (Or a tell whose answer a lost connection
+            # cut off had been stored: nothing to add.)
+            if not self._stored_as(trial, outcome, values):
+                self._study.add_trial(_finished_copy(trial, outcome, values))
         self._values[trial_id] = values
         return values
+
+    def _stored_as(
+        self, trial: optuna.Trial, outcome: TrialOutcome, values: list[float] | None
+    ) -> bool:
+        """Whether ``trial`` is stored finished with ``outcome`` and ``values`` already."""
+        stored = next(t for t in self._study.get_trials(deepcopy=False) if t.number == trial.number)
+        state = optuna.trial.TrialState.FAIL if values is None else optuna.trial.TrialState.COMPLETE
+        return (
+            stored.state == state
+            and stored.values == values
+            and all(stored.user_attrs.get(k) == v for k, v in trial_attrs(outcome).items())
+        )
+
+    def _unclaimed_trial(self) -> optuna.Trial | None:
+        """A RUNNING trial of the study that no Tune trial runs: one an ask cut short took. The
+        launch holds the study, and failed every trial left RUNNING before it, so it is this
+        launch's own."""
+        claimed = {trial.number for trial in self._trials.values()}
+        running = (optuna.trial.TrialState.RUNNING,)
+        for frozen in self._study.get_trials(deepcopy=False, states=running):
+            if frozen.number not in claimed:
+                # Optuna has no public way from a FrozenTrial to a Trial that can be suggested.
+                return optuna.Trial(self._study, frozen._trial_id)
+        return None
+
+
+class DatabaseWait:
+    """Runs the launch's reads and writes of its study database through an outage: while the
+    database cannot be reached each one is tried again, for up to ``wait_s`` from the outage's
+    start. ``on_change(error, wait_s)`` is told once when an outage begins, and
+    ``on_change(None, seconds it lasted)`` once when it ends. Past ``wait_s`` the database is
+    lost: :class:`search.store.StorageError`, then and on every later call, at once.
+
+    Only a call that may be tried again belongs here: one that does its work once however often
+    it is cut short (Optuna rolls a failed transaction back; :class:`StageSearch` asks and tells
+    so)."""
+
+    def __init__(
+        self, url: str, wait_s: float, on_change: Callable[[str | None, float], None]
+    ) -> None:
+        self._url, self.wait_s, self._on_change = url, wait_s, on_change
+        self._down_since: float | None = None  # time.monotonic() of the outage's first failure
+        self.lost: str | None = None  # why the database was given up, once it was
+
+    def __call__(self, operation: Callable[[], _T]) -> _T:
+        self.check()
+        pause_s = 0.5
+        while True:
+            try:
+                result = operation()
+            except Exception as e:
+                if not unreachable(e):
+                    raise
+                now = time.monotonic()
+                if self._down_since is None:
+                    self._down_since = now
+                    self._on_change(one_line(_first_cause(e)), self.wait_s)
+                left_s = self._down_since + self.wait_s - now
+                if left_s <= 0:
+                    self.lost = (
+                        f"lost the database {mask_url(self._url)} (unreachable for "
+                        f"{_duration(self.wait_s)}: {one_line(_first_cause(e))}), every "
+                        "completed trial stored; relaunch when it is back"
+                    )
+                    raise StorageError(self.lost) from e
+                time.sleep(min(pause_s, left_s))
+                pause_s = min(2 * pause_s, 10.0)
+                continue
+            if self._down_since is not None:
+                self._on_change(None, time.monotonic() - self._down_since)
+                self._down_since = None
+            return result
+
+    def check(self) -> None:
+        """Raise :class:`search.store.StorageError` if the database was lost."""
+        if self.lost is not None:
+            raise StorageError(self.lost)
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the database cannot be reached for now: a connection refused or
+    cut, a lock held past the busy timeout (DB-API's OperationalError, as SQLAlchemy raises it or
+    Optuna wraps it in its StorageInternalError)."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    seen: BaseException | None = error
+    for _ in range(8):  # a cause's cause: Optuna wraps SQLAlchemy, which wraps the driver
+        if seen is None:
+            break
+        if isinstance(seen, (OperationalError, InterfaceError)) or (
+            isinstance(seen, DBAPIError) and seen.connection_invalidated
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _first_cause(error: BaseException) -> BaseException:
+    """The driver's own error under SQLAlchemy's and Optuna's wrappers (its message says why)."""
+    from sqlalchemy.exc import DBAPIError
+
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, DBAPIError) and isinstance(seen.orig, BaseException):
+            return seen.orig
+        seen = seen.__cause__ or seen.__context__
+    return error
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.3g} min" if seconds >= 60 else f"{seconds:.3g} s"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ slots go to ready stages in :attr:`search.plan.Plan.start_order`. Each started s
 points through its own Optuna study (:class:`search.launch._optuna_search.StageSearch`), which
 records every trial's metrics, record and failure reason. A trial whose worker died runs again
 under its Optuna trial once a slot is free; after Ray's memory monitor killed one, the launch runs
-fewer trials at once.
+fewer trials at once. While the database cannot be reached, the trials go on and each read and
+write of it waits (:class:`search.launch._optuna_search.DatabaseWait`); once it is lost for good,
+the launch stops.
 """
 
 from __future__ import annotations
@@ -15,16 +17,23 @@ import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 from ray.tune.search import Searcher
 
-from search.launch._optuna_search import OUTCOME_KEY, StageSearch, stage_search
+from search.launch._optuna_search import (
+    DATABASE_WAIT_S,
+    OUTCOME_KEY,
+    DatabaseWait,
+    StageSearch,
+    stage_search,
+)
 from search.plan import Plan, Stage, grid_points
 from search.spec import StudySpec
-from search.store import TrialRecord, best_trial, finished_params, read_trials
+from search.store import StorageError, TrialRecord, best_trial, finished_params, read_trials
 from trainers import ConfigError
 
 __all__ = [
@@ -41,23 +50,32 @@ __all__ = [
 # Keys a trial's config carries besides its learning rates (no "/": Tune reads it as nesting).
 STAGE_KEY = "ragsweep_stage"
 REUSE_KEY = "ragsweep_reuse"  # phase -> checkpoint folder, as JSON
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class StageEvent:
-    """What the progress view is told: a stage started, a trial started or ended, a stage ended."""
+    """What the progress view is told: a stage started, a trial started or ended, a stage ended;
+    the database became unreachable while the launch read or wrote the stage's study, or came back."""
 
-    kind: str  # "stage", "trial_start", "trial_end", "stage_end"
+    kind: str  # "stage", "trial_start", "trial_end", "stage_end", "database_down", "database_back"
     stage: Stage
     n_trials: int = 0  # trials this launch runs in the stage ("stage" events)
     failed: bool = False
     objective: float | None = None
     blocked: str | None = None  # why the stage does not run ("stage_end" events)
+    database_error: str | None = None  # why it cannot be reached ("database_down" events)
+    # "database_down": how long the launch waits for it; "database_back": how long it was away.
+    wait_s: float = 0.0
 
 
 class StagedSearch(Searcher):
     """Hands out the trials of every stage whose dependencies are done, each through its stage's
     Optuna study; returns FINISHED once every stage is done or blocked."""
+
+    # How long a read or write of the database may wait for it to come back (class-wide: tests
+    # of a lost database shorten it).
+    database_wait_s = DATABASE_WAIT_S
 
     def __init__(
         self,
@@ -88,6 +106,9 @@ class StagedSearch(Searcher):
         self.blocked: dict[str, str] = {}  # stage -> why it does not run
         self.failed = {name: 0 for name in points}  # stage -> trials that ended failed
         self._done: set[str] = set()
+        url = str(getattr(storage, "url", ""))
+        self._database = DatabaseWait(url, self.database_wait_s, self._database_changed)
+        self._database_stage = plan.stages[0]  # the stage whose study the database call is for
         self._start_ready()
 
     @property
@@ -106,8 +127,13 @@ class StagedSearch(Searcher):
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its searcher with the experiment state; the live view stays in the driver.
-        return {**self.__dict__, "_notify": ignore_event}
+        # Tune pickles its searcher into the run folder (tuner.pkl, the experiment state) for a
+        # restore of its own, which a launch never uses (a relaunch resumes from the database):
+        # the live view stays in the driver, and the database handles, whose URL may hold a
+        # password, stay out.
+        database = ("_storage", "_studies", "_searches", "_database")
+        state = {key: value for key, value in self.__dict__.items() if key not in database}
+        return state | {"_notify": ignore_event}
 
     def set_search_properties(
         self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any
@@ -123,17 +149,23 @@ class StagedSearch(Searcher):
 
     # Searcher.FINISHED is a str, which Tune's annotation of suggest leaves out.
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
+        # A lost database ends Tune's run here: Tune hands an error raised when a trial ends to
+        # that trial, but one raised here to its caller (search.launch.dispatch).
+        self._database.check()
         if self.max_concurrent is not None and len(self._trial_stage) >= self.max_concurrent:
             return None
         if self._retries:  # before new points: stages may be waiting on it
-            name, dead_trial_id = self._retries.pop(0)
-            config = self._searches[name].retry(dead_trial_id, trial_id)
+            name, dead_trial_id = self._retries[0]
+            search = self._searches[name]
+            config = self._stored(name, partial(search.retry, dead_trial_id, trial_id))
+            self._retries.pop(0)
             self._deaths[trial_id] = self._deaths.pop(dead_trial_id)
             self._trial_stage[trial_id] = name
             return {**config, STAGE_KEY: name, REUSE_KEY: self._reuse[name]}
         for name in self._plan.start_order:
             if name in self._searches and self._suggested[name] < len(self._points[name]):
-                config = self._searches[name].suggest(trial_id)
+                search = self._searches[name]
+                config = self._stored(name, partial(search.suggest, trial_id))
                 self._suggested[name] += 1
                 self._trial_stage[trial_id] = name
                 return {**config, STAGE_KEY: name, REUSE_KEY: self._reuse[name]}
@@ -159,7 +191,10 @@ class StagedSearch(Searcher):
     def stop_in_flight(self, reason: str) -> int:
         """The trials handed out and not complete, after Tune gave up on their run: each runs
         again in the next run (its worker died), or, out of retries, fails with ``reason``
-        (retryable). Stages they finish end; the next may start. Returns how many there were."""
+        (retryable). Stages they finish end; the next may start. Returns how many there were.
+        Raises :class:`search.store.StorageError` once the database is lost: nothing can be
+        stored, and the trials left RUNNING run again on a relaunch."""
+        self._database.check()
         in_flight = list(self._trial_stage)
         for trial_id in in_flight:
             self._complete(trial_id, result=None, error=True, death=reason)
@@ -177,12 +212,29 @@ class StagedSearch(Searcher):
             self._deaths[trial_id] = deaths
             self._retries.append((name, trial_id))
             return
-        values = self._searches[name].complete_trial(
-            trial_id, result=result, error=error, death=death
-        )
-        # Told here, before the stages this trial's end lets start (Tune tells its callbacks
-        # only after the searcher).
-        self._trial_ended(name, objective=None if values is None else values[0])
+        search = self._searches[name]
+        try:
+            values = self._stored(
+                name,
+                lambda: search.complete_trial(trial_id, result=result, error=error, death=death),
+            )
+            # Told here, before the stages this trial's end lets start (Tune tells its callbacks
+            # only after the searcher).
+            self._trial_ended(name, objective=None if values is None else values[0])
+        except StorageError:
+            if self._database.lost is None:
+                raise
+            # The database is lost: the trial stays RUNNING there, for a relaunch to run again,
+            # and the next suggest ends the run.
+
+    def _stored(self, name: str, operation: Callable[[], _T]) -> _T:
+        """``operation`` on stage ``name``'s study, waiting out an outage of the database."""
+        self._database_stage = self._plan.stage(name)
+        return self._database(operation)
+
+    def _database_changed(self, error: str | None, wait_s: float) -> None:
+        kind = "database_down" if error else "database_back"
+        self._notify(StageEvent(kind, self._database_stage, database_error=error, wait_s=wait_s))
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: the stage studies are the state, and a relaunch resumes from them."""
@@ -198,7 +250,8 @@ class StagedSearch(Searcher):
         self._notify(StageEvent("trial_end", stage, failed=objective is None, objective=objective))
         self._finished[name] += 1
         if self._finished[name] == len(self._points[name]):
-            _prune_checkpoints(self._plan.stage(name), self._plan, self._spec, self._studies[name])
+            stage, study = self._plan.stage(name), self._studies[name]
+            self._stored(name, lambda: _prune_checkpoints(stage, self._plan, self._spec, study))
             self._end(name)
             self._start_ready()
 
@@ -220,7 +273,9 @@ class StagedSearch(Searcher):
             self._notify(StageEvent("stage", stage, n_trials=0))
             self._end(stage.name)
             return
-        blocked = blocked_by(stage, self._plan, self._spec, self._studies)
+        blocked = self._stored(
+            stage.name, lambda: blocked_by(stage, self._plan, self._spec, self._studies)
+        )
         if blocked:
             # Stages that do not build on the failed one still run; this one waits for a relaunch
             # after the cause is fixed.
@@ -229,15 +284,21 @@ class StagedSearch(Searcher):
             return
         study = self._studies[stage.name]
         sources = sorted({*stage.fixed_from.values(), *stage.reuse_from.values()})
-        best = {source: _best(self._studies[source], source, self._spec) for source in sources}
+        best = {
+            source: self._stored(
+                stage.name, partial(_best, self._studies[source], source, self._spec)
+            )
+            for source in sources
+        }
         fixed = {rate: best[source].config[rate] for rate, source in stage.fixed_from.items()}
         reuse = {
             phase: str(Path(_checkpoint(best[source])) / phase)
             for phase, source in stage.reuse_from.items()
         }
         self._reuse[stage.name] = json.dumps(reuse)
-        self._searches[stage.name] = stage_search(
-            stage, self._spec, self._storage, study, points, fixed
+        self._searches[stage.name] = self._stored(
+            stage.name,
+            lambda: stage_search(stage, self._spec, self._storage, study, points, fixed),
         )
         self.started[stage.name] = len(points)
         self._notify(StageEvent("stage", stage, n_trials=len(points)))

@@ -1,14 +1,17 @@
 """The Tune trainable: what runs in a trial worker, and the resources each stage's trials ask of
 Ray. A trial runs one :func:`trainers.run_trial` and reports a :class:`search.store.TrialOutcome`
 (its metrics and record, as JSON under :data:`search.launch._scheduler.OUTCOME_KEY`); a failure is
-reported with its reason, never raised, so the study goes on.
+reported with its reason, never raised, so the study goes on; a full disk is reported as
+retryable (it is the machine's fault, not the trial's).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import gc
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ def make_trainable(spec: StudySpec, plan: Plan, runs_dir: Path, cache_dir: Path)
         "spec": spec.model_dump(mode="json"),
         "stages": stages,
         "cache_dir": str(cache_dir),
+        "runs_dir": str(runs_dir),
         "cpus": spec.resources.cpus,
         # Methods registered in the driver after import (register_method) travel with the job:
         # a worker process knows only the built-in ones.
@@ -78,6 +82,7 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         stage=config[STAGE_KEY],
         node=ray.get_runtime_context().get_node_id(),
     )
+    out_dir: Path | None = None
     try:
         for declaration in job["methods"]:
             register_method(declaration)
@@ -103,15 +108,39 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
             record=result.record,
             checkpoint=str(out_dir) if out_dir else None,
         )
-    except RagsweepError as e:
-        outcome = replace(outcome, fail_reason=str(e))
-    except Exception as e:  # a bug or a library error: the trial's failure; the study goes on
-        outcome = replace(outcome, fail_reason=one_line(e))
+    except Exception as e:  # the trial's failure, stored with its reason; the study goes on
+        if _no_space(e):
+            # The machine's fault, not the trial's: once space is freed the trial runs through.
+            where = job["runs_dir"] if out_dir else getattr(e, "filename", None) or "the disk"
+            reason = f"no space left on device ({one_line(e)}); free space in {where} and relaunch"
+            outcome = outcome.failed(reason, retryable=True)
+        else:
+            reason = str(e) if isinstance(e, RagsweepError) else one_line(e)
+            outcome = replace(outcome, fail_reason=reason)
+    if outcome.fail_reason and out_dir is not None:
+        # No stage loads a failed trial's models, and a half-written checkpoint holds the space
+        # the next trials need.
+        shutil.rmtree(out_dir, ignore_errors=True)
     _release_memory()
     # Tune's flat metrics (no dots: Tune reads them as nested keys) are for its logs; the launch
     # stores the outcome.
     flat_metrics = {k: v for k, v in (outcome.metrics or {}).items() if "." not in k}
     tune.report({OUTCOME_KEY: outcome.to_json(), **flat_metrics})
+
+
+def _no_space(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a write that found the disk full."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        # safetensors and other native writers report the OS error in their message only.
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _release_memory() -> None:

@@ -32,6 +32,7 @@ from search.launch._lease import (
     release_studies,
 )
 from search.launch._memory_kills import MemoryKillReports, memory_kills_as_actor_deaths
+from search.launch._optuna_search import unreachable
 from search.launch._scheduler import (
     STAGE_KEY,
     StagedSearch,
@@ -91,6 +92,9 @@ def launch(
     check has passed, before anything is written (a launch with bad input writes nothing).
     """
     started = time.perf_counter()
+    # The database is storage_url; the spec's own URL, which may hold a password, goes no further
+    # (Tune pickles what it is given into the runs folder).
+    spec = spec.model_copy(update={"storage": None})
     # Tune runs each trial in its own working directory: relative paths would land there.
     runs_dir, cache_dir = runs_dir.resolve(), cache_dir.resolve()
     plan = make_plan(spec)
@@ -271,7 +275,12 @@ def _run_tuner(
 def _fail_running(studies: dict[str, optuna.Study], reason: str) -> None:
     """Fail (retryable, with ``reason``) the RUNNING trials of every stage."""
     for study in studies.values():
-        fail_running_trials(study, reason)
+        try:
+            fail_running_trials(study, reason)
+        except Exception as e:
+            if not unreachable(e):
+                raise
+            break  # the database is away: the next launch fails these trials (retryable)
 
 
 class _TrialStarts(tune.Callback):

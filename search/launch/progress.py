@@ -62,6 +62,9 @@ class LaunchProgress:
             self.console.print(self._table())
 
     def __call__(self, event: StageEvent) -> None:
+        if event.kind in ("database_down", "database_back"):
+            self._database(event)
+            return
         state = self._states[event.stage.name]
         if event.kind == "stage":
             state.status = "running" if event.n_trials else "complete already"
@@ -84,6 +87,19 @@ class LaunchProgress:
             self._live.update(self._table())
         elif event.kind in ("stage", "trial_end") or event.blocked:
             self._log(event, state)
+
+    def _database(self, event: StageEvent) -> None:
+        """One line when the database goes, one when it is back, in a log and above a live table."""
+        stamp = time.strftime("%H:%M:%S")
+        if event.kind == "database_down":
+            wait = f"{event.wait_s / 60:.0f} min" if event.wait_s >= 60 else f"{event.wait_s:.0f} s"
+            line = (
+                f"{stamp} database unreachable ({event.database_error}); the trials go on, and "
+                f"the launch waits up to {wait} for it to store their results"
+            )
+        else:
+            line = f"{stamp} database back after {event.wait_s:.0f} s; the launch goes on"
+        self.console.print(line, highlight=False, soft_wrap=True)
 
     def _log(self, event: StageEvent, state: _StageState) -> None:
         stamp = time.strftime("%H:%M:%S")

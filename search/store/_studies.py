@@ -78,7 +78,10 @@ def engine_options(url: str, *, create: bool) -> dict[str, Any]:
             f"storage scheme '{parsed.drivername}' is not supported; use sqlite:///path.db or postgresql://user@host/db"
         )
     if parsed.get_backend_name() != "sqlite":
-        return {"pool_pre_ping": True}
+        # A network cut that drops packets would otherwise hold each reconnect for the OS's TCP
+        # timeout, past the wait a launch gives an unreachable database.
+        # (psycopg and the MySQL drivers name it alike).
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     if not create and not (parsed.database and Path(parsed.database).is_file()):
         raise missing_file(url)
     if parsed.database:

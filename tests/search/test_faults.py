@@ -63,12 +63,18 @@ def write_spec(tmp_path: Path, name: str, **changes) -> Path:
 
 
 def launch_process(
-    spec: Path, storage_url: str, cache_dir: Path, *args: str, own_group: bool = False
+    spec: Path,
+    storage_url: str,
+    cache_dir: Path,
+    *args: str,
+    own_group: bool = False,
+    prelude: str = "",
 ) -> subprocess.Popen:
     """``ragsweep launch`` in a subprocess; ``own_group``: in its own process group, as a
-    terminal runs a command (Ctrl-C signals the whole group)."""
+    terminal runs a command (Ctrl-C signals the whole group); ``prelude``: Python run first."""
     env = os.environ | {"RAGSWEEP_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-c", "from search.cli import main; main()", "launch", str(spec)]
+    program = f"{prelude}\nfrom search.cli import main; main()"
+    command = [sys.executable, "-c", program, "launch", str(spec)]
     command += ["--storage", storage_url, "--runs-dir", str(spec.parent / "runs"), *args]
     return subprocess.Popen(
         command,
