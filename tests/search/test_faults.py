@@ -177,7 +177,9 @@ def start_ray_with_memory_monitor(headroom: int) -> int:
         _node_ip_address="127.0.0.1",
         _system_config={
             "memory_usage_threshold": threshold / memory.total,
-            "memory_monitor_refresh_ms": 100,
+            # Looks far enough apart that a killed worker has exited (its memory freed) before
+            # the next look; at 100 ms Ray sometimes killed the second worker too.
+            "memory_monitor_refresh_ms": 300,
             # Ray kills newest workers first until the excess and a buffer (5% of the node's
             # memory, 1.2 GiB on 24 GiB) are freed: two tiny-model workers of 0.4 GiB, where one
             # real trial's worker (GiBs) suffices. Without the buffer it kills one here too.
@@ -213,16 +215,16 @@ class MemoryFiller(threading.Thread):
             if left < -GiB:
                 break  # far past the threshold and nobody killed: the test says so
             # Big steps while far below; near it, small ones, slower than the monitor looks
-            # (every 100 ms), so the excess stays far below what one worker frees.
+            # (every 300 ms), so the excess stays far below what one worker frees.
             step = 256 * 2**20 if left > GiB else 32 * 2**20
             chunk = bytearray(step)
             chunk[::4096] = b"\x01" * (step // 4096)  # touched: resident, as a trial's tensors
             ballast.append(chunk)
             self.filled += step
             if step < 256 * 2**20:
-                time.sleep(0.15)
+                time.sleep(0.4)
         ballast.clear()
-        time.sleep(1.0)  # a second kill would have come within the monitor's next looks
+        time.sleep(1.5)  # a second kill would have come within the monitor's next looks
         self.killed = [worker.pid for worker in workers if not alive(worker)]
 
     def stop(self) -> None:
