@@ -260,7 +260,7 @@ def stage_search(
     sampling = optuna.load_study(
         study_name=study.study_name,
         storage=storage,
-        sampler=_sampler(spec),
+        sampler=stage_sampler(spec, stage.n_trials),
         pruner=optuna.pruners.NopPruner(),  # a trial reports once, at its end
     )
     objectives = [objective.metric for objective in spec.objectives]
@@ -286,11 +286,13 @@ def _objective_values(
     return [float(value) for value in values]  # type: ignore[arg-type]
 
 
-def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    if spec.search.sampler == "tpe" and len(spec.objectives) == 1:
-        return optuna.samplers.TPESampler(seed=spec.seed)
+def stage_sampler(spec: StudySpec, budget: int) -> optuna.samplers.BaseSampler:
+    """The sampler of a stage that runs ``budget`` trials."""
     if spec.search.sampler == "tpe":
-        return optuna.samplers.NSGAIISampler(seed=spec.seed)
+        # TPE (one objective or several: Optuna's TPE is MOTPE then) samples at random until
+        # n_startup_trials have run, 10 by default; a stage's budget is about 10 trials, so it
+        # would be random search. A third of the budget explores, the rest is modelled.
+        return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=max(1, budget // 3))
     # grid: every point is enqueued, so the sampler only fills parameters nobody enqueued (none).
     return optuna.samplers.RandomSampler(seed=spec.seed)
 
