@@ -99,7 +99,7 @@ class LaunchProgress:
             )
         else:
             line = f"{stamp} database back after {event.wait_s:.0f} s; the launch goes on"
-        self.console.print(line, highlight=False, soft_wrap=True)
+        self.console.print(line, highlight=False, soft_wrap=True, markup=False)  # driver text
 
     def _log(self, event: StageEvent, state: _StageState) -> None:
         stamp = time.strftime("%H:%M:%S")
