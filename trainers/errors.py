@@ -7,7 +7,7 @@ names the problem and the fix. The CLI catches it once, prints the line and exit
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 __all__ = [
     "ConfigError",
@@ -15,6 +15,7 @@ __all__ = [
     "ModelError",
     "RagsweepError",
     "TrainingError",
+    "causes",
     "mask_secrets",
     "one_line",
     "or_list",
@@ -57,6 +58,17 @@ def one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0][:200].rstrip(".") if lines else "no message"
     return f"{type(error).__name__}: {mask_secrets(text)}"
+
+
+def causes(error: BaseException, depth: int = 8) -> Iterator[BaseException]:
+    """``error``, then what it was raised from or during, and so on (``depth`` at most): libraries
+    wrap one another's errors (Optuna wraps SQLAlchemy, which wraps the driver)."""
+    seen: BaseException | None = error
+    for _ in range(depth):
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
 
 
 def or_list(names: Sequence[str]) -> str:

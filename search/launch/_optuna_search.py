@@ -19,7 +19,7 @@ import optuna
 from search.plan import Stage
 from search.spec import StudySpec
 from search.store import StorageError, TrialOutcome, mask_url, record_trial, trial_attrs
-from trainers import one_line
+from trainers import causes, one_line
 
 OUTCOME_KEY = "ragsweep_payload"  # the result key carrying a trial's TrialOutcome as JSON
 # How long a launch waits for its database to come back (a PostgreSQL server restarting or failing
@@ -187,30 +187,23 @@ def unreachable(error: BaseException) -> bool:
     Optuna wraps it in its StorageInternalError)."""
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-    seen: BaseException | None = error
-    for _ in range(8):  # a cause's cause: Optuna wraps SQLAlchemy, which wraps the driver
-        if seen is None:
-            break
-        if isinstance(seen, (OperationalError, InterfaceError)) or (
-            isinstance(seen, DBAPIError) and seen.connection_invalidated
-        ):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return any(
+        isinstance(seen, (OperationalError, InterfaceError))
+        or (isinstance(seen, DBAPIError) and seen.connection_invalidated)
+        for seen in causes(error)
+    )
 
 
 def _first_cause(error: BaseException) -> BaseException:
     """The driver's own error under SQLAlchemy's and Optuna's wrappers (its message says why)."""
     from sqlalchemy.exc import DBAPIError
 
-    seen: BaseException | None = error
-    for _ in range(8):
-        if seen is None:
-            break
-        if isinstance(seen, DBAPIError) and isinstance(seen.orig, BaseException):
-            return seen.orig
-        seen = seen.__cause__ or seen.__context__
-    return error
+    drivers = (
+        seen.orig
+        for seen in causes(error)
+        if isinstance(seen, DBAPIError) and isinstance(seen.orig, BaseException)
+    )
+    return next(drivers, error)
 
 
 def _duration(seconds: float) -> str:

@@ -24,7 +24,7 @@ from search.launch._scheduler import OUTCOME_KEY, REUSE_KEY, STAGE_KEY
 from search.plan import Plan
 from search.spec import StudySpec, trial_config
 from search.store import TrialOutcome, stage_study_name
-from trainers import RagsweepError, method_declarations, one_line, register_method
+from trainers import RagsweepError, causes, method_declarations, one_line, register_method
 
 __all__ = ["make_trainable"]
 
@@ -130,17 +130,13 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
 
 def _no_space(error: BaseException) -> bool:
     """Whether ``error`` (or what caused it) is a write that found the disk full."""
-    seen: BaseException | None = error
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+    return any(
+        (isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT))
         # safetensors and other native writers report the OS error in their message only.
-        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+        or "No space left on device" in str(seen)
+        or "Disk quota exceeded" in str(seen)
+        for seen in causes(error)
+    )
 
 
 def _release_memory() -> None:
