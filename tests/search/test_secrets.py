@@ -8,20 +8,17 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-import optuna
 import pytest
 import sqlalchemy
 import yaml
 from sqlalchemy.engine import make_url
 
-from search.store import open_storage
+from tests.search.test_cli import ragsweep
+from tests.search.test_faults import RUNNING, launch_process, wait_for_states
 from tests.storage import POSTGRESQL_GROUP
 from tests.tiny import TINY_SPEC
 
@@ -37,48 +34,14 @@ def postgres_url() -> str:
 
 
 @pytest.fixture
-def ray_dir():
-    """Ray's session folder, where its logs go: short, since Ray's socket paths must be."""
+def ray_dir(monkeypatch):
+    """Ray's session folder, where its logs go, for the commands this test runs: short, since
+    Ray's socket paths must be."""
     folder = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(folder))
+    monkeypatch.delenv("RAGSWEEP_STORAGE", raising=False)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
-
-
-def _ragsweep(
-    *args: str, cache_dir: Path, ray_dir: Path, background: bool = False
-) -> subprocess.Popen | subprocess.CompletedProcess:
-    env = os.environ | {
-        "RAGSWEEP_CACHE": str(cache_dir),
-        "HF_HUB_OFFLINE": "1",
-        "RAY_TMPDIR": str(ray_dir),
-    }
-    env.pop("RAGSWEEP_STORAGE", None)
-    command = [sys.executable, "-c", "from search.cli import main; main()", *args]
-    if background:  # in its own process group, as a terminal runs it (Ctrl-C signals the group)
-        return subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-
-
-def _wait_for_a_running_trial(driver: subprocess.Popen, url: str, study_name: str) -> None:
-    storage = open_storage(url)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert driver.poll() is None, driver.communicate()
-        try:
-            study = optuna.load_study(study_name=study_name, storage=storage)
-            if any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
-                return
-        except KeyError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{study_name} never ran a trial")
 
 
 def _database_dump(url: str) -> str:
@@ -120,11 +83,8 @@ def test_the_password_appears_nowhere(postgres_url, tmp_path, cache_dir, ray_dir
     outputs = []
 
     # Interrupted (Ctrl-C) with the URL on the command line: the line to repeat is masked.
-    driver = _ragsweep(
-        "launch", str(spec), "--storage", postgres_url, "--runs-dir", str(runs),
-        cache_dir=cache_dir, ray_dir=ray_dir, background=True,
-    )  # fmt: skip
-    _wait_for_a_running_trial(driver, postgres_url, f"{name}/ft_embed")
+    driver = launch_process(spec, postgres_url, cache_dir, own_group=True)  # runs: spec's folder
+    wait_for_states(driver, postgres_url, f"{name}/ft_embed", {RUNNING})
     os.killpg(driver.pid, signal.SIGINT)
     out, err = driver.communicate(timeout=180)
     assert driver.returncode == 130, err
@@ -132,9 +92,7 @@ def test_the_password_appears_nowhere(postgres_url, tmp_path, cache_dir, ray_dir
     outputs += [out, err]
 
     # Relaunched with the URL from the spec only; the diverging trial fails with its reason.
-    done = _ragsweep(
-        "launch", str(spec), "--runs-dir", str(runs), cache_dir=cache_dir, ray_dir=ray_dir
-    )
+    done = ragsweep("launch", str(spec), "--runs-dir", str(runs), cache_dir=cache_dir)
     assert done.returncode == 0, done.stderr
     outputs += [done.stdout, done.stderr]
 
@@ -150,7 +108,7 @@ def test_the_password_appears_nowhere(postgres_url, tmp_path, cache_dir, ray_dir
     ]
     results = {}
     for query in queries:
-        result = _ragsweep(*query, "--storage", postgres_url, cache_dir=cache_dir, ray_dir=ray_dir)
+        result = ragsweep(*query, "--storage", postgres_url, cache_dir=cache_dir)
         results[" ".join(query[:3])] = result
         outputs += [result.stdout, result.stderr]
     trials = json.loads(results[f"trials {name} --format"].stdout)
@@ -160,5 +118,6 @@ def test_the_password_appears_nowhere(postgres_url, tmp_path, cache_dir, ray_dir
     assert all(password not in text for text in outputs)
     assert password not in export.read_text()
     assert password not in _database_dump(postgres_url)
+    assert any(ray_dir.rglob("*.log")), "Ray's logs are not where the test looks"
     assert _files_holding(ray_dir, password) == []  # Ray's session logs and trial configs
     assert _files_holding(runs, password) == []  # checkpoints and trial.json files
