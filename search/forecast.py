@@ -8,7 +8,8 @@ Training covers ``n_train x epochs`` examples per trained phase (loaded phases c
 evaluation generates ``max_new_tokens`` for ``n_validation`` questions. Parameter counts come from
 :data:`_EMBEDDERS` / :data:`_GENERATORS`; for a model or data size not listed the forecast is
 ``None`` ("unknown"), never a guess. A stage alone runs ``n_trials / min(concurrency, n_trials)``
-waves; a launch's total replays how it schedules trials (:func:`launch_seconds`).
+waves; a launch's total replays how it schedules trials (:func:`launch_seconds`). With early
+stopping, :func:`early_stopping_seconds` forecasts a stage's mean trial from its rungs.
 
 Memory, per trial: :func:`trainers.memory.trial_memory` for the phases a trial trains; that peak is
 what a trial asks Ray for (:func:`trial_memory_ask`).
@@ -19,7 +20,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from trainers import (
     MiB,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from search.spec import StudySpec
 
 __all__ = [
+    "early_stopping_seconds",
     "forecast_gaps",
     "forecast_note",
     "gib_text",
@@ -125,14 +127,47 @@ _DEFAULT_HUB_SPLITS = {"popqa": "test", "hotpotqa": "validation"}  # as trainers
 def trial_seconds(stage: Stage, spec: StudySpec) -> float | None:
     """Wall seconds of one trial of ``stage``; None when a model or the data size is unknown."""
     flops = _trial_flops(stage, spec)
-    return None if flops is None else _TRIAL_OVERHEAD_S + flops / _trial_throughput(spec)
+    if flops is None:
+        return None
+    return _TRIAL_OVERHEAD_S + (sum(flops.phases) + flops.evaluation) / _trial_throughput(spec)
 
 
-def launch_seconds(plan: Plan, concurrency: int) -> float | None:
+def early_stopping_seconds(stage: Stage, spec: StudySpec) -> float | None:
+    """Mean wall seconds of a trial of ``stage`` under the spec's early stopping, as successive
+    halving is designed to go: of n trials, ``max(1, n / reduction_factor**j)`` go on past rung
+    j; one stopped at rung j pays its training up to there and j signals, no evaluation; the rest
+    run to the end and pay every signal. None when early stopping is off or the forecast unknown;
+    a stage of one trial, or one that trains nothing, stops no trial."""
+    early_stopping, flops = spec.search.early_stopping, _trial_flops(stage, spec)
+    if early_stopping is None or flops is None:
+        return None
+    n, throughput = stage.n_trials, _trial_throughput(spec)
+    if n <= 1 or not flops.phases:
+        return _TRIAL_OVERHEAD_S + (sum(flops.phases) + flops.evaluation) / throughput
+    # Training FLOPs done at each rung: each fraction of each trained phase, in order.
+    done = [
+        sum(flops.phases[:index]) + fraction * phase
+        for index, phase in enumerate(flops.phases)
+        for fraction in early_stopping.rungs
+    ]
+    total_s, going_on = 0.0, float(n)
+    for number, trained in enumerate(done, 1):
+        survivors = max(1.0, n / early_stopping.reduction_factor**number)
+        stopped_s = _TRIAL_OVERHEAD_S + (trained + number * flops.signal) / throughput
+        total_s += (going_on - survivors) * stopped_s
+        going_on = survivors
+    whole = sum(flops.phases) + flops.evaluation + len(done) * flops.signal
+    return (total_s + going_on * (_TRIAL_OVERHEAD_S + whole / throughput)) / n
+
+
+def launch_seconds(plan: Plan, concurrency: int, *, early_stopping: bool = False) -> float | None:
     """Replay a launch with forecast trial times: ``concurrency`` slots, each freed slot given to
     the first stage in :attr:`Plan.start_order` whose dependencies are done and whose trials are
-    not all started."""
-    per_trial = {stage.name: stage.trial_forecast_s for stage in plan.stages}
+    not all started. ``early_stopping``: every trial takes its stage's mean time with it."""
+    per_trial = {
+        stage.name: stage.early_stopping_trial_s if early_stopping else stage.trial_forecast_s
+        for stage in plan.stages
+    }
     if None in per_trial.values():
         return None
     to_start = {stage.name: stage.n_trials for stage in plan.stages}
@@ -269,8 +304,15 @@ def _trial_throughput(spec: StudySpec) -> float:
     return per_cpu * spec.resources.cpus
 
 
-def _trial_flops(stage: Stage, spec: StudySpec) -> float | None:
-    """Training FLOPs of the phases the stage's trials run, plus evaluation; None if unknown."""
+class _TrialFlops(NamedTuple):
+    phases: tuple[float, ...]  # training, per phase the trial trains, in order
+    evaluation: float
+    signal: float  # one rung signal: a forward pass over early_stopping.questions prompts
+
+
+def _trial_flops(stage: Stage, spec: StudySpec) -> _TrialFlops | None:
+    """FLOPs of the phases the stage's trials train, of evaluation and of one rung signal;
+    None if unknown."""
     embedder = _EMBEDDERS.get(spec.models.embedder)
     generator = _GENERATORS.get(spec.models.generator)
     if embedder is None or generator is None:
@@ -282,30 +324,40 @@ def _trial_flops(stage: Stage, spec: StudySpec) -> float | None:
     single, concat = caps.single_prompt, caps.concat_prompt
     generator_trainable = _generator_trainable(generator, spec)
 
-    per_example = 0.0
+    per_example: list[float] = []  # training FLOPs per example, per trained phase
     for phase in method_phases(stage.method, training):
         if phase.name in stage.reuse_from:
             continue  # loaded from an earlier stage's checkpoint, not trained
         e_trainable = embedder.params if phase.trains_embedder else 0
         g_trainable = generator_trainable if phase.trains_generator else 0
         if phase.objective == "mnrl":
-            per_example += _gold_per_question(spec) * training_flops(
-                embedder.params, e_trainable, question
+            per_example.append(
+                _gold_per_question(spec) * training_flops(embedder.params, e_trainable, question)
             )
             continue
-        per_example += training_flops(embedder.params, e_trainable, question)
         rows = concat if phase.objective == "nll_concat" else k * single
-        per_example += training_flops(generator.params, g_trainable, rows)
+        per_example.append(
+            training_flops(embedder.params, e_trainable, question)
+            + training_flops(generator.params, g_trainable, rows)
+        )
     n_train = _n_train(spec) if per_example else 0
     if n_train is None:
         return None
+    # A signal reads the evaluation prompt with the gold answer in it, where evaluation generates.
+    asked = forward_flops(embedder.params, question)
     evaluation = spec.data.n_validation * (
-        forward_flops(embedder.params, question)
+        asked
         + forward_flops(
             generator.params, concat - training.max_answer_tokens + training.max_new_tokens
         )
     )
-    return n_train * training.epochs * per_example + evaluation
+    early_stopping = spec.search.early_stopping
+    questions = min(early_stopping.questions, spec.data.n_validation) if early_stopping else 0
+    return _TrialFlops(
+        phases=tuple(n_train * training.epochs * flops for flops in per_example),
+        evaluation=evaluation,
+        signal=questions * (asked + forward_flops(generator.params, concat)),
+    )
 
 
 def _stage_training(stage: Stage, spec: StudySpec) -> TrainingConfig:

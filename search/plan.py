@@ -14,7 +14,8 @@ whose method must train with other settings than the spec's gets a stage of its 
 Stages run in an order where each comes after the stages it depends on, the method's rank breaking
 ties; each stage carries its forecast (:mod:`search.forecast`), and the plan's total replays how a
 launch schedules trials (:attr:`Plan.start_order`, ``concurrency`` at once, a stage starting once
-the stages it depends on are done), so stages that do not depend on each other overlap.
+the stages it depends on are done), so stages that do not depend on each other overlap. With
+early stopping, each stage and the total also carry the forecast with it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
-from search.forecast import launch_seconds, stage_memory, trial_seconds
+from search.forecast import early_stopping_seconds, launch_seconds, stage_memory, trial_seconds
 from search.spec import StudySpec
 from trainers import (
     RATES,
@@ -53,6 +54,9 @@ class Stage:
     depends_on: tuple[str, ...]  # stages that must finish first
     forecast_s: float | None  # wall seconds for the whole stage; None: a model or size unknown
     trial_forecast_s: float | None  # wall seconds of one trial; None: a model or size unknown
+    # The same with the spec's early stopping (a trial's mean); None: early stopping off or unknown.
+    early_stopping_forecast_s: float | None
+    early_stopping_trial_s: float | None
     # Forecast peak memory of one trial (host: what it asks Ray for); None: a model unknown.
     trial_memory: TrialMemory | None
 
@@ -67,6 +71,7 @@ class Plan:
     # Forecast wall seconds of the whole launch, stages overlapping as a launch runs them; None
     # when a stage's forecast is unknown.
     forecast_s: float | None
+    early_stopping_forecast_s: float | None = None  # the same with early stopping; None: off
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name``."""
@@ -188,6 +193,8 @@ def make_plan(spec: StudySpec, *, forecast: bool = True) -> Plan:
             depends_on=(),
             forecast_s=None,
             trial_forecast_s=None,
+            early_stopping_forecast_s=None,
+            early_stopping_trial_s=None,
             trial_memory=None,
         )
         ranks[name] = (declaration.rank, 1 if overrides else 0)  # a variant after its method
@@ -222,19 +229,29 @@ def make_plan(spec: StudySpec, *, forecast: bool = True) -> Plan:
             stages.append(stage)
             continue
         per_trial = trial_seconds(stage, spec)
+        stopping = early_stopping_seconds(stage, spec)
         waves = stage.n_trials / min(spec.concurrency, stage.n_trials)
         stages.append(
             replace(
                 stage,
                 forecast_s=None if per_trial is None else waves * per_trial,
                 trial_forecast_s=per_trial,
+                early_stopping_forecast_s=None if stopping is None else waves * stopping,
+                early_stopping_trial_s=stopping,
                 trial_memory=stage_memory(stage, spec),
             )
         )
     plan = Plan(stages=tuple(stages), methods=methods, rate_trials=(n, m), forecast_s=None)
     if not forecast:
         return plan
-    return replace(plan, forecast_s=launch_seconds(plan, spec.concurrency))
+    stopping_s = None
+    if spec.search.early_stopping is not None:
+        stopping_s = launch_seconds(plan, spec.concurrency, early_stopping=True)
+    return replace(
+        plan,
+        forecast_s=launch_seconds(plan, spec.concurrency),
+        early_stopping_forecast_s=stopping_s,
+    )
 
 
 def grid_points(stage: Stage, spec: StudySpec) -> list[dict[str, float]]:

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from search.forecast import forecast_gaps, forecast_note, memory_note, memory_text
 from search.plan import Plan, Stage
-from search.spec import StudySpec
+from search.spec import EarlyStopping, StudySpec
 from trainers import method_declaration
 
 __all__ = ["render_plan"]
@@ -22,8 +22,12 @@ def render_plan(plan: Plan, spec: StudySpec) -> RenderableType:
     for column in ("stage", "method", "searches", "trials", "after / takes", "serves"):
         stages.add_column(column, justify="right" if column == "trials" else "left")
     stages.add_column("forecast", justify="right")
+    early_stopping = spec.search.early_stopping is not None
+    if early_stopping:
+        stages.add_column("with early stopping", justify="right")
     stages.add_column("memory / trial", justify="right")
     for stage in plan.stages:
+        with_stopping = [_duration(stage.early_stopping_forecast_s)] if early_stopping else []
         stages.add_row(
             stage.name,
             stage.method + _overrides_text(stage),
@@ -32,6 +36,7 @@ def render_plan(plan: Plan, spec: StudySpec) -> RenderableType:
             _takes_text(stage),
             ", ".join(stage.serves),
             _duration(stage.forecast_s),
+            *with_stopping,
             memory_text(stage, spec),
         )
 
@@ -59,15 +64,19 @@ def render_plan(plan: Plan, spec: StudySpec) -> RenderableType:
     notes = [Text(note) for note in _sharing_notes(plan, spec)]
     total = plan.forecast_s
     where = _hardware_text(spec)
+    stopping = f"; with early stopping {_duration(plan.early_stopping_forecast_s)}"
     notes.append(
         Text(
             f"total: {plan.total_trials} trials (shared stages counted once), forecast "
-            f"{_duration(total)} with {where}, stages that do not depend on each other overlapping"
+            f"{_duration(total)} with {where}, stages that do not depend on each other "
+            f"overlapping{stopping if early_stopping else ''}"
         )
     )
     notes += [Text(f"forecast unknown: {gap}") for gap in forecast_gaps(spec)]
     notes.append(Text(memory_note(spec), style="dim"))
     notes.append(Text(forecast_note(spec), style="dim"))
+    if spec.search.early_stopping is not None:
+        notes.append(Text(_early_stopping_note(spec.search.early_stopping), style="dim"))
     return Group(stages, costs, *notes)
 
 
@@ -131,6 +140,21 @@ def _sharing_notes(plan: Plan, spec: StudySpec) -> list[str]:
                 f"{math.prod(plan.rate_trials)}-point grid instead"
             )
     return shared + loading + joint
+
+
+def _early_stopping_note(early_stopping: EarlyStopping) -> str:
+    """The model behind the early-stopping forecast, and why a launch may stop fewer or more."""
+    factor = early_stopping.reduction_factor
+    rungs = ", ".join(f"{fraction:g}" for fraction in early_stopping.rungs)
+    return (
+        f"with early stopping: successive halving as designed, rungs at {rungs} of each trained "
+        f"phase: of a stage's n trials, max(1, n / {factor}^j) go on past rung j; one stopped at "
+        "rung j pays its training up to there and j signals (a forward pass over "
+        f"{early_stopping.questions} validation prompts each), no evaluation; the rest run to "
+        "the end and pay every signal; stages of one trial or that train nothing stop none. The "
+        "order trials run in decides how many stop (the first trial to reach a rung always goes "
+        "on), so a launch stops about as many, more or fewer"
+    )
 
 
 def _hardware_text(spec: StudySpec) -> str:

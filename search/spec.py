@@ -36,6 +36,7 @@ from trainers.errors import ConfigError
 
 __all__ = [
     "PAPER_GRID",
+    "EarlyStopping",
     "Objective",
     "ResourcesSpec",
     "SearchSpec",
@@ -58,6 +59,26 @@ _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 _MAX_GRID = 100
 
 
+class EarlyStopping(_Strict):
+    """Successive halving within each stage: at each rung a trial goes on only if its signal is
+    among the best ``1 / reduction_factor`` of its stage's signals at that rung so far."""
+
+    # Fractions of each phase a trial trains at which it takes the signal (the gold answer's
+    # log-probability on the first ``questions`` validation questions).
+    rungs: list[float] = Field(default_factory=lambda: [0.25, 0.5], min_length=1, max_length=20)
+    questions: int = Field(16, gt=0, le=100_000)
+    reduction_factor: int = Field(2, ge=2, le=100)
+
+    @field_validator("rungs")
+    @classmethod
+    def _rungs_inside_training(cls, rungs: list[float]) -> list[float]:
+        if any(not 0 < fraction < 1 for fraction in rungs) or rungs != sorted(set(rungs)):
+            raise ValueError(
+                "give increasing fractions of a phase between 0 and 1, e.g. [0.25, 0.5]"
+            )
+        return rungs
+
+
 class SearchSpec(_Strict):
     """How learning rates are searched: a grid (the paper) or a sampler over log ranges."""
 
@@ -73,6 +94,17 @@ class SearchSpec(_Strict):
     # method found (the paper reuses two_phase's pair for rag_token and rag_sequence).
     joint: Literal["cartesian", "reuse"] = "cartesian"
     joint_reuse_from: Method = "two_phase"
+    # Stop trials whose rung signal trails their stage's (`true` for the defaults); None: every
+    # trial runs to its end. Left out of dumps when off, so studies stored before it read the same.
+    early_stopping: EarlyStopping | None = Field(None, exclude_if=lambda off: off is None)
+
+    @field_validator("early_stopping", mode="before")
+    @classmethod
+    def _early_stopping_switch(cls, value: object) -> object:
+        # `early_stopping: true` (or --set search.early_stopping=true) turns it on as it comes.
+        if value is True:
+            return {}
+        return None if value is False else value
 
     @field_validator("lr_embedder", "lr_generator")
     @classmethod
@@ -149,6 +181,18 @@ class StudySpec(_Strict):
         if not objectives:
             raise ValueError("list at least one objective, e.g. {metric: f1, direction: maximize}")
         return objectives
+
+    @model_validator(mode="after")
+    def _early_stopping_has_one_quality_objective(self) -> StudySpec:
+        # Optuna prunes single-objective studies only, and the rung signal stands for quality.
+        if self.search.early_stopping is not None and (
+            len(self.objectives) > 1 or self.objectives[0].metric not in QUALITY_METRICS
+        ):
+            raise ValueError(
+                "search.early_stopping needs one objective, a quality figure (em, f1 or "
+                "recall_at_k); remove the others or turn early stopping off"
+            )
+        return self
 
     @field_validator("methods")
     @classmethod

@@ -50,6 +50,7 @@ from trainers.methods import (
     register_method,
     trains,
 )
+from trainers.rungs import Rung, Rungs
 
 if TYPE_CHECKING:
     from trainers.cost import forward_flops, training_flops
@@ -79,6 +80,8 @@ __all__ = [
     "Objective",
     "Phase",
     "RagsweepError",
+    "Rung",
+    "Rungs",
     "TrainedPhase",
     "TrainingConfig",
     "TrainingError",

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:  # torch loads where a meter runs: search's plan uses the formulas without it
@@ -72,6 +72,8 @@ class CostMeter:
 
     device: torch.device
     phases: list[PhaseCost] = field(default_factory=list)
+    # The phase under way, and its (wall, process) clocks at its start.
+    _open: tuple[PhaseCost, float, float] | None = field(default=None, repr=False)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[PhaseCost]:
@@ -84,33 +86,45 @@ class CostMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             _reset_peak_rss()
-        wall_start, cpu_start = time.perf_counter(), time.process_time()
+        self._open = (cost, time.perf_counter(), time.process_time())
         try:
             yield cost
         finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            cost.wall_s = time.perf_counter() - wall_start
-            cost.device_s = (
-                cost.wall_s if self.device.type == "cuda" else time.process_time() - cpu_start
-            )
-            cost.peak_mem_mb = _peak_memory_mb(self.device)
+            self._clock(*self._open)
+            self._open = None
             self.phases.append(cost)
 
     def metrics(self, training_phases: set[str]) -> dict[str, float]:
-        """Flat metrics: totals, training-only totals, and ``<phase>.<figure>`` for each phase."""
+        """Flat metrics: totals, training-only totals, and ``<phase>.<figure>`` for each phase;
+        a phase under way counts with what it has cost so far (a trial stopped part-way)."""
+        phases = list(self.phases)
+        if self._open is not None:
+            phases.append(self._clock(replace(self._open[0]), *self._open[1:]))
         metrics: dict[str, float] = {}
         for figure in ("wall_s", "device_s", "tokens", "flops", "steps"):
-            metrics[figure] = sum(getattr(cost, figure) for cost in self.phases)
+            metrics[figure] = sum(getattr(cost, figure) for cost in phases)
             metrics[f"train_{figure}"] = sum(
-                getattr(cost, figure) for cost in self.phases if cost.name in training_phases
+                getattr(cost, figure) for cost in phases if cost.name in training_phases
             )
-        metrics["peak_mem_mb"] = max((cost.peak_mem_mb for cost in self.phases), default=0.0)
-        for cost in self.phases:
+        metrics["peak_mem_mb"] = max((cost.peak_mem_mb for cost in phases), default=0.0)
+        for cost in phases:
             for figure, value in asdict(cost).items():
                 if figure != "name":
                     metrics[f"{cost.name}.{figure}"] = value
         return metrics
+
+    def _clock(self, cost: PhaseCost, wall_start: float, cpu_start: float) -> PhaseCost:
+        """Set ``cost``'s times and peak memory from its start to now."""
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+        cost.wall_s = time.perf_counter() - wall_start
+        cost.device_s = (
+            cost.wall_s if self.device.type == "cuda" else time.process_time() - cpu_start
+        )
+        cost.peak_mem_mb = _peak_memory_mb(self.device)
+        return cost
 
 
 def _reset_peak_rss() -> None:

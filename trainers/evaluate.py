@@ -28,6 +28,7 @@ __all__ = [
     "f1_score",
     "recall_at_k",
     "answer_text",
+    "answer_logprob",
 ]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -119,6 +120,43 @@ def evaluate_pipeline(
         recall_at_k=recall_at_k(retrieved_ids, [record.gold_doc_ids for record in records]),
         predictions=predictions,
     )
+
+
+def answer_logprob(pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseCost) -> float:
+    """Mean over ``records`` of the gold answer's log-probability per token, given the prompt
+    evaluation generates from (the top-k passages concatenated): how well the pipeline as it
+    stands would answer, from one forward pass per question and no generation.
+
+    Runs both models in eval mode and puts back the modes they had, so that training goes on
+    exactly as it would have without the call (dropout draws nothing in eval mode)."""
+    modes = [(model, model.training) for model in (pipeline.embedder, pipeline.generator.model)]
+    n_embedder, _ = parameter_counts(pipeline.embedder)
+    n_generator, _ = parameter_counts(pipeline.generator.model)
+    batch_size = pipeline.training.eval_batch_size
+    per_question: list[torch.Tensor] = []
+    try:
+        for model, _ in modes:
+            model.eval()
+        with torch.no_grad():
+            for start in range(0, len(records), batch_size):
+                batch = records[start : start + batch_size]
+                retrieved = pipeline.retrieve([record.question for record in batch])
+                prompts = [
+                    pipeline.prompts.prompt(record.question, docs)
+                    for record, docs in zip(batch, retrieved.documents(pipeline.index), strict=True)
+                ]
+                answers = [record.answers[0] for record in batch]
+                logprobs, mask, generator_tokens = pipeline.answer_logprobs(prompts, answers)
+                mask = mask.to(logprobs.dtype)
+                per_question.append((logprobs * mask).sum(dim=1) / mask.sum(dim=1))
+                cost.tokens += retrieved.question_tokens + generator_tokens
+                cost.flops += forward_flops(n_embedder, retrieved.question_tokens) + forward_flops(
+                    n_generator, generator_tokens
+                )
+    finally:
+        for model, training in modes:
+            model.train(training)
+    return float(torch.cat(per_question).mean())
 
 
 @dataclass(frozen=True)

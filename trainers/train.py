@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -56,10 +56,13 @@ def train_phase(
     lr_generator: float | None,
     seed: int,
     cost: PhaseCost,
+    after_step: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """Train what ``phase`` trains on ``records`` for the configured epochs; returns step losses.
 
-    An MNRL phase trains on the records with a gold document and leaves the others out."""
+    An MNRL phase trains on the records with a gold document and leaves the others out.
+    ``after_step(steps done, total steps)`` is called after every optimizer step (a trial takes
+    its rung signals there); an error it raises stops the phase."""
     training = pipeline.training
     embedder, generator = pipeline.embedder, pipeline.generator.model
     groups: list[dict[str, Any]] = []  # AdamW parameter groups: params and lr
@@ -116,6 +119,8 @@ def train_phase(
                     optimizer.zero_grad(set_to_none=True)
                     losses.append(batch_loss)
                     cost.steps += 1
+                    if after_step is not None:
+                        after_step(len(losses), total_steps)
     finally:
         embedder.eval()
         generator.eval()

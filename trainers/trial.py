@@ -8,6 +8,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from trainers.cost import CostMeter, forward_flops
 from trainers.data import MIN_LABELLED_TRAIN, RagData, load_data
 from trainers.environment import environment_record, native_bf16
 from trainers.errors import ConfigError, or_list
-from trainers.evaluate import evaluate_pipeline
+from trainers.evaluate import answer_logprob, evaluate_pipeline
 from trainers.index import build_index
 from trainers.memory import bound_allocator
 from trainers.methods import Phase, label_free_embedder_methods, method_phases
@@ -33,6 +34,7 @@ from trainers.models import (
 )
 from trainers.pipeline import Pipeline
 from trainers.prompts import PromptBuilder
+from trainers.rungs import Rung, Rungs, rung_taker
 from trainers.train import train_phase
 
 __all__ = [
@@ -70,13 +72,15 @@ def run_trial(
     cache_dir: Path,
     out_dir: Path | None = None,
     merge_generator: bool = False,
+    rungs: Rungs | None = None,
 ) -> TrialResult:
     """Run ``config.method`` with its learning rates and return validation metrics and cost.
 
     ``cache_dir`` holds converted models and cached document vectors; with ``out_dir`` every
     trained phase saves its models under ``out_dir/<phase>`` and the record goes to
     ``out_dir/trial.json``; ``merge_generator`` also saves each trained generator with its adapter
-    merged in (``<phase>/generator/merged``).
+    merged in (``<phase>/generator/merged``). With ``rungs``, each trained phase reports a
+    validation signal part-way (:mod:`trainers.rungs`); their report may stop the trial.
     """
     phases = method_phases(config.method, config.training)
     _check_learning_rates(config, phases)
@@ -85,6 +89,9 @@ def run_trial(
     meter = CostMeter(resolve_device(config.training.device))
     data, pipeline = build_pipeline(config, cache_dir=cache_dir, meter=meter)
     index = pipeline.index
+    trained_phases = {phase.name for phase in phases if phase.name not in config.reuse}
+    rung_questions = data.validation[: rungs.questions] if rungs else []
+    taken: list[Rung] = []
 
     final_losses: dict[str, float | None] = {}
     for phase in phases:
@@ -103,6 +110,13 @@ def run_trial(
                 lr_generator=config.lr_generator,
                 seed=config.seed,
                 cost=cost,
+                after_step=rung_taker(
+                    rungs,
+                    phase.name,
+                    signal=partial(answer_logprob, pipeline, rung_questions, cost),
+                    cost_so_far=partial(meter.metrics, trained_phases),
+                    taken=taken,
+                ),
             )
         final_losses[phase.name] = losses[-1] if losses else None
         if out_dir is not None:
@@ -111,7 +125,6 @@ def run_trial(
     with meter.phase("eval") as cost:
         evaluation = evaluate_pipeline(pipeline, data.validation, cost)
 
-    trained_phases = {phase.name for phase in phases if phase.name not in config.reuse}
     metrics: dict[str, float] = {
         "em": evaluation.em,
         "f1": evaluation.f1,
@@ -137,6 +150,8 @@ def run_trial(
         "final_losses": final_losses,
         "environment": environment_record(),
     }
+    if rungs is not None:
+        record["rungs"] = [rung.summary() for rung in taken]
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "trial.json").write_text(

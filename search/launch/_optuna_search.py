@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import optuna
 
+from search.launch._pruning import stage_pruner
 from search.plan import Stage
 from search.spec import StudySpec
 from search.store import StorageError, TrialOutcome, mask_url, record_trial, trial_attrs
@@ -37,6 +38,7 @@ class StageSearch:
         self._study, self._space, self._objectives = study, space, list(objectives)
         self._trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its Optuna trial
         self._values: dict[str, list[float] | None] = {}  # ended: objective values, None failed
+        self._pruned: dict[str, TrialOutcome] = {}  # Tune trial id -> its outcome where it stopped
         self._asking = False  # an ask is under way (True after one that raised)
 
     def suggest(self, trial_id: str) -> dict[str, float]:
@@ -58,6 +60,22 @@ class StageSearch:
             self._trials[trial_id] = self._trials.pop(dead_trial_id)
         return self.suggest(trial_id)
 
+    def report_rung(self, trial_id: str, payload: str) -> bool:
+        """Store a rung signal (``payload``: the :data:`RUNG_KEY` of its report) as the Optuna
+        trial's intermediate value at that rung; whether the stage's pruner stops the trial."""
+        trial = self._trials[trial_id]
+        outcome = TrialOutcome.from_json(payload)
+        rung = outcome.pruned_at or {}
+        trial.report(float(rung["answer_logprob"]), step=int(rung["rung"]))
+        if trial.should_prune():
+            self._pruned[trial_id] = outcome
+            return True
+        return False
+
+    def pruned(self, trial_id: str) -> TrialOutcome | None:
+        """The outcome of ``trial_id`` if the stage's pruner stopped it, else None."""
+        return self._pruned.get(trial_id)
+
     def complete_trial(
         self,
         trial_id: str,
@@ -65,11 +83,16 @@ class StageSearch:
         error: bool = False,
         death: str | None = None,
     ) -> list[float] | None:
-        """Store the trial's outcome in its study; its objective values (None: failed).
+        """Store the trial's outcome in its study; its objective values (None: failed or pruned).
         ``death``: why its worker died, where known."""
         if trial_id in self._values:
             return self._values[trial_id]
         trial = self._trials[trial_id]
+        if trial_id in self._pruned:
+            # Stopped at a rung: stored PRUNED with its cost up to there and the rung.
+            self._store(trial, self._pruned[trial_id], None)
+            self._values[trial_id] = None
+            return None
         reported = (
             TrialOutcome.from_json(result[OUTCOME_KEY])
             if result and OUTCOME_KEY in result
@@ -88,30 +111,33 @@ class StageSearch:
                 reported.fail_reason or _unreported_failure(error, death, self._objectives),
                 retryable=bool(reported.retryable) if reported.fail_reason else True,
             )
+        self._store(trial, outcome, values)
+        self._values[trial_id] = values
+        return values
+
+    def _store(
+        self, trial: optuna.Trial, outcome: TrialOutcome, values: list[float] | None
+    ) -> None:
+        """Record ``outcome`` and tell the trial finished: with ``values``, failed without, or
+        pruned when the outcome says where it stopped."""
         try:
             record_trial(trial, outcome)
-            if values is None:
-                self._study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            else:
-                self._study.tell(trial, values)
+            self._study.tell(trial, values, state=_state(outcome, values))
         except optuna.exceptions.UpdateFinishedTrialError:
             # Another launch took this one for dead and failed the trial: keep the result as a
             # trial of its own rather than lose it. (Or a tell whose answer a lost connection
             # cut off had been stored: nothing to add.)
             if not self._stored_as(trial, outcome, values):
                 self._study.add_trial(_finished_copy(trial, outcome, values))
-        self._values[trial_id] = values
-        return values
 
     def _stored_as(
         self, trial: optuna.Trial, outcome: TrialOutcome, values: list[float] | None
     ) -> bool:
         """Whether ``trial`` is stored finished with ``outcome`` and ``values`` already."""
         stored = next(t for t in self._study.get_trials(deepcopy=False) if t.number == trial.number)
-        state = optuna.trial.TrialState.FAIL if values is None else optuna.trial.TrialState.COMPLETE
         return (
-            stored.state == state
-            and stored.values == values
+            stored.state == _state(outcome, values)
+            and (values is None or stored.values == values)
             and all(stored.user_attrs.get(k) == v for k, v in trial_attrs(outcome).items())
         )
 
@@ -254,7 +280,7 @@ def stage_search(
         study_name=study.study_name,
         storage=storage,
         sampler=stage_sampler(spec, stage.n_trials),
-        pruner=optuna.pruners.NopPruner(),  # a trial reports once, at its end
+        pruner=stage_pruner(spec),
     )
     objectives = [objective.metric for objective in spec.objectives]
     return StageSearch(sampling, _Space(stage.searched, ranges, fixed), objectives)
@@ -299,12 +325,19 @@ def _waiting_params(study: optuna.Study) -> list[dict[str, Any]]:
     ]
 
 
+def _state(outcome: TrialOutcome, values: list[float] | None) -> optuna.trial.TrialState:
+    """How a trial with ``outcome`` and objective ``values`` ended, in Optuna's terms."""
+    if outcome.pruned_at is not None:
+        return optuna.trial.TrialState.PRUNED
+    return optuna.trial.TrialState.FAIL if values is None else optuna.trial.TrialState.COMPLETE
+
+
 def _finished_copy(
     trial: optuna.Trial, outcome: TrialOutcome, values: list[float] | None
 ) -> optuna.trial.FrozenTrial:
     """A finished trial with ``trial``'s parameters and what it reported."""
     return optuna.trial.create_trial(
-        state=optuna.trial.TrialState.FAIL if values is None else optuna.trial.TrialState.COMPLETE,
+        state=_state(outcome, values),
         params=trial.params,
         distributions=trial.distributions,
         values=values,

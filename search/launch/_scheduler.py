@@ -14,7 +14,6 @@ the launch stops.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -31,10 +30,15 @@ from search.launch._optuna_search import (
     StageSearch,
     stage_search,
 )
-from search.plan import Plan, Stage, grid_points
+from search.launch._stage_results import (
+    best_to_build_on,
+    blocked_by,
+    checkpoint,
+    keep_best_checkpoint,
+)
+from search.plan import Plan, Stage
 from search.spec import StudySpec
-from search.store import StorageError, TrialRecord, best_trial, finished_params, read_trials
-from trainers import ConfigError
+from search.store import StorageError
 
 __all__ = [
     "OUTCOME_KEY",
@@ -42,9 +46,7 @@ __all__ = [
     "STAGE_KEY",
     "StageEvent",
     "StagedSearch",
-    "blocked_by",
     "ignore_event",
-    "remaining_points",
 ]
 
 # Keys a trial's config carries besides its learning rates (no "/": Tune reads it as nesting).
@@ -65,6 +67,7 @@ class StageEvent:
     objective: float | None = None
     blocked: str | None = None  # why the stage does not run ("stage_end" events)
     database_error: str | None = None  # why it cannot be reached ("database_down" events)
+    pruned_at: dict[str, Any] | None = None  # a trial stopped early: its rung ("trial_end")
     # "database_down": how long the launch waits for it; "database_back": how long it was away.
     wait_s: float = 0.0
 
@@ -188,6 +191,14 @@ class StagedSearch(Searcher):
         self.max_concurrent = max(1, min(self.max_concurrent or running, running) - 1)
         self._memory_kills[trial_id] = message
 
+    def rung_reported(self, trial_id: str, payload: str) -> bool:
+        """A trial's rung report (its :data:`search.launch._pruning.RUNG_KEY`), stored in its
+        stage's study; whether the stage's pruner stops the trial there."""
+        name = self._trial_stage.get(trial_id)
+        if name is None:
+            return False
+        return self._stored(name, partial(self._searches[name].report_rung, trial_id, payload))
+
     def stop_in_flight(self, reason: str) -> int:
         """The trials handed out and not complete, after Tune gave up on their run: each runs
         again in the next run (its worker died), or, out of retries, fails with ``reason``
@@ -220,7 +231,12 @@ class StagedSearch(Searcher):
             )
             # Told here, before the stages this trial's end lets start (Tune tells its callbacks
             # only after the searcher).
-            self._trial_ended(name, objective=None if values is None else values[0])
+            pruned = search.pruned(trial_id)
+            self._trial_ended(
+                name,
+                objective=None if values is None else values[0],
+                pruned_at=dict(pruned.pruned_at or {}) if pruned else None,
+            )
         except StorageError:
             if self._database.lost is None:
                 raise
@@ -243,15 +259,21 @@ class StagedSearch(Searcher):
         """Stages that did not end (a Tune run stopped before they, or their sources, finished)."""
         return [name for name in self._points if name not in self._done]
 
-    def _trial_ended(self, name: str, objective: float | None) -> None:
-        """Count a trial of stage ``name`` as ended (failed when ``objective`` is None)."""
-        self.failed[name] += objective is None
+    def _trial_ended(
+        self, name: str, objective: float | None, pruned_at: dict[str, Any] | None = None
+    ) -> None:
+        """Count a trial of stage ``name`` as ended: stopped early at rung ``pruned_at``, else
+        failed when ``objective`` is None."""
+        failed = objective is None and pruned_at is None
+        self.failed[name] += failed
         stage = self._plan.stage(name)
-        self._notify(StageEvent("trial_end", stage, failed=objective is None, objective=objective))
+        self._notify(
+            StageEvent("trial_end", stage, failed=failed, objective=objective, pruned_at=pruned_at)
+        )
         self._finished[name] += 1
         if self._finished[name] == len(self._points[name]):
             stage, study = self._plan.stage(name), self._studies[name]
-            self._stored(name, lambda: _prune_checkpoints(stage, self._plan, self._spec, study))
+            self._stored(name, lambda: keep_best_checkpoint(stage, self._plan, self._spec, study))
             self._end(name)
             self._start_ready()
 
@@ -284,15 +306,17 @@ class StagedSearch(Searcher):
             return
         study = self._studies[stage.name]
         sources = sorted({*stage.fixed_from.values(), *stage.reuse_from.values()})
-        best = {
+        best_trials = {
             source: self._stored(
-                stage.name, partial(_best, self._studies[source], source, self._spec)
+                stage.name, partial(best_to_build_on, self._studies[source], source, self._spec)
             )
             for source in sources
         }
-        fixed = {rate: best[source].config[rate] for rate, source in stage.fixed_from.items()}
+        fixed = {
+            rate: best_trials[source].config[rate] for rate, source in stage.fixed_from.items()
+        }
         reuse = {
-            phase: str(Path(_checkpoint(best[source])) / phase)
+            phase: str(Path(checkpoint(best_trials[source])) / phase)
             for phase, source in stage.reuse_from.items()
         }
         self._reuse[stage.name] = json.dumps(reuse)
@@ -322,77 +346,9 @@ def ignore_event(event: StageEvent) -> None:
     """The progress sink of an unpickled searcher or callback: no live view there."""
 
 
-def remaining_points(
-    stage: Stage, spec: StudySpec, study: optuna.Study | None
-) -> list[dict[str, float]]:
-    """Grid points (or sampler budget) of the stage that no finished trial covers yet."""
-    done = finished_params(study) if study is not None else []
-    if spec.search.sampler == "grid" or not stage.searched:
-        return [point for point in grid_points(stage, spec) if point not in done]
-    return [{} for _ in range(max(0, stage.n_trials - len(done)))]  # the sampler picks the points
-
-
-def blocked_by(
-    stage: Stage, plan: Plan, spec: StudySpec, studies: dict[str, optuna.Study]
-) -> str | None:
-    """Why ``stage`` cannot run: a stage it takes a rate or checkpoint from has no completed
-    trial, or has points still to run (trials Ray stopped), so its best is not known yet."""
-    for source in sorted({*stage.fixed_from.values(), *stage.reuse_from.values()}):
-        study_name = studies[source].study_name
-        if _best_of(studies[source], spec) is None:
-            return (
-                f"stage '{source}', which it builds on, has no completed trial; see "
-                f"`ragsweep trials {study_name}` for why, fix it and launch again"
-            )
-        unfinished = len(remaining_points(plan.stage(source), spec, studies[source]))
-        if unfinished:
-            # Building on the best of part of a grid would fix a choice a relaunch cannot revisit.
-            return (
-                f"stage '{source}', which it builds on, has {unfinished} trial(s) stopped before "
-                f"they finished (`ragsweep trials {study_name} --state fail` says why); launch "
-                "again to run them first"
-            )
-    return None
-
-
-def _best_of(study: optuna.Study, spec: StudySpec) -> TrialRecord | None:
-    """The stage's best trial on the spec's first objective (:func:`search.store.best_trial`)."""
-    first = spec.objectives[0]
-    return best_trial(read_trials(study), first.metric, maximize=first.direction == "maximize")
-
-
-def _best(study: optuna.Study, stage_name: str, spec: StudySpec) -> TrialRecord:
-    best = _best_of(study, spec)
-    if best is None:
-        raise ConfigError(
-            f"stage '{stage_name}' has no completed trial to build on (all failed); see `ragsweep trials` "
-            "for the reasons, fix them and launch again"
-        )
-    return best
-
-
-def _checkpoint(trial: TrialRecord) -> str:
-    if trial.checkpoint is None:
-        raise ConfigError(
-            f"trial {trial.id}, whose models a later stage reuses, saved none; launch the spec "
-            "again with a new name to train it anew"
-        )
-    return trial.checkpoint
-
-
 def _metric_and_mode(spec: StudySpec) -> dict[str, list[str]]:
     """Tune's ``metric`` and ``mode`` for the spec's objectives, in order."""
     return {
         "metric": [objective.metric for objective in spec.objectives],
         "mode": ["max" if o.direction == "maximize" else "min" for o in spec.objectives],
     }
-
-
-def _prune_checkpoints(stage: Stage, plan: Plan, spec: StudySpec, study: optuna.Study) -> None:
-    """Keep only the best trial's models of a stage that later stages reuse."""
-    if not any(stage.name in later.reuse_from.values() for later in plan.stages):
-        return
-    best = _best_of(study, spec)
-    for trial in read_trials(study):
-        if trial.checkpoint and (best is None or trial.number != best.number):
-            shutil.rmtree(trial.checkpoint, ignore_errors=True)

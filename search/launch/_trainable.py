@@ -20,11 +20,20 @@ import ray
 from ray import tune
 
 from search.forecast import trial_memory_ask
+from search.launch._pruning import RUNG_KEY
 from search.launch._scheduler import OUTCOME_KEY, REUSE_KEY, STAGE_KEY
 from search.plan import Plan
 from search.spec import StudySpec, trial_config
 from search.store import TrialOutcome, stage_study_name
-from trainers import RagsweepError, causes, method_declarations, one_line, register_method
+from trainers import (
+    RagsweepError,
+    Rung,
+    Rungs,
+    causes,
+    method_declarations,
+    one_line,
+    register_method,
+)
 
 __all__ = ["make_trainable"]
 
@@ -83,6 +92,7 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         node=ray.get_runtime_context().get_node_id(),
     )
     out_dir: Path | None = None
+    stopped = False
     try:
         for declaration in job["methods"]:
             register_method(declaration)
@@ -101,13 +111,22 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         out_dir = (
             Path(stage["out_dir"]) / tune.get_context().get_trial_id() if stage["out_dir"] else None
         )
-        result = run_trial(trial, cache_dir=Path(job["cache_dir"]), out_dir=out_dir)
+        result = run_trial(
+            trial,
+            cache_dir=Path(job["cache_dir"]),
+            out_dir=out_dir,
+            rungs=_rungs(spec, outcome),
+        )
         outcome = replace(
             outcome,
             metrics=result.metrics,
             record=result.record,
             checkpoint=str(out_dir) if out_dir else None,
         )
+    except SystemExit:
+        # Tune stopped the trial at a rung (the report raises this in a trial it stops); the
+        # launch stores it pruned. Its models are no use to anyone.
+        stopped = True
     except Exception as e:  # the trial's failure, stored with its reason; the study goes on
         if _no_space(e):
             # The machine's fault, not the trial's: once space is freed the trial runs through.
@@ -117,15 +136,31 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         else:
             reason = str(e) if isinstance(e, RagsweepError) else one_line(e)
             outcome = replace(outcome, fail_reason=reason)
-    if outcome.fail_reason and out_dir is not None:
-        # No stage loads a failed trial's models, and a half-written checkpoint holds the space
-        # the next trials need.
+    if (outcome.fail_reason or stopped) and out_dir is not None:
+        # No stage loads a failed or stopped trial's models, and a half-written checkpoint holds
+        # the space the next trials need.
         shutil.rmtree(out_dir, ignore_errors=True)
     _release_memory()
+    if stopped:
+        raise SystemExit(0)  # how Tune's worker thread ends a stopped trial
     # Tune's flat metrics (no dots: Tune reads them as nested keys) are for its logs; the launch
     # stores the outcome.
     flat_metrics = {k: v for k, v in (outcome.metrics or {}).items() if "." not in k}
     tune.report({OUTCOME_KEY: outcome.to_json(), **flat_metrics})
+
+
+def _rungs(spec: StudySpec, outcome: TrialOutcome) -> Rungs | None:
+    """With early stopping, where the trial takes its signal and how it reports it: each rung
+    goes to Tune as the outcome the trial has if it stops there; Tune's scheduler decides."""
+    early_stopping = spec.search.early_stopping
+    if early_stopping is None:
+        return None
+
+    def report(rung: Rung) -> None:
+        stopped_here = replace(outcome, metrics=rung.metrics, pruned_at=rung.summary())
+        tune.report({RUNG_KEY: stopped_here.to_json()})
+
+    return Rungs(tuple(early_stopping.rungs), early_stopping.questions, report)
 
 
 def _no_space(error: BaseException) -> bool:

@@ -33,13 +33,14 @@ from search.launch._lease import (
 )
 from search.launch._memory_kills import MemoryKillReports, memory_kills_as_actor_deaths
 from search.launch._optuna_search import unreachable
+from search.launch._pruning import RungStops
 from search.launch._scheduler import (
     STAGE_KEY,
     StagedSearch,
     StageEvent,
     ignore_event,
-    remaining_points,
 )
+from search.launch._stage_results import remaining_points
 from search.launch._trainable import make_trainable
 from search.plan import Plan, Stage, make_plan
 from search.spec import StudySpec
@@ -236,7 +237,9 @@ def _run_tuner(
                 num_samples=search.trials_left * (max_retries + 1),
                 # The searcher keeps the limit, and lowers it after a memory kill.
                 max_concurrent_trials=spec.concurrency,
-                scheduler=MemoryKillReports(search.killed_for_memory),
+                scheduler=RungStops(search.killed_for_memory, search.rung_reported)
+                if spec.search.early_stopping
+                else MemoryKillReports(search.killed_for_memory),
                 # One pool of warm trial workers for the whole launch, every stage included.
                 reuse_actors=True,
             ),

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from search.launch.dispatch import StageEvent
 from search.plan import Plan
+from search.store import rung_text
 
 __all__ = ["LaunchProgress"]
 
@@ -116,6 +117,8 @@ class LaunchProgress:
             return
         if event.failed:
             result = "failed"
+        elif event.pruned_at:
+            result = f"stopped early ({rung_text(event.pruned_at)})"
         else:
             result = (
                 "done" if event.objective is None else f"{self.objective} {event.objective:.4g}"

@@ -20,7 +20,7 @@ from rich.table import Table
 from search.query.compare import Comparison
 from search.query.report import StudyReport, StudySummary, run_cost
 from search.query.reproduce import Reproduction
-from search.store import QUALITY_METRICS, TrialRecord
+from search.store import QUALITY_METRICS, TrialRecord, rung_text
 
 __all__ = [
     "COMPARE_COLUMNS",
@@ -32,8 +32,10 @@ __all__ = [
     "as_table",
     "cell",
     "compare_records",
+    "early_stopping_lines",
     "reproduction_record",
     "reproduction_report",
+    "shown_columns",
     "studies_records",
     "trial_detail",
     "trial_record",
@@ -71,6 +73,9 @@ COMPARE_COLUMNS = (
     "search_stages",
     "search_device_s",
 )
+# Columns a table shows, after the one named, only when some record has a value for them: what
+# early stopping adds, absent from studies that ran without it.
+_OPTIONAL_COLUMNS = {"pruned": "failed", "pruned_at": "state", "saved_device_s": "search_device_s"}
 
 
 def studies_records(summaries: Sequence[StudySummary]) -> list[dict[str, Any]]:
@@ -80,6 +85,7 @@ def studies_records(summaries: Sequence[StudySummary]) -> list[dict[str, Any]]:
             "methods": ",".join(s.methods),
             "complete": s.states.get("COMPLETE", 0),
             "failed": s.states.get("FAIL", 0),
+            "pruned": s.states.get("PRUNED", 0),
             "running": s.states.get("RUNNING", 0) + s.states.get("WAITING", 0),
             "best_f1": s.best_f1,
             "train_flops": s.train_flops,
@@ -103,6 +109,7 @@ def trial_record(report: StudyReport, row: TrialRecord) -> dict[str, Any]:
         "run_flops": run_cost(report, row, "train_flops"),
         "wall_s": row.metrics.get("wall_s"),
         "fail_reason": row.fail_reason,
+        "pruned_at": row.pruned_at,  # where early stopping stopped it
     }
 
 
@@ -110,6 +117,16 @@ def compare_records(comparison: Comparison) -> list[dict[str, Any]]:
     records = []
     for result in comparison.rows:
         chosen = result.chosen
+        # With early stopping: the trials it stopped in the method's search, and what it saved.
+        stopped = [s for s in comparison.early_stopped if s.stage in result.search_stages]
+        early_stopping = (
+            {
+                "pruned_trials": sum(s.pruned for s in stopped),
+                "saved_device_s": comparison.saved_device_s(result.search_stages),
+            }
+            if comparison.early_stopped
+            else {}
+        )
         records.append(
             {
                 "method": result.method,
@@ -126,9 +143,53 @@ def compare_records(comparison: Comparison) -> list[dict[str, Any]]:
                 "search_stages": dict(result.search_stages),
                 "search_flops": result.search_flops,
                 "search_device_s": result.search_device_s,
+                **early_stopping,
             }
         )
     return records
+
+
+def early_stopping_lines(comparison: Comparison) -> list[str]:
+    """What early stopping saved: the whole study, then each stage where it stopped trials."""
+    stopped = comparison.early_stopped
+    if not stopped:
+        return []
+    pruned = sum(s.pruned for s in stopped)
+    spent = sum(s.pruned_device_s for s in stopped)
+    saved = comparison.saved_device_s()
+    unknown = [s.stage for s in stopped if s.full_device_s is None]
+    would_take = comparison.work_device_s + saved
+    line = f"early stopping stopped {pruned} of {comparison.total_trials} trials at a rung"
+    if would_take > 0:
+        line += (
+            f"; they cost {_seconds(spent)} of training + evaluation: saved about "
+            f"{_seconds(saved)} ({saved / would_take:.0%} of the {_seconds(would_take)} the "
+            "study's training + evaluation would have taken with every trial run to the end)"
+        )
+    if unknown:
+        line += f"; not counted: {', '.join(unknown)} (no trial there ran to the end to compare)"
+    lines = [line]
+    for s in stopped:
+        estimate = (
+            "unknown (no trial of the stage ran to the end)"
+            if s.full_device_s is None or s.saved_device_s is None
+            else f"about {_seconds(s.saved_device_s)} (run to the end they would have cost "
+            f"{_seconds(s.full_device_s)}, at the mean of the stage's completed trials)"
+        )
+        lines.append(
+            f"stage {s.stage}: {s.pruned} of {s.trials} trials stopped early, costing "
+            f"{_seconds(s.pruned_device_s)}; saved {estimate}"
+        )
+    return lines
+
+
+def shown_columns(columns: Sequence[str], records: Sequence[dict[str, Any]]) -> list[str]:
+    """``columns`` and, after the column each follows, the optional ones some record fills."""
+    shown = list(columns)
+    for column, after in _OPTIONAL_COLUMNS.items():
+        if after in shown and column not in shown and any(r.get(column) for r in records):
+            shown.insert(shown.index(after) + 1, column)
+    return shown
 
 
 def reproduction_record(reproduction: Reproduction) -> dict[str, Any]:
@@ -205,6 +266,8 @@ def cell(column: str, value: Any) -> str:
         return _seconds(float(value))
     if isinstance(value, float):
         return f"{value:.3f}"
+    if column == "pruned_at" and isinstance(value, dict):
+        return rung_text(value)
     if isinstance(value, dict):
         return " + ".join(f"{k} {v}" for k, v in value.items())
     return str(value)
@@ -227,6 +290,9 @@ _HEADERS = {
     "wall_s": "wall",
     "best_f1": "best F1",
     "fail_reason": "failure",
+    "pruned_at": "stopped early at",
+    "pruned_trials": "stopped early",
+    "saved_device_s": "saved by early stopping",
 }
 
 

@@ -87,7 +87,8 @@ def trials(
     fmt: _FormatOption = "table",
     debug: DebugOption = False,
 ) -> None:
-    """One row per trial: learning rates, EM, F1, Recall@k, cost, state and why it failed."""
+    """One row per trial: learning rates, EM, F1, Recall@k, cost, state, why it failed and
+    where early stopping stopped it."""
     from search.query._views import TRIAL_COLUMNS, trial_record
     from search.query.report import select_trials
 
@@ -177,7 +178,7 @@ def compare(
     debug: DebugOption = False,
 ) -> None:
     """The paper's table: each method's chosen run, its cost and its search's cost, and advice."""
-    from search.query._views import COMPARE_COLUMNS, compare_records
+    from search.query._views import COMPARE_COLUMNS, compare_records, early_stopping_lines
     from search.query.compare import compare as compare_methods
 
     _check_format(fmt, _FORMATS)
@@ -196,6 +197,8 @@ def compare(
     )
     for note in comparison.notes:
         console.print(escape(f"note: {note}"), highlight=False)
+    for line in early_stopping_lines(comparison):
+        console.print(escape(line), highlight=False)
     for line in comparison.recommendation:
         console.print(f"[bold]advice:[/] {escape(line)}", highlight=False)
 
@@ -364,9 +367,10 @@ def _check_format(fmt: str, allowed: tuple[str, ...]) -> None:
 
 
 def _emit(records: list[dict[str, Any]], fmt: str, title: str, columns: Sequence[str]) -> None:
-    from search.query._views import as_csv, as_json, as_markdown, as_table
+    from search.query._views import as_csv, as_json, as_markdown, as_table, shown_columns
 
     _check_format(fmt, _FORMATS)
+    columns = shown_columns(columns, records)  # early stopping's, where some trial was stopped
     if fmt == "json":
         print(as_json(records))
     elif fmt == "csv":

@@ -10,7 +10,10 @@ from typing import cast
 from search.query.report import StudyReport, quality_key, run_cost
 from search.store import QUALITY_METRICS, TrialRecord, best_trial
 
-__all__ = ["Comparison", "MethodResult", "compare"]
+__all__ = ["Comparison", "EarlyStopped", "MethodResult", "compare"]
+
+# What a trial spent on training and evaluation: what early stopping cuts short.
+_WORK = ("train_device_s", "eval.device_s")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,26 @@ class MethodResult:
 
 
 @dataclass(frozen=True)
+class EarlyStopped:
+    """The trials of one stage that early stopping stopped, what they cost and what it saved.
+
+    Had they run to the end, each would have cost what the stage's completed trials cost on
+    average (training + evaluation device seconds): an estimate, as a stopped trial's rate may
+    have trained faster or slower."""
+
+    stage: str
+    trials: int  # the stage's finished trials
+    pruned: int
+    pruned_device_s: float  # what they cost: training (rung signals in it) + evaluation
+    full_device_s: float | None  # the estimate run to the end; None: none of the stage completed
+
+    @property
+    def saved_device_s(self) -> float | None:
+        """Training + evaluation device seconds early stopping saved in this stage (estimate)."""
+        return None if self.full_device_s is None else self.full_device_s - self.pruned_device_s
+
+
+@dataclass(frozen=True)
 class Comparison:
     """``ragsweep compare``: rows per method, the whole study's cost, notes and the advice."""
 
@@ -36,6 +59,22 @@ class Comparison:
     total_device_s: float
     notes: tuple[str, ...]
     recommendation: tuple[str, ...]
+    # Stages where early stopping stopped trials, in stage order; empty when none was stopped.
+    early_stopped: tuple[EarlyStopped, ...] = ()
+    work_device_s: float = 0.0  # training + evaluation device seconds of every trial of the study
+
+    def saved_device_s(self, stages: Iterable[str] | None = None) -> float:
+        """Device seconds early stopping saved (estimate) over ``stages`` (default: all), counting
+        the stages where it can be estimated."""
+        wanted = None if stages is None else set(stages)
+        return sum(
+            (
+                stopped.saved_device_s or 0.0
+                for stopped in self.early_stopped
+                if wanted is None or stopped.stage in wanted
+            ),
+            0.0,
+        )
 
 
 def compare(report: StudyReport, metric: str | None = None) -> Comparison:
@@ -70,7 +109,31 @@ def compare(report: StudyReport, metric: str | None = None) -> Comparison:
         total_device_s=report.spent(every_stage, "train_device_s"),
         notes=tuple(_sharing_notes(report, rows)),
         recommendation=tuple(_recommendation(report, rows, metric_key)),
+        early_stopped=tuple(_early_stopped(report)),
+        work_device_s=sum(report.spent(every_stage, figure) for figure in _WORK),
     )
+
+
+def _early_stopped(report: StudyReport) -> Iterable[EarlyStopped]:
+    """Per stage with pruned trials: their cost, and the same number of its completed trials'."""
+    for stage in report.stages:
+        rows = [row for row in report.trials if row.stage == stage]
+        pruned = [_work(row) for row in rows if row.state == "PRUNED"]
+        if not pruned:
+            continue
+        complete = [_work(row) for row in rows if row.state == "COMPLETE"]
+        mean = sum(complete) / len(complete) if complete else None
+        yield EarlyStopped(
+            stage=stage,
+            trials=report.finished(stage),
+            pruned=len(pruned),
+            pruned_device_s=sum(pruned),
+            full_device_s=None if mean is None else mean * len(pruned),
+        )
+
+
+def _work(row: TrialRecord) -> float:
+    return sum(float(row.metrics.get(figure, 0.0)) for figure in _WORK)
 
 
 def _search_stages(report: StudyReport, method: str) -> dict[str, int]:

@@ -58,6 +58,9 @@ _SORT_KEYS = (
     *COST_METRICS,
 )
 
+# Trial states that came to an end: a pruned trial was stopped on purpose and is not run again.
+_FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+
 
 @dataclass(frozen=True)
 class StudyReport:
@@ -104,10 +107,8 @@ class StudyReport:
         return {str(Path(row.checkpoint)): row for row in self.trials if row.checkpoint}
 
     def finished(self, stage: str) -> int:
-        """Trials of ``stage`` that ran to an end (complete or failed)."""
-        return sum(
-            1 for row in self.trials if row.stage == stage and row.state in ("COMPLETE", "FAIL")
-        )
+        """Trials of ``stage`` that came to an end: complete, stopped early (pruned) or failed."""
+        return sum(1 for row in self.trials if row.stage == stage and row.state in _FINISHED)
 
     def spent(self, stages: Iterable[str], cost: str) -> float:
         """A cost figure summed over every trial of ``stages``, each trial's own part only: a

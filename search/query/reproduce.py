@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from search.store import QUALITY_METRICS, TrialRecord
+from search.store import QUALITY_METRICS, TrialRecord, rung_text
 from trainers import ConfigError, TrialConfig, method_phases
 
 __all__ = ["Reproduction", "reproduce_trial", "stored_config"]
@@ -52,6 +52,8 @@ def stored_config(trial: TrialRecord, *, data_path: str | None = None) -> TrialC
     record = trial.attributes().get("record")  # as stored
     if record is None:
         reason = f" (it failed: {trial.fail_reason})" if trial.fail_reason else ""
+        if trial.pruned_at is not None:
+            reason = f" (early stopping stopped it at {rung_text(trial.pruned_at)})"
         raise ConfigError(
             f"trial {trial.id} has no stored record{reason}; reproduce a completed trial (`ragsweep trials --state complete`)"
         )

@@ -17,6 +17,7 @@ While a launch runs, its stage studies also carry ``ragsweep.launch`` (``search.
 
 from search.metrics import COST_METRICS, HEADLINE_METRICS, METRIC_NAMES, QUALITY_METRICS
 from search.store._database import StoredStudy, StudyDatabase, open_database
+from search.store._outcome import TrialOutcome, rung_text
 from search.store._studies import (
     GROUP_ATTR,
     SPEC_ATTR,
@@ -32,7 +33,6 @@ from search.store._studies import (
     stage_study_name,
 )
 from search.store._trials import (
-    TrialOutcome,
     TrialRecord,
     best_trial,
     fail_running_trials,
@@ -57,6 +57,7 @@ __all__ = [
     "TrialOutcome",
     "TrialRecord",
     "best_trial",
+    "rung_text",
     "check_spec_matches",
     "database_exists",
     "existing_stage_study",

@@ -1,51 +1,20 @@
 """What a trial stores: the record type, its one writer and one reader, and the one rule that
-picks the best trial."""
+picks the best trial. What a trial reports is :class:`search.store._outcome.TrialOutcome`."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from search.store._outcome import TRIAL_ATTRS, TrialOutcome
 from search.store._studies import GROUP_ATTR, STAGE_ATTR
 
 if TYPE_CHECKING:
     import optuna
-
-
-@dataclass(frozen=True)
-class TrialOutcome:
-    """What a trial reports, stored as its user attributes by :func:`record_trial` (a field left
-    None is not stored): a finished trial's figures, record and checkpoint, or why it failed.
-    The fields, in the order they are written, are the attribute keys; :class:`TrialRecord` has a
-    field of each name but ``stage`` (the stage study the trial is in stands for it)."""
-
-    metrics: Mapping[str, float] | None = None
-    method: str | None = None
-    stage: str | None = None
-    record: Mapping[str, Any] | None = None  # resolved config, seed, data fingerprint, versions
-    checkpoint: str | None = None
-    fail_reason: str | None = None
-    retryable: bool | None = None  # with a failure: whether a relaunch runs the trial again
-    node: str | None = None
-
-    def to_json(self) -> str:
-        """The outcome as JSON text, as a trial worker sends it to the launch."""
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> TrialOutcome:
-        return cls(**json.loads(text))
-
-    def failed(self, reason: str, *, retryable: bool) -> TrialOutcome:
-        """This outcome as a failure for ``reason``."""
-        return replace(self, fail_reason=reason, retryable=retryable)
-
-
-_TRIAL_ATTRS = tuple(f.name for f in fields(TrialOutcome))
 
 
 @dataclass(frozen=True)
@@ -84,6 +53,7 @@ class TrialRecord:
     fail_reason: str | None
     retryable: bool | None  # with a failure: whether a relaunch runs the trial again
     node: str | None  # the Ray node that ran it
+    pruned_at: Mapping[str, Any] | None  # a PRUNED trial's rung: rung, phase, step, steps, value
     other_attrs: Mapping[str, Any]  # user attributes ragsweep does not write, as stored
     # The record as stored (any JSON value), or its JSON text until first read (kilobytes; few
     # queries need it).
@@ -174,6 +144,7 @@ class TrialRecord:
             "fail_reason": self.fail_reason,
             "retryable": self.retryable,
             "node": self.node,
+            "pruned_at": self.pruned_at,
         }
         stored = {k: v for k, v in declared.items() if v is not None} | dict(self.other_attrs)
         # By name, as Optuna reads them from SQLite (its index on trial and name), on every backend.
@@ -194,7 +165,7 @@ class TrialRecord:
 
 def trial_attrs(outcome: TrialOutcome) -> dict[str, Any]:
     """The user attributes stored for what a trial reported (fields without a value left out)."""
-    return {key: getattr(outcome, key) for key in _TRIAL_ATTRS if getattr(outcome, key) is not None}
+    return {key: getattr(outcome, key) for key in TRIAL_ATTRS if getattr(outcome, key) is not None}
 
 
 def record_trial(trial: optuna.Trial, outcome: TrialOutcome) -> None:
@@ -241,7 +212,8 @@ def best_trial(
 
 
 def finished_params(study: optuna.Study) -> list[dict[str, Any]]:
-    """Parameters of trials that need no re-run: completed ones, and failures that would recur.
+    """Parameters of trials that need no re-run: completed ones, pruned ones (their stage's
+    others decided them), and failures that would recur.
 
     A trial that failed by itself (diverged, bad config) fails again the same way, so a relaunch
     skips it; one whose worker died or whose driver was killed is ``retryable`` and runs again.
@@ -249,7 +221,7 @@ def finished_params(study: optuna.Study) -> list[dict[str, Any]]:
     return [
         dict(trial.params)
         for trial in read_trials(study)
-        if trial.state == "COMPLETE" or (trial.state == "FAIL" and not trial.retryable)
+        if trial.state in ("COMPLETE", "PRUNED") or (trial.state == "FAIL" and not trial.retryable)
     ]
 
 
@@ -303,7 +275,7 @@ def record_of(
                 value = json_value(text)
                 if value is not UNREADABLE:
                     stored[key] = value
-                elif key not in _TRIAL_ATTRS:
+                elif key not in TRIAL_ATTRS:
                     stored[key] = text
         record = attrs.get("record")
         stored_record: object = StoredJson(record) if isinstance(record, str) else None
@@ -322,7 +294,8 @@ def record_of(
         fail_reason=_text(stored.get("fail_reason")),
         retryable=_flag(stored.get("retryable")),
         node=_text(stored.get("node")),
-        other_attrs={key: value for key, value in stored.items() if key not in _TRIAL_ATTRS},
+        pruned_at=_mapping(stored.get("pruned_at")),
+        other_attrs={key: value for key, value in stored.items() if key not in TRIAL_ATTRS},
         _record=stored_record,
     )
 
@@ -368,6 +341,10 @@ def _number(value: object) -> float | None:
     except OverflowError:  # an integer too large for a float
         return None
     return rate if rate - rate == 0.0 else None
+
+
+def _mapping(value: object) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
 
 
 def _names(value: object) -> list[str]:

@@ -163,6 +163,25 @@ SPEC_MISTAKES = {
         ["search.lr_embedder_range", "low < high"],
     ),
     "unknown_sampler": (GOOD | {"search": {"sampler": "bayes"}}, ["search.sampler", "'grid'"]),
+    "early_stopping_with_two_objectives": (
+        GOOD
+        | {
+            "search": {"early_stopping": True},
+            "objectives": [
+                {"metric": "f1", "direction": "maximize"},
+                {"metric": "train_flops", "direction": "minimize"},
+            ],
+        },
+        ["search.early_stopping needs one objective", "turn early stopping off"],
+    ),
+    "early_stopping_rung_past_the_end": (
+        GOOD | {"search": {"early_stopping": {"rungs": [0.5, 1.0]}}},
+        ["search.early_stopping.rungs", "between 0 and 1"],
+    ),
+    "early_stopping_unknown_field": (
+        GOOD | {"search": {"early_stopping": {"patience": 2}}},
+        ["unknown field 'search.early_stopping.patience'"],
+    ),
     "zero_trial_budget": (
         GOOD | {"search": {"sampler": "random", "n_trials": 0}},
         ["search.n_trials", "greater than 0"],

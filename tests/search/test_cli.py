@@ -125,7 +125,7 @@ def test_set_changes_any_spec_field(cache_dir):
         cache_dir=cache_dir,
     )
     assert result.returncode == 0, result.stderr
-    assert "total: 9 trials" in result.stdout  # the joint method's own 3 x 3 grid
+    assert "total: 15 trials" in result.stdout  # the joint method's own 3 x 5 grid
 
 
 @pytest.mark.parametrize(

@@ -460,3 +460,84 @@ def test_planning_a_gpu_spec_loads_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _stopping(**early_stopping: object) -> StudySpec:
+    """The paper's spec with early stopping: ``early_stopping`` are its fields (defaults else)."""
+    return _paper(search__early_stopping=early_stopping or True)
+
+
+def test_early_stopping_forecast_follows_successive_halving_at_each_rung():
+    # Generating as many tokens as an answer holds makes a signal's forward pass per question cost
+    # what evaluation costs per question: the pieces of a trial all come from plain forecasts.
+    same = {"training__max_new_tokens": 24, "training__max_answer_tokens": 24}
+    plain = make_plan(_paper(**same))
+    n = plain.stage("ft_gen").n_trials  # 9, one trained phase (RAG-Token generator)
+    # The `none` stage only loads and evaluates; doubling n_validation doubles its evaluation.
+    none_s = plain.stage("none").trial_forecast_s
+    double = make_plan(_paper(data__n_validation=2000, **same)).stage("none").trial_forecast_s
+    assert none_s and double and plain.stage("ft_gen").trial_forecast_s
+    loading = 2 * none_s - double
+    evaluation = none_s - loading
+    training = plain.stage("ft_gen").trial_forecast_s - none_s
+    signal = evaluation * 16 / 1000  # 16 of the 1000 validation questions
+
+    def stage_s(factor: int) -> float:
+        stopping = {"questions": 16, "reduction_factor": factor}
+        spec = _paper(search__early_stopping=stopping, **same)
+        per_trial = make_plan(spec).stage("ft_gen").early_stopping_trial_s
+        assert per_trial is not None
+        return n * per_trial
+
+    # Factor 2, rungs at 1/4 and 1/2: 4.5 trials stop at rung 1 (a quarter of training, one
+    # signal), 2.25 at rung 2 (half, two signals), 2.25 run to the end and take both signals:
+    # 13.5 signals, 4.5 trainings, 2.25 evaluations.
+    halving = 9 * loading + 4.5 * training + 2.25 * evaluation + 13.5 * signal
+    assert stage_s(2) == pytest.approx(halving, rel=1e-9)
+    # Factor 3: 6 stop at rung 1, 2 at rung 2 (9/9 = 1 goes on): 12 signals, 3.5 trainings, 1 eval.
+    thirds = 9 * loading + 3.5 * training + 1 * evaluation + 12 * signal
+    assert stage_s(3) == pytest.approx(thirds, rel=1e-9)
+    assert stage_s(2) < 0.6 * n * plain.stage("ft_gen").trial_forecast_s
+
+
+def test_early_stopping_leaves_stages_of_one_trial_or_no_training_alone():
+    spec = _stopping()
+    plan, plain = make_plan(spec), make_plan(_paper())
+    for name in ("none", "independent", "rag_token"):  # evaluation only, loads only, one trial
+        stage = plan.stage(name)
+        assert stage.early_stopping_forecast_s == pytest.approx(plain.stage(name).forecast_s)
+    for name in ("ft_embed", "ft_gen", "two_phase"):
+        stage = plan.stage(name)
+        assert stage.early_stopping_forecast_s and stage.forecast_s
+        assert stage.early_stopping_forecast_s < stage.forecast_s
+        # The same waves as without: the stage's trials over min(concurrency, trials) slots.
+        waves = stage.n_trials / min(spec.concurrency, stage.n_trials)
+        assert stage.early_stopping_forecast_s == pytest.approx(
+            waves * stage.early_stopping_trial_s
+        )
+    assert plan.forecast_s == pytest.approx(plain.forecast_s)  # the full grid is unchanged
+    assert plan.early_stopping_forecast_s and plan.forecast_s
+    assert plan.early_stopping_forecast_s < plan.forecast_s
+    assert plain.early_stopping_forecast_s is None
+    assert all(stage.early_stopping_forecast_s is None for stage in plain.stages)
+
+
+def test_plan_shows_the_forecast_with_early_stopping_beside_the_full_grid_only_when_on():
+    spec = _stopping(questions=32, reduction_factor=3)
+    plan = make_plan(spec)
+    text = _text(plan, spec)
+    assert "with early stopping" in text
+    ft_gen = next(line for line in text.splitlines() if line.lstrip("│ ").startswith("ft_gen "))
+    forecasts = [plan.stage("ft_gen").forecast_s, plan.stage("ft_gen").early_stopping_forecast_s]
+    assert all(_duration_text(seconds) in ft_gen for seconds in forecasts)
+    assert f"with early stopping {_duration_text(plan.early_stopping_forecast_s)}" in text
+    flat = " ".join(text.split())
+    assert "max(1, n / 3^j) go on past rung j" in flat and "32 validation prompts" in flat
+    assert "the first trial to reach a rung always goes on" in flat
+    assert "early stopping" not in _text(make_plan(_paper()), _paper())
+
+
+def _duration_text(seconds: float | None) -> str:
+    from search.plan_table import _duration
+
+    return _duration(seconds)

@@ -164,6 +164,7 @@ def _trial(number: int, state: str = "COMPLETE", **metrics: float) -> TrialRecor
         fail_reason=None,
         retryable=None,
         node=None,
+        pruned_at={"rung": 1} if state == "PRUNED" else None,
         other_attrs={},
         _record=None,
     )
@@ -173,6 +174,7 @@ def test_best_trial_is_the_highest_completed_and_the_earliest_of_equals():
     trials = [
         _trial(0, f1=0.5),
         _trial(1, "FAIL", f1=0.9),
+        _trial(5, "PRUNED", f1=0.95),  # stopped early: never best, whatever it holds
         _trial(2, f1=0.7),
         _trial(3, f1=0.7),
         _trial(4, em=1.0),
@@ -191,7 +193,16 @@ def test_relaunch_skips_completed_and_recurring_failures_only(tmp_path):
     dead = study.ask({"lr_embedder": _RATE})
     record_trial(dead, TrialOutcome(fail_reason="worker died", retryable=True))
     study.tell(dead, state=optuna.trial.TrialState.FAIL)
-    assert finished_params(study) == [{"lr_embedder": 1e-3}, {"lr_embedder": 1e-4}]
+    study.enqueue_trial({"lr_embedder": 1e-5})
+    stopped = study.ask({"lr_embedder": _RATE})
+    record_trial(stopped, TrialOutcome(pruned_at={"rung": 1, "answer_logprob": -3.0}))
+    study.tell(stopped, state=optuna.trial.TrialState.PRUNED)
+    # A trial early stopping stopped is finished: a relaunch does not run it again.
+    assert finished_params(study) == [
+        {"lr_embedder": 1e-3},
+        {"lr_embedder": 1e-4},
+        {"lr_embedder": 1e-5},
+    ]
 
 
 def _open_fresh(url: str) -> str:

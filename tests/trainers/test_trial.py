@@ -14,6 +14,7 @@ from trainers.config import DataConfig
 from trainers.data import load_data
 from trainers.errors import ConfigError
 from trainers.methods import method_phases
+from trainers.rungs import Rung, Rungs
 from trainers.trial import TrialResult, run_trial
 
 # One worker runs this module under xdist: its tests share the trials ``default_trial`` ran.
@@ -191,3 +192,40 @@ def test_the_record_counts_labelled_questions_for_a_fully_labelled_set(default_t
     record = default_trial("ft_embed").record
     assert record["has_context_labels"] is True
     assert record["labelled_train_questions"] == len(load_data(TINY_DATA).train)
+
+
+@pytest.mark.parametrize("method", ["ft_gen", "two_phase", "rag_token"])
+def test_rungs_report_part_way_and_change_nothing(method, default_trial, cache_dir):
+    """A trial with rungs reports a signal at a quarter and half of each phase it trains, with
+    its cost so far, and ends with the same quality and losses as the same trial without."""
+    plain = default_trial(method)
+    heard: list[Rung] = []
+    with_rungs = run_trial(
+        tiny_config(method), cache_dir=cache_dir, rungs=Rungs((0.25, 0.5), 4, heard.append)
+    )
+    for name in ("em", "f1", "recall_at_k"):
+        assert with_rungs.metrics[name] == plain.metrics[name]
+    assert with_rungs.predictions == plain.predictions
+    assert with_rungs.record["final_losses"] == plain.record["final_losses"]
+    trained = method_phases(method, TINY_TRAINING)  # two_phase trains two here
+    # 4 steps per phase: rungs after steps 1 and 2 of each trained phase, numbered in turn.
+    assert [(r.number, r.phase, r.step, r.steps) for r in heard] == [
+        (2 * i + n, phase.name, n, 4) for i, phase in enumerate(trained) for n in (1, 2)
+    ]
+    assert all(math.isfinite(r.answer_logprob) and r.answer_logprob < 0 for r in heard)
+    assert heard[0].metrics["train_device_s"] > 0
+    assert heard[1].metrics["train_flops"] > heard[0].metrics["train_flops"]
+    assert with_rungs.record["rungs"] == [r.summary() for r in heard]
+    assert "rungs" not in plain.record
+
+
+def test_a_rung_report_that_raises_stops_the_trial(cache_dir):
+    def stop(rung: Rung) -> None:
+        raise _Stopped(rung.number)
+
+    with pytest.raises(_Stopped):
+        run_trial(tiny_config("ft_gen"), cache_dir=cache_dir, rungs=Rungs((0.5,), 4, stop))
+
+
+class _Stopped(Exception):
+    pass

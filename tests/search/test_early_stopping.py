@@ -1,0 +1,174 @@
+"""Early stopping end to end on the tiny models: trials report a signal at rungs, the stage's
+pruner stops those that trail, and a stopped trial is stored PRUNED with its rung and its real
+cost, is never a stage's best (nor what later stages build on), and is never run again.
+The pruning rule on its own, on a real Optuna study."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from search.launch._pruning import RungPruner
+from search.launch.dispatch import launch
+from search.spec import StudySpec, load_spec
+from search.store import open_storage, read_trials
+from tests.search.test_cli import assert_one_line_error, ragsweep
+from tests.tiny import TINY_SPEC
+
+# The first rate trains; the others cannot move the model (1e-30), so at the first rung each
+# trails the first trial's signal and is stopped. Listed best first: the grid runs in this order.
+RATES = [3e-3, 1e-30, 2e-30, 3e-30]
+
+
+@pytest.fixture(scope="module")
+def pruned_study(tmp_path_factory, cache_dir):
+    folder = tmp_path_factory.mktemp("early-stopping")
+    fields = {
+        "name": "early",
+        "methods": ["ft_gen", "two_phase"],
+        # ft_gen is then two_phase's phase 1: two_phase builds on ft_gen's best trial.
+        "training": TINY_SPEC["training"] | {"ft_gen_objective": "rag_token"},
+        "search": {
+            "lr_generator": RATES,
+            "lr_embedder": [1e-3],
+            "early_stopping": True,
+        },
+        "concurrency": 1,  # one at a time: each trial meets the others' signals at its rungs
+    }
+    spec = _spec(folder, fields)
+    url = f"sqlite:///{folder / 'studies.db'}"
+    summary = launch(spec, storage_url=url, runs_dir=folder / "runs", cache_dir=cache_dir)
+    return spec, url, folder, summary
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("early_stopping")
+def test_trailing_trials_are_stored_pruned_with_their_rung_and_cost(pruned_study):
+    spec, url, _, summary = pruned_study
+    assert summary.failed == {"ft_gen": 0, "two_phase": 0}
+    trials = read_trials(optuna.load_study(study_name="early/ft_gen", storage=open_storage(url)))
+    states = {trial.lr_generator: trial.state for trial in trials}
+    assert states == {3e-3: "COMPLETE", 1e-30: "PRUNED", 2e-30: "PRUNED", 3e-30: "PRUNED"}
+    # The second and third trail the first at the first rung (a quarter of the 4 steps of their
+    # phase): while fewer than 4 have reported, only the best goes on. The fourth ties with the
+    # pruned two, so it is in the best half of four there, and trails the first at the second.
+    stopped_at = {t.lr_generator: t.pruned_at for t in trials if t.state == "PRUNED"}
+    assert {rate: (at["rung"], at["step"]) for rate, at in stopped_at.items()} == {
+        1e-30: (1, 1),
+        2e-30: (1, 1),
+        3e-30: (2, 2),
+    }
+    for trial in trials:
+        if trial.state != "PRUNED":
+            continue
+        assert trial.pruned_at["steps"] == 4 and trial.pruned_at["phase"] == "generator"
+        # Its real cost up to there, and no quality figure (it was never evaluated).
+        assert trial.metrics["train_device_s"] > 0 and trial.metrics["train_flops"] > 0
+        assert "f1" not in trial.metrics and "eval.device_s" not in trial.metrics
+        assert trial.checkpoint is None
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("early_stopping")
+def test_rung_values_are_optunas_intermediate_values(pruned_study):
+    _, url, _, _ = pruned_study
+    study = optuna.load_study(study_name="early/ft_gen", storage=open_storage(url))
+    by_rate = {trial.params["lr_generator"]: trial for trial in study.get_trials()}
+    complete = by_rate[3e-3]
+    assert sorted(complete.intermediate_values) == [1, 2]  # steps 1 and 2 of 4
+    untrained = by_rate[1e-30].intermediate_values[1]
+    assert complete.intermediate_values[1] > untrained
+    # The rates that cannot train all score the untrained pipeline at their rung.
+    assert by_rate[2e-30].intermediate_values[1] == pytest.approx(untrained, abs=1e-6)
+    rungs = complete.user_attrs["record"]["rungs"]
+    assert [(rung["rung"], rung["step"]) for rung in rungs] == [(1, 1), (2, 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("early_stopping")
+def test_later_stages_build_on_the_completed_trial_and_a_relaunch_runs_nothing(
+    pruned_study, cache_dir
+):
+    spec, url, folder, _ = pruned_study
+    two_phase = read_trials(
+        optuna.load_study(study_name="early/two_phase", storage=open_storage(url))
+    )
+    assert [trial.state for trial in two_phase] == ["COMPLETE"]
+    assert two_phase[0].lr_generator == 3e-3  # ft_gen's completed trial, not a pruned one
+    again = launch(spec, storage_url=url, runs_dir=folder / "runs", cache_dir=cache_dir)
+    assert sum(again.ran.values()) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("early_stopping")
+def test_trials_shows_where_pruned_trials_stopped(pruned_study, cache_dir):
+    _, url, _, _ = pruned_study
+    listed = ragsweep(
+        "trials",
+        "early",
+        "--storage",
+        url,
+        "--state",
+        "pruned",
+        "--format",
+        "json",
+        cache_dir=cache_dir,
+    )
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert len(rows) == 3 and {row["state"] for row in rows} == {"pruned"}
+    # Markdown: one row per line, whatever the terminal's width.
+    table = ragsweep(
+        "trials", "early", "--storage", url, "--format", "markdown", cache_dir=cache_dir
+    )
+    assert table.returncode == 0, table.stderr
+    assert sum("rung 1: generator step 1/4" in line for line in table.stdout.splitlines()) == 2
+    assert sum("rung 2: generator step 2/4" in line for line in table.stdout.splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("early_stopping")
+def test_reproduce_refuses_a_pruned_trial_in_one_line(pruned_study, cache_dir):
+    _, url, _, _ = pruned_study
+    trials = read_trials(optuna.load_study(study_name="early/ft_gen", storage=open_storage(url)))
+    pruned = next(trial for trial in trials if trial.state == "PRUNED")
+    result = ragsweep(
+        "reproduce", "early", "--trial", pruned.id, "--storage", url, cache_dir=cache_dir
+    )
+    assert_one_line_error(
+        result, "early stopping stopped it at rung", "reproduce a completed trial"
+    )
+
+
+def test_the_pruner_keeps_the_best_share_of_each_rung():
+    """Successive halving (reduction factor 2) at every reported rung, trials arriving in turn."""
+    study = optuna.create_study(direction="maximize", pruner=RungPruner(2))
+    decisions = []
+    for value in [0.5, 0.9, 0.1, 0.7, 0.8]:
+        trial = study.ask()
+        trial.report(value, step=1)
+        decisions.append(trial.should_prune())
+        if decisions[-1]:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, value)
+    # 0.5 alone goes on; 0.9 is the best of two; 0.1 is not the best of three (while fewer than
+    # 4 have reported, only the best goes on); 0.7 is in the best 2 of 4; 0.8 in the best 2 of 5.
+    assert decisions == [False, False, True, False, False]
+
+
+def test_the_pruner_stops_a_signal_that_is_not_a_number():
+    study = optuna.create_study(direction="maximize", pruner=RungPruner(2))
+    trial = study.ask()
+    trial.report(float("nan"), step=1)
+    assert trial.should_prune()
+
+
+def _spec(folder: Path, fields: dict) -> StudySpec:
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(TINY_SPEC | fields))
+    return load_spec(path)
