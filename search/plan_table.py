@@ -153,7 +153,8 @@ def _early_stopping_note(early_stopping: EarlyStopping) -> str:
         f"{early_stopping.questions} validation prompts each), no evaluation; the rest run to "
         "the end and pay every signal; stages of one trial or that train nothing stop none. The "
         "order trials run in decides how many stop (the first trial to reach a rung always goes "
-        "on), so a launch stops about as many, more or fewer"
+        "on; a grid runs from its largest rates down), so a launch stops about as many, more or "
+        "fewer"
     )
 
 

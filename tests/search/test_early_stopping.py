@@ -19,9 +19,9 @@ from search.store import open_storage, read_trials
 from tests.search.test_cli import assert_one_line_error, ragsweep
 from tests.tiny import TINY_SPEC
 
-# The first rate trains; the others cannot move the model (1e-30), so at the first rung each
-# trails the first trial's signal and is stopped. Listed best first: the grid runs in this order.
-RATES = [3e-3, 1e-30, 2e-30, 3e-30]
+# 3e-3 trains; the others cannot move the model, so at the first rung each trails 3e-3's signal.
+# Listed rising: with early stopping a stage runs its grid from the largest rate down.
+RATES = [1e-30, 2e-30, 3e-30, 3e-3]
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +53,18 @@ def test_trailing_trials_are_stored_pruned_with_their_rung_and_cost(pruned_study
     trials = read_trials(optuna.load_study(study_name="early/ft_gen", storage=open_storage(url)))
     states = {trial.lr_generator: trial.state for trial in trials}
     assert states == {3e-3: "COMPLETE", 1e-30: "PRUNED", 2e-30: "PRUNED", 3e-30: "PRUNED"}
-    # The second and third trail the first at the first rung (a quarter of the 4 steps of their
-    # phase): while fewer than 4 have reported, only the best goes on. The fourth ties with the
-    # pruned two, so it is in the best half of four there, and trails the first at the second.
+    # Run from 3e-3 down: 3e-30 and 2e-30 trail 3e-3 at the first rung (a quarter of the 4 steps
+    # of their phase; while fewer than 4 have reported, only the best goes on). 1e-30 ties with
+    # the two stopped there, so it is in the best half of four, and trails 3e-3 at the second.
     stopped_at = {t.lr_generator: t.pruned_at for t in trials if t.state == "PRUNED"}
     assert {rate: (at["rung"], at["step"]) for rate, at in stopped_at.items()} == {
-        1e-30: (1, 1),
+        3e-30: (1, 1),
         2e-30: (1, 1),
-        3e-30: (2, 2),
+        1e-30: (2, 2),
     }
+    assert [t.lr_generator for t in sorted(trials, key=lambda t: t.number)] == sorted(
+        RATES, reverse=True
+    )
     for trial in trials:
         if trial.state != "PRUNED":
             continue
@@ -82,6 +85,7 @@ def test_rung_values_are_optunas_intermediate_values(pruned_study):
     assert sorted(complete.intermediate_values) == [1, 2]  # steps 1 and 2 of 4
     untrained = by_rate[1e-30].intermediate_values[1]
     assert complete.intermediate_values[1] > untrained
+    assert sorted(by_rate[1e-30].intermediate_values) == [1, 2]  # stopped at the second
     # The rates that cannot train all score the untrained pipeline at their rung.
     assert by_rate[2e-30].intermediate_values[1] == pytest.approx(untrained, abs=1e-6)
     rungs = complete.user_attrs["record"]["rungs"]
