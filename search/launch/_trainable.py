@@ -115,7 +115,8 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
             trial,
             cache_dir=Path(job["cache_dir"]),
             out_dir=out_dir,
-            rungs=_rungs(spec, outcome),
+            # Stopped at a rung, the trial is stored with its config (its rates, fixed ones too).
+            rungs=_rungs(spec, replace(outcome, record={"config": trial.model_dump(mode="json")})),
         )
         outcome = replace(
             outcome,

@@ -49,11 +49,14 @@ def stored_config(trial: TrialRecord, *, data_path: str | None = None) -> TrialC
     given). A record that cannot re-run it (none stored, not a JSON object, without a config or a
     data fingerprint, or a config this version does not read) is refused in one line naming the
     trial, before anything loads."""
+    if trial.pruned_at is not None:
+        raise ConfigError(
+            f"trial {trial.id} was stopped early ({rung_text(trial.pruned_at)}) and has no "
+            "quality figures to compare; reproduce a completed trial (`ragsweep trials --state complete`)"
+        )
     record = trial.attributes().get("record")  # as stored
     if record is None:
         reason = f" (it failed: {trial.fail_reason})" if trial.fail_reason else ""
-        if trial.pruned_at is not None:
-            reason = f" (early stopping stopped it at {rung_text(trial.pruned_at)})"
         raise ConfigError(
             f"trial {trial.id} has no stored record{reason}; reproduce a completed trial (`ragsweep trials --state complete`)"
         )
