@@ -24,6 +24,9 @@ def start_ray(address: str | None, log_to_driver: bool) -> None:
     # Tune's own Ctrl-C handler ends the stage's run as if it were done, and the launch would go
     # on to the next stage; without it, Ctrl-C stops the whole launch.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # A trial early stopping stopped frees its memory and folder as its worker is handed the next
+    # trial; Tune gives that 2 s by default, then aborts the next trial (local workers inherit it).
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     if ray.is_initialized():
         return
     try:

@@ -30,10 +30,17 @@ __all__ = ["RUNG_KEY", "RungPruner", "RungStops", "stage_pruner"]
 RUNG_KEY = "ragsweep_rung"
 
 
+_COMPARED = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+    optuna.trial.TrialState.RUNNING,
+)
+
+
 class RungPruner(optuna.pruners.BasePruner):
     """Asynchronous successive halving at every rung a trial reports: it goes on from a rung only
     if its value there is among the best ``1 / reduction_factor`` of the values its study's trials
-    reported at that rung so far, itself included (while fewer than ``reduction_factor`` have,
+    (complete, pruned or running) reported at that rung so far, itself included (while fewer than ``reduction_factor`` have,
     only if it is the best), as Optuna's SuccessiveHalvingPruner decides at its rungs.
 
     Optuna's own pruner places rungs where the step doubles (1, 2, 4, ... with a reduction factor
@@ -49,9 +56,10 @@ class RungPruner(optuna.pruners.BasePruner):
         value = trial.intermediate_values[rung]
         if not math.isfinite(value):
             return True
+        # A trial that failed after the rung is no standard: beside it every other could stop.
         others = [
             other.intermediate_values[rung]
-            for other in study.get_trials(deepcopy=False)
+            for other in study.get_trials(deepcopy=False, states=_COMPARED)
             if other.number != trial.number and rung in other.intermediate_values
         ]
         maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE

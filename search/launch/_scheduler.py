@@ -108,6 +108,7 @@ class StagedSearch(Searcher):
         self.started: dict[str, int] = {}  # stage -> trials this launch runs in it
         self.blocked: dict[str, str] = {}  # stage -> why it does not run
         self.failed = {name: 0 for name in points}  # stage -> trials that ended failed
+        self.pruned = {name: 0 for name in points}  # stage -> trials early stopping stopped
         self._done: set[str] = set()
         url = str(getattr(storage, "url", ""))
         self._database = DatabaseWait(url, self.database_wait_s, self._database_changed)
@@ -266,6 +267,7 @@ class StagedSearch(Searcher):
         failed when ``objective`` is None."""
         failed = objective is None and pruned_at is None
         self.failed[name] += failed
+        self.pruned[name] += pruned_at is not None
         stage = self._plan.stage(name)
         self._notify(
             StageEvent("trial_end", stage, failed=failed, objective=objective, pruned_at=pruned_at)

@@ -65,7 +65,7 @@ def best_to_build_on(study: optuna.Study, stage_name: str, spec: StudySpec) -> T
     found = _best_of(study, spec)
     if found is None:
         raise ConfigError(
-            f"stage '{stage_name}' has no completed trial to build on (all failed); see `ragsweep trials` "
+            f"stage '{stage_name}' has no completed trial to build on (all failed or stopped early); see `ragsweep trials` "
             "for the reasons, fix them and launch again"
         )
     return found

@@ -48,6 +48,8 @@ def make_trainable(spec: StudySpec, plan: Plan, runs_dir: Path, cache_dir: Path)
             "out_dir": str(runs_dir / stage_study_name(spec, stage.name))
             if any(stage.name in later.reuse_from.values() for later in plan.stages)
             else None,
+            # A stage of one trial has none to stop it against: its signals would cost for nothing.
+            "rungs": spec.search.early_stopping is not None and stage.n_trials > 1,
         }
         for stage in plan.stages
     }
@@ -116,7 +118,9 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
             cache_dir=Path(job["cache_dir"]),
             out_dir=out_dir,
             # Stopped at a rung, the trial is stored with its config (its rates, fixed ones too).
-            rungs=_rungs(spec, replace(outcome, record={"config": trial.model_dump(mode="json")})),
+            rungs=_rungs(spec, replace(outcome, record={"config": trial.model_dump(mode="json")}))
+            if stage["rungs"]
+            else None,
         )
         outcome = replace(
             outcome,
@@ -124,9 +128,11 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
             record=result.record,
             checkpoint=str(out_dir) if out_dir else None,
         )
-    except SystemExit:
-        # Tune stopped the trial at a rung (the report raises this in a trial it stops); the
-        # launch stores it pruned. Its models are no use to anyone.
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise  # not Tune's stop
+        # Tune stopped the trial at a rung (the report raises SystemExit(0) in a trial it stops);
+        # the launch stores it pruned. Its models are no use to anyone.
         stopped = True
     except Exception as e:  # the trial's failure, stored with its reason; the study goes on
         if _no_space(e):

@@ -191,8 +191,11 @@ def launch(
         sum(summary.failed.values()),
         sum(summary.skipped.values()),
     )
+    pruned = sum(summary.pruned.values())
+    stopped = f", {pruned} stopped early" if pruned else ""
     console.print(
-        f"ran {ran} trials ({failed} failed), {skipped} already complete, in {summary.wall_s / 60:.1f} min"
+        f"ran {ran} trials ({failed} failed{stopped}), {skipped} already complete, in "
+        f"{summary.wall_s / 60:.1f} min"
     )
     abandoned = sum(summary.abandoned.values())
     if abandoned:

@@ -68,6 +68,7 @@ class LaunchSummary:
     ran: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
+    pruned: dict[str, int] = field(default_factory=dict)  # stopped early by early stopping
     abandoned: dict[str, int] = field(default_factory=dict)
     blocked: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -176,6 +177,7 @@ def _run_claimed(
             _run_tuner(spec, trainable, search, starts, studies, max_retries, runs_dir)
         summary.ran = dict(search.started)
         summary.failed = {name: search.failed[name] for name in search.started}
+        summary.pruned = {name: search.pruned[name] for name in search.started}
         summary.blocked = dict(search.blocked)
         for name in search.unfinished():
             summary.blocked[name] = "the launch stopped before the stage finished; launch again"

@@ -75,7 +75,12 @@ COMPARE_COLUMNS = (
 )
 # Columns a table shows, after the one named, only when some record has a value for them: what
 # early stopping adds, absent from studies that ran without it.
-_OPTIONAL_COLUMNS = {"pruned": "failed", "pruned_at": "state", "saved_device_s": "search_device_s"}
+_OPTIONAL_COLUMNS = {
+    "pruned": "failed",
+    "pruned_at": "state",
+    "pruned_trials": "search_stages",
+    "saved_device_s": "search_device_s",
+}
 
 
 def studies_records(summaries: Sequence[StudySummary]) -> list[dict[str, Any]]:

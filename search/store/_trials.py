@@ -212,16 +212,22 @@ def best_trial(
 
 
 def finished_params(study: optuna.Study) -> list[dict[str, Any]]:
-    """Parameters of trials that need no re-run: completed ones, pruned ones (their stage's
-    others decided them), and failures that would recur.
+    """Parameters of trials that need no re-run: completed ones, failures that would recur, and
+    trials early stopping stopped while the stage has a completed one to build on.
 
     A trial that failed by itself (diverged, bad config) fails again the same way, so a relaunch
-    skips it; one whose worker died or whose driver was killed is ``retryable`` and runs again.
+    skips it; one whose worker died or whose driver was killed is ``retryable`` and runs again. A
+    stage whose trials were all stopped or failed (the one that went on failed after its last
+    rung) runs its stopped points again rather than stay without a result.
     """
+    trials = read_trials(study)
+    finished = (
+        ["COMPLETE", "PRUNED"] if any(t.state == "COMPLETE" for t in trials) else ["COMPLETE"]
+    )
     return [
         dict(trial.params)
-        for trial in read_trials(study)
-        if trial.state in ("COMPLETE", "PRUNED") or (trial.state == "FAIL" and not trial.retryable)
+        for trial in trials
+        if trial.state in finished or (trial.state == "FAIL" and not trial.retryable)
     ]
 
 

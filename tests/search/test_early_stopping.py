@@ -50,6 +50,7 @@ def pruned_study(tmp_path_factory, cache_dir):
 def test_trailing_trials_are_stored_pruned_with_their_rung_and_cost(pruned_study):
     spec, url, _, summary = pruned_study
     assert summary.failed == {"ft_gen": 0, "two_phase": 0}
+    assert summary.pruned == {"ft_gen": 3, "two_phase": 0}
     trials = read_trials(optuna.load_study(study_name="early/ft_gen", storage=open_storage(url)))
     states = {trial.lr_generator: trial.state for trial in trials}
     assert states == {3e-3: "COMPLETE", 1e-30: "PRUNED", 2e-30: "PRUNED", 3e-30: "PRUNED"}
@@ -104,6 +105,8 @@ def test_later_stages_build_on_the_completed_trial_and_a_relaunch_runs_nothing(
     )
     assert [trial.state for trial in two_phase] == ["COMPLETE"]
     assert two_phase[0].lr_generator == 3e-3  # ft_gen's completed trial, not a pruned one
+    # A stage of one trial has nothing to stop it against: it takes no signals.
+    assert "rungs" not in two_phase[0].record
     again = launch(spec, storage_url=url, runs_dir=folder / "runs", cache_dir=cache_dir)
     assert sum(again.ran.values()) == 0
 
@@ -162,6 +165,17 @@ def test_the_pruner_keeps_the_best_share_of_each_rung():
     # 0.5 alone goes on; 0.9 is the best of two; 0.1 is not the best of three (while fewer than
     # 4 have reported, only the best goes on); 0.7 is in the best 2 of 4; 0.8 in the best 2 of 5.
     assert decisions == [False, False, True, False, False]
+
+
+def test_the_pruner_does_not_measure_against_a_trial_that_failed():
+    """A rate that looked best early and then diverged is no standard for the others."""
+    study = optuna.create_study(direction="maximize", pruner=RungPruner(2))
+    diverged = study.ask()
+    diverged.report(-2.0, step=1)
+    study.tell(diverged, state=optuna.trial.TrialState.FAIL)
+    trial = study.ask()
+    trial.report(-3.0, step=1)
+    assert not trial.should_prune()
 
 
 def test_the_pruner_stops_a_signal_that_is_not_a_number():

@@ -205,6 +205,31 @@ def test_relaunch_skips_completed_and_recurring_failures_only(tmp_path):
     ]
 
 
+def test_a_stage_with_only_stopped_trials_runs_them_again(tmp_path):
+    """Stopped trials are finished while the stage has a completed one to build on; without
+    one (the trial that went on failed after its last rung) a relaunch runs them again."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="only-stopped", storage=storage)
+    for rate, state in ((1e-3, "FAIL"), (1e-4, "PRUNED")):
+        study.enqueue_trial({"lr_embedder": rate})
+        trial = study.ask({"lr_embedder": _RATE})
+        if state == "FAIL":
+            record_trial(trial, TrialOutcome(fail_reason="diverged", retryable=False))
+        else:
+            record_trial(trial, TrialOutcome(pruned_at={"rung": 1, "answer_logprob": -3.0}))
+        study.tell(trial, state=optuna.trial.TrialState[state])
+    assert finished_params(study) == [{"lr_embedder": 1e-3}]  # the stopped point runs again
+    study.enqueue_trial({"lr_embedder": 1e-5})
+    done = study.ask({"lr_embedder": _RATE})
+    study.tell(done, 0.5)
+    assert finished_params(study) == [
+        {"lr_embedder": 1e-3},
+        {"lr_embedder": 1e-4},
+        {"lr_embedder": 1e-5},
+    ]
+
+
 def _open_fresh(url: str) -> str:
     open_storage(url)
     return "opened"
