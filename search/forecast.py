@@ -143,7 +143,7 @@ def early_stopping_seconds(stage: Stage, spec: StudySpec) -> float | None:
         return None
     n, throughput = stage.n_trials, _trial_throughput(spec)
     if n <= 1 or not flops.phases:
-        return _TRIAL_OVERHEAD_S + (sum(flops.phases) + flops.evaluation) / throughput
+        return trial_seconds(stage, spec)
     # Training FLOPs done at each rung: each fraction of each trained phase, in order.
     done = [
         sum(flops.phases[:index]) + fraction * phase

@@ -10,13 +10,13 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from trainers.cost import PhaseCost, forward_flops
-from trainers.data import QARecord
+from trainers.data import Document, QARecord
 from trainers.models import parameter_counts
 from trainers.pipeline import Pipeline
 
@@ -90,27 +90,16 @@ def evaluate_pipeline(
     pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseCost
 ) -> Evaluation:
     """Retrieve top-k with E, generate greedily from the concatenated prompt, and score."""
-    batch_size = pipeline.training.eval_batch_size
-    n_embedder, _ = parameter_counts(pipeline.embedder)
     n_generator, _ = parameter_counts(pipeline.generator.model)
     predictions: list[str] = []
     retrieved_ids: list[list[str]] = []
     with torch.no_grad():
-        for start in range(0, len(records), batch_size):
-            batch = records[start : start + batch_size]
-            retrieved = pipeline.retrieve([record.question for record in batch])
-            documents = retrieved.documents(pipeline.index)
-            prompts = [
-                pipeline.prompts.prompt(record.question, docs)
-                for record, docs in zip(batch, documents, strict=True)
-            ]
+        for _, documents, prompts in _prompted_batches(pipeline, records, cost):
             generations, generator_tokens = pipeline.generate(prompts)
             predictions += [answer_text(text) for text in generations]
             retrieved_ids += [[document.id for document in docs] for docs in documents]
-            cost.tokens += retrieved.question_tokens + generator_tokens
-            cost.flops += forward_flops(n_embedder, retrieved.question_tokens) + forward_flops(
-                n_generator, generator_tokens
-            )
+            cost.tokens += generator_tokens
+            cost.flops += forward_flops(n_generator, generator_tokens)
             cost.steps += 1
     return Evaluation(
         em=sum(exact_match(p, r.answers) for p, r in zip(predictions, records, strict=True))
@@ -130,33 +119,43 @@ def answer_logprob(pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseC
     Runs both models in eval mode and puts back the modes they had, so that training goes on
     exactly as it would have without the call (dropout draws nothing in eval mode)."""
     modes = [(model, model.training) for model in (pipeline.embedder, pipeline.generator.model)]
-    n_embedder, _ = parameter_counts(pipeline.embedder)
     n_generator, _ = parameter_counts(pipeline.generator.model)
-    batch_size = pipeline.training.eval_batch_size
     per_question: list[torch.Tensor] = []
     try:
         for model, _ in modes:
             model.eval()
         with torch.no_grad():
-            for start in range(0, len(records), batch_size):
-                batch = records[start : start + batch_size]
-                retrieved = pipeline.retrieve([record.question for record in batch])
-                prompts = [
-                    pipeline.prompts.prompt(record.question, docs)
-                    for record, docs in zip(batch, retrieved.documents(pipeline.index), strict=True)
-                ]
+            for batch, _, prompts in _prompted_batches(pipeline, records, cost):
                 answers = [record.answers[0] for record in batch]
                 logprobs, mask, generator_tokens = pipeline.answer_logprobs(prompts, answers)
                 mask = mask.to(logprobs.dtype)
                 per_question.append((logprobs * mask).sum(dim=1) / mask.sum(dim=1))
-                cost.tokens += retrieved.question_tokens + generator_tokens
-                cost.flops += forward_flops(n_embedder, retrieved.question_tokens) + forward_flops(
-                    n_generator, generator_tokens
-                )
+                cost.tokens += generator_tokens
+                cost.flops += forward_flops(n_generator, generator_tokens)
     finally:
         for model, training in modes:
             model.train(training)
     return float(torch.cat(per_question).mean())
+
+
+def _prompted_batches(
+    pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseCost
+) -> Iterator[tuple[Sequence[QARecord], list[list[Document]], list[str]]]:
+    """``records`` in evaluation batches, each with its top-k documents and the prompts
+    evaluation reads (the passages concatenated); the retrieval is metered to ``cost``."""
+    n_embedder, _ = parameter_counts(pipeline.embedder)
+    batch_size = pipeline.training.eval_batch_size
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        retrieved = pipeline.retrieve([record.question for record in batch])
+        cost.tokens += retrieved.question_tokens
+        cost.flops += forward_flops(n_embedder, retrieved.question_tokens)
+        documents = retrieved.documents(pipeline.index)
+        prompts = [
+            pipeline.prompts.prompt(record.question, docs)
+            for record, docs in zip(batch, documents, strict=True)
+        ]
+        yield batch, documents, prompts
 
 
 @dataclass(frozen=True)

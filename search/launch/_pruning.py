@@ -40,8 +40,9 @@ _COMPARED = (
 class RungPruner(optuna.pruners.BasePruner):
     """Asynchronous successive halving at every rung a trial reports: it goes on from a rung only
     if its value there is among the best ``1 / reduction_factor`` of the values its study's trials
-    (complete, pruned or running) reported at that rung so far, itself included (while fewer than ``reduction_factor`` have,
-    only if it is the best), as Optuna's SuccessiveHalvingPruner decides at its rungs.
+    (complete, pruned or running) reported at that rung so far, itself included (while fewer than
+    ``reduction_factor`` have, only if it is the best), as Optuna's SuccessiveHalvingPruner
+    decides at its rungs.
 
     Optuna's own pruner places rungs where the step doubles (1, 2, 4, ... with a reduction factor
     of 2); here every reported step is a rung, wherever the spec put it in training."""
