@@ -144,19 +144,20 @@ def early_stopping_seconds(stage: Stage, spec: StudySpec) -> float | None:
     n, throughput = stage.n_trials, _trial_throughput(spec)
     if n <= 1 or not flops.phases:
         return trial_seconds(stage, spec)
-    # Training FLOPs done at each rung: each fraction of each trained phase, in order.
-    done = [
-        sum(flops.phases[:index]) + fraction * phase
+    # Training and signal FLOPs done at each rung: each fraction of each trained phase, in order.
+    rungs = [
+        (sum(flops.phases[:index]) + fraction * phase, flops.signals[index])
         for index, phase in enumerate(flops.phases)
         for fraction in early_stopping.rungs
     ]
-    total_s, going_on = 0.0, float(n)
-    for number, trained in enumerate(done, 1):
+    total_s, going_on, signals = 0.0, float(n), 0.0
+    for number, (trained, signal) in enumerate(rungs, 1):
+        signals += signal
         survivors = max(1.0, n / early_stopping.reduction_factor**number)
-        stopped_s = _TRIAL_OVERHEAD_S + (trained + number * flops.signal) / throughput
+        stopped_s = _TRIAL_OVERHEAD_S + (trained + signals) / throughput
         total_s += (going_on - survivors) * stopped_s
         going_on = survivors
-    whole = sum(flops.phases) + flops.evaluation + len(done) * flops.signal
+    whole = sum(flops.phases) + flops.evaluation + signals
     return (total_s + going_on * (_TRIAL_OVERHEAD_S + whole / throughput)) / n
 
 
@@ -307,11 +308,11 @@ def _trial_throughput(spec: StudySpec) -> float:
 class _TrialFlops(NamedTuple):
     phases: tuple[float, ...]  # training, per phase the trial trains, in order
     evaluation: float
-    signal: float  # one rung signal: a forward pass over early_stopping.questions prompts
+    signals: tuple[float, ...]  # one rung signal, per trained phase
 
 
 def _trial_flops(stage: Stage, spec: StudySpec) -> _TrialFlops | None:
-    """FLOPs of the phases the stage's trials train, of evaluation and of one rung signal;
+    """FLOPs of the phases the stage's trials train, of evaluation and of one rung signal of each;
     None if unknown."""
     embedder = _EMBEDDERS.get(spec.models.embedder)
     generator = _GENERATORS.get(spec.models.generator)
@@ -324,10 +325,20 @@ def _trial_flops(stage: Stage, spec: StudySpec) -> _TrialFlops | None:
     single, concat = caps.single_prompt, caps.concat_prompt
     generator_trainable = _generator_trainable(generator, spec)
 
+    # A signal reads the evaluation prompt with the gold answer in it, where evaluation generates;
+    # an embedder-only phase's encodes every validation question and reads no prompt.
+    asked = forward_flops(embedder.params, question)
+    early_stopping = spec.search.early_stopping
+    questions = min(early_stopping.questions, spec.data.n_validation) if early_stopping else 0
+    answer_signal = questions * (asked + forward_flops(generator.params, concat))
+    passage_signal = spec.data.n_validation * asked
+
     per_example: list[float] = []  # training FLOPs per example, per trained phase
+    signals: list[float] = []
     for phase in method_phases(stage.method, training):
         if phase.name in stage.reuse_from:
             continue  # loaded from an earlier stage's checkpoint, not trained
+        signals.append(answer_signal if phase.trains_generator else passage_signal)
         e_trainable = embedder.params if phase.trains_embedder else 0
         g_trainable = generator_trainable if phase.trains_generator else 0
         if phase.objective == "mnrl":
@@ -343,20 +354,16 @@ def _trial_flops(stage: Stage, spec: StudySpec) -> _TrialFlops | None:
     n_train = _n_train(spec) if per_example else 0
     if n_train is None:
         return None
-    # A signal reads the evaluation prompt with the gold answer in it, where evaluation generates.
-    asked = forward_flops(embedder.params, question)
     evaluation = spec.data.n_validation * (
         asked
         + forward_flops(
             generator.params, concat - training.max_answer_tokens + training.max_new_tokens
         )
     )
-    early_stopping = spec.search.early_stopping
-    questions = min(early_stopping.questions, spec.data.n_validation) if early_stopping else 0
     return _TrialFlops(
         phases=tuple(n_train * training.epochs * flops for flops in per_example),
         evaluation=evaluation,
-        signal=questions * (asked + forward_flops(generator.params, concat)),
+        signals=tuple(signals),
     )
 
 

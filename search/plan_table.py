@@ -150,11 +150,13 @@ def _early_stopping_note(early_stopping: EarlyStopping) -> str:
         f"with early stopping: successive halving as designed, rungs at {rungs} of each trained "
         f"phase: of a stage's n trials, max(1, n / {factor}^j) go on past rung j; one stopped at "
         "rung j pays its training up to there and j signals (a forward pass over "
-        f"{early_stopping.questions} validation prompts each), no evaluation; the rest run to "
-        "the end and pay every signal; stages of one trial or that train nothing stop none. The "
-        "order trials run in decides how many stop (the first trial to reach a rung always goes "
-        "on; a grid runs from its largest rates down), so a launch stops about as many, more or "
-        "fewer"
+        f"{early_stopping.questions} validation prompts each; in a phase training the embedder "
+        "alone, an encoding of the validation questions), no evaluation; the rest run to the end "
+        "and pay every signal; stages of one trial or that train nothing stop none. A launch "
+        "stops more or fewer: a trial trailing the best by less than "
+        f"{early_stopping.noise_z:g} standard errors of their paired difference goes on, and "
+        "the order trials run in decides how many reach a rung behind a better one (the first "
+        "to reach a rung always goes on; a grid runs from its largest rates down)"
     )
 
 

@@ -60,14 +60,17 @@ _MAX_GRID = 100
 
 
 class EarlyStopping(_Strict):
-    """Successive halving within each stage: at each rung a trial goes on only if its signal is
-    among the best ``1 / reduction_factor`` of its stage's signals at that rung so far."""
+    """Successive halving within each stage: at each rung a trial stops when its signal is not
+    among the best ``1 / reduction_factor`` of its stage's signals at that rung so far and trails
+    the best by more than ``noise_z`` standard errors of their paired per-question difference."""
 
-    # Fractions of each phase a trial trains at which it takes the signal (the gold answer's
-    # log-probability on the first ``questions`` validation questions).
+    # Fractions of each phase a trial trains at which it takes the signal: the gold answer's
+    # log-probability on the first ``questions`` validation questions, or for a phase that trains
+    # the embedder alone the gold passages' retrieval log-probability on every labelled one.
     rungs: list[float] = Field(default_factory=lambda: [0.25, 0.5], min_length=1, max_length=20)
-    questions: int = Field(16, gt=0, le=100_000)
+    questions: int = Field(8, gt=0, le=100_000)
     reduction_factor: int = Field(2, ge=2, le=100)
+    noise_z: float = Field(2.0, ge=0, le=10)  # 0: plain successive halving
 
     @field_validator("rungs")
     @classmethod

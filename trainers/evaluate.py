@@ -11,8 +11,10 @@ import re
 import string
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from trainers.cost import PhaseCost, forward_flops
@@ -28,7 +30,8 @@ __all__ = [
     "f1_score",
     "recall_at_k",
     "answer_text",
-    "answer_logprob",
+    "answer_logprobs",
+    "gold_document_logprobs",
 ]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -111,31 +114,70 @@ def evaluate_pipeline(
     )
 
 
-def answer_logprob(pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseCost) -> float:
-    """Mean over ``records`` of the gold answer's log-probability per token, given the prompt
+def answer_logprobs(
+    pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseCost
+) -> list[float]:
+    """For each of ``records``, the gold answer's mean log-probability per token given the prompt
     evaluation generates from (the top-k passages concatenated): how well the pipeline as it
-    stands would answer, from one forward pass per question and no generation.
-
-    Runs both models in eval mode and puts back the modes they had, so that training goes on
-    exactly as it would have without the call (dropout draws nothing in eval mode)."""
-    modes = [(model, model.training) for model in (pipeline.embedder, pipeline.generator.model)]
+    stands would answer it, from one forward pass and no generation."""
     n_generator, _ = parameter_counts(pipeline.generator.model)
-    per_question: list[torch.Tensor] = []
+    per_question: list[float] = []
+    with _eval_mode(pipeline.embedder, pipeline.generator.model), torch.no_grad():
+        for batch, _, prompts in _prompted_batches(pipeline, records, cost):
+            answers = [record.answers[0] for record in batch]
+            logprobs, mask, generator_tokens = pipeline.answer_logprobs(prompts, answers)
+            mask = mask.to(logprobs.dtype)
+            per_question += ((logprobs * mask).sum(dim=1) / mask.sum(dim=1)).tolist()
+            cost.tokens += generator_tokens
+            cost.flops += forward_flops(n_generator, generator_tokens)
+    return per_question
+
+
+def gold_document_logprobs(
+    pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseCost, *, candidates: int = 100
+) -> list[float]:
+    """For each of ``records`` (all with gold documents), the mean over its gold documents of
+    log p(d | question): the softmax of the scaled cosines the MNRL loss trains
+    (``training.mnrl_scale``) over the question's top ``candidates`` documents and its gold ones.
+    How well the embedder as it stands finds the passages, without the generator: a question
+    encoding and one index search each."""
+    n_embedder, _ = parameter_counts(pipeline.embedder)
+    doc_vectors = pipeline.index.doc_vectors
+    per_question: list[float] = []
+    batch_size = pipeline.training.eval_batch_size
+    with _eval_mode(pipeline.embedder), torch.no_grad():
+        for start in range(0, len(records), batch_size):
+            batch = records[start : start + batch_size]
+            question_vectors, question_tokens = pipeline.encode_questions(
+                [record.question for record in batch]
+            )
+            cost.tokens += question_tokens
+            cost.flops += forward_flops(n_embedder, question_tokens)
+            unit_vectors = torch.nn.functional.normalize(question_vectors, dim=-1).cpu().numpy()
+            _, top = pipeline.index.search(unit_vectors, min(candidates, len(doc_vectors)))
+            for record, question_vector, top_positions in zip(
+                batch, unit_vectors, top, strict=True
+            ):
+                gold = [pipeline.index.position(doc_id) for doc_id in record.gold_doc_ids]
+                scored = np.unique(np.concatenate([top_positions[top_positions >= 0], gold]))
+                scores = pipeline.training.mnrl_scale * (doc_vectors[scored] @ question_vector)
+                logprobs = scores - np.logaddexp.reduce(scores)
+                per_question.append(float(logprobs[np.searchsorted(scored, gold)].mean()))
+    return per_question
+
+
+@contextmanager
+def _eval_mode(*models: torch.nn.Module) -> Iterator[None]:
+    """``models`` in eval mode, then back in the modes they had: a signal taken mid-training draws
+    nothing from dropout, so training goes on exactly as it would have without it."""
+    modes = [(model, model.training) for model in models]
     try:
-        for model, _ in modes:
+        for model in models:
             model.eval()
-        with torch.no_grad():
-            for batch, _, prompts in _prompted_batches(pipeline, records, cost):
-                answers = [record.answers[0] for record in batch]
-                logprobs, mask, generator_tokens = pipeline.answer_logprobs(prompts, answers)
-                mask = mask.to(logprobs.dtype)
-                per_question.append((logprobs * mask).sum(dim=1) / mask.sum(dim=1))
-                cost.tokens += generator_tokens
-                cost.flops += forward_flops(n_generator, generator_tokens)
+        yield
     finally:
         for model, training in modes:
             model.train(training)
-    return float(torch.cat(per_question).mean())
 
 
 def _prompted_batches(

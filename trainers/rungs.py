@@ -1,9 +1,10 @@
 """Rungs: a validation signal taken part-way through training, for early stopping.
 
-A trial run with :class:`Rungs` takes, at given fractions of each phase it trains, the gold
-answer's log-probability on its first validation questions (:func:`trainers.evaluate.answer_logprob`)
-and hands it to ``Rungs.report``, which may stop the trial by raising. The signal changes nothing
-in training: the same trial with and without rungs reports the same quality.
+A trial run with :class:`Rungs` takes, at given fractions of each phase it trains, a
+:class:`Signal` per validation question and hands it to ``Rungs.report``, which may stop the trial
+by raising. Per question, so that whoever decides can pair two trials' values over the same
+questions and tell a real gap from noise. The signal changes nothing in training: the same trial
+with and without rungs reports the same quality.
 """
 
 from __future__ import annotations
@@ -12,7 +13,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Rung", "Rungs", "rung_steps", "rung_taker"]
+__all__ = ["Rung", "Rungs", "Signal", "rung_steps", "rung_taker"]
+
+
+@dataclass(frozen=True)
+class Signal:
+    """A phase's rung signal: its name, the validation questions it reads, and how to take it
+    (one value per question, in that order, higher is better)."""
+
+    name: str  # "answer_logprob" or "gold_doc_logprob"
+    question_ids: tuple[str, ...]
+    take: Callable[[], list[float]]
 
 
 @dataclass(frozen=True)
@@ -23,18 +34,22 @@ class Rung:
     phase: str
     step: int  # optimizer steps the phase had done
     steps: int  # the phase's steps in all
-    answer_logprob: float  # higher is better
-    wall_s: float  # what taking it cost
-    metrics: dict[str, float] = field(repr=False)  # the trial's cost so far (CostMeter.metrics)
+    signal: str  # Signal.name
+    value: float  # the mean over the questions; higher is better
+    per_question: dict[str, float] = field(repr=False)  # question id -> value
+    wall_s: float = 0.0  # what taking it cost
+    metrics: dict[str, float] = field(default_factory=dict, repr=False)  # cost so far
 
     def summary(self) -> dict[str, object]:
-        """The rung as the trial's record keeps it (its cost so far left out)."""
+        """The rung as the trial's record keeps it (per-question values and cost left out)."""
         return {
             "rung": self.number,
             "phase": self.phase,
             "step": self.step,
             "steps": self.steps,
-            "answer_logprob": self.answer_logprob,
+            "signal": self.signal,
+            "value": self.value,
+            "questions": len(self.per_question),
             "wall_s": self.wall_s,
         }
 
@@ -44,7 +59,7 @@ class Rungs:
     """Where a trial takes its signal, on how many validation questions, and who hears it."""
 
     fractions: tuple[float, ...]  # of each trained phase's steps, each in (0, 1)
-    questions: int  # the first ``questions`` validation questions (a fixed subset)
+    questions: int  # the answer signal reads the first ``questions`` validation questions
     report: Callable[[Rung], None]  # raises to stop the trial
 
 
@@ -57,26 +72,28 @@ def rung_steps(fractions: Sequence[float], steps: int) -> set[int]:
 def rung_taker(
     rungs: Rungs | None,
     phase: str,
-    signal: Callable[[], float],
+    signal: Signal | None,
     cost_so_far: Callable[[], dict[str, float]],
     taken: list[Rung],
 ) -> Callable[[int, int], None] | None:
     """The ``after_step`` hook of :func:`trainers.train.train_phase` that takes ``phase``'s rungs
     (appending each to ``taken``), or None without rungs."""
-    if rungs is None:
+    if rungs is None or signal is None:
         return None
 
     def after_step(step: int, steps: int) -> None:
         if step not in rung_steps(rungs.fractions, steps):
             return
         start = time.perf_counter()
-        value = signal()
+        values = signal.take()
         rung = Rung(
             number=len(taken) + 1,
             phase=phase,
             step=step,
             steps=steps,
-            answer_logprob=value,
+            signal=signal.name,
+            value=sum(values) / len(values),
+            per_question=dict(zip(signal.question_ids, values, strict=True)),
             wall_s=time.perf_counter() - start,
             metrics=cost_so_far(),
         )

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from trainers.config import TrialConfig
-from trainers.cost import CostMeter, forward_flops
+from trainers.cost import CostMeter, PhaseCost, forward_flops
 from trainers.data import MIN_LABELLED_TRAIN, RagData, load_data
 from trainers.environment import environment_record, native_bf16
 from trainers.errors import ConfigError, or_list
-from trainers.evaluate import answer_logprob, evaluate_pipeline
+from trainers.evaluate import answer_logprobs, evaluate_pipeline, gold_document_logprobs
 from trainers.index import build_index
 from trainers.memory import bound_allocator
 from trainers.methods import Phase, label_free_embedder_methods, method_phases
@@ -34,7 +34,7 @@ from trainers.models import (
 )
 from trainers.pipeline import Pipeline
 from trainers.prompts import PromptBuilder
-from trainers.rungs import Rung, Rungs, rung_taker
+from trainers.rungs import Rung, Rungs, Signal, rung_taker
 from trainers.train import train_phase
 
 __all__ = [
@@ -90,7 +90,6 @@ def run_trial(
     data, pipeline = build_pipeline(config, cache_dir=cache_dir, meter=meter)
     index = pipeline.index
     trained_phases = {phase.name for phase in phases if phase.name not in config.reuse}
-    rung_questions = data.validation[: rungs.questions] if rungs else []
     taken: list[Rung] = []
 
     final_losses: dict[str, float | None] = {}
@@ -113,7 +112,7 @@ def run_trial(
                 after_step=rung_taker(
                     rungs,
                     phase.name,
-                    signal=partial(answer_logprob, pipeline, rung_questions, cost),
+                    signal=_rung_signal(phase, pipeline, data, rungs, cost),
                     cost_so_far=partial(meter.metrics, trained_phases),
                     taken=taken,
                 ),
@@ -248,6 +247,31 @@ def require_context_labels(method: str, data: RagData) -> None:
         f"questions {'has' if labelled <= 1 else 'have'} a gold document (at least "
         f"{MIN_LABELLED_TRAIN} are needed); label more questions (gold_doc_ids) or use "
         f"{or_list(label_free_embedder_methods())} instead"
+    )
+
+
+def _rung_signal(
+    phase: Phase, pipeline: Pipeline, data: RagData, rungs: Rungs | None, cost: PhaseCost
+) -> Signal | None:
+    """What ``phase`` reports at its rungs. A phase that trains the embedder alone changes answers
+    only through what is retrieved, so with context labels its signal is the gold passages'
+    retrieval log-probability on every labelled validation question (no generator pass: a
+    fraction of a second); any other phase's is the gold answer's log-probability on the first
+    ``rungs.questions`` validation questions (a forward pass of the generator each)."""
+    if rungs is None:
+        return None
+    labelled = tuple(record for record in data.validation if record.gold_doc_ids)
+    if not phase.trains_generator and labelled:
+        return Signal(
+            "gold_doc_logprob",
+            tuple(record.id for record in labelled),
+            partial(gold_document_logprobs, pipeline, labelled, cost),
+        )
+    questions = data.validation[: rungs.questions]
+    return Signal(
+        "answer_logprob",
+        tuple(record.id for record in questions),
+        partial(answer_logprobs, pipeline, questions, cost),
     )
 
 

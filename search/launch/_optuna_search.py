@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import optuna
 
-from search.launch._pruning import stage_pruner
+from search.launch._pruning import per_question_attr, read_rung_report, stage_pruner
 from search.plan import Stage
 from search.spec import StudySpec
 from search.store import StorageError, TrialOutcome, mask_url, record_trial, trial_attrs
@@ -65,9 +65,11 @@ class StageSearch:
         """Store a rung signal (``payload``: the :data:`RUNG_KEY` of its report) as the Optuna
         trial's intermediate value at that rung; whether the stage's pruner stops the trial."""
         trial = self._trials[trial_id]
-        outcome = TrialOutcome.from_json(payload)
+        outcome, per_question = read_rung_report(payload)
         rung = outcome.pruned_at or {}
-        trial.report(float(rung["answer_logprob"]), step=int(rung["rung"]))
+        # Stored before the value: the pruner pairs this trial with others over the questions.
+        trial.set_user_attr(per_question_attr(int(rung["rung"])), per_question)
+        trial.report(float(rung["value"]), step=int(rung["rung"]))
         if trial.should_prune():
             self._pruned[trial_id] = outcome
             return True

@@ -20,7 +20,7 @@ import ray
 from ray import tune
 
 from search.forecast import trial_memory_ask
-from search.launch._pruning import RUNG_KEY
+from search.launch._pruning import RUNG_KEY, rung_report
 from search.launch._scheduler import OUTCOME_KEY, REUSE_KEY, STAGE_KEY
 from search.plan import Plan
 from search.spec import StudySpec, trial_config
@@ -165,7 +165,7 @@ def _rungs(spec: StudySpec, outcome: TrialOutcome) -> Rungs | None:
 
     def report(rung: Rung) -> None:
         stopped_here = replace(outcome, metrics=rung.metrics, pruned_at=rung.summary())
-        tune.report({RUNG_KEY: stopped_here.to_json()})
+        tune.report({RUNG_KEY: rung_report(stopped_here, rung.per_question)})
 
     return Rungs(tuple(early_stopping.rungs), early_stopping.questions, report)
 

@@ -49,6 +49,12 @@ TRIAL_ATTRS = tuple(f.name for f in fields(TrialOutcome))
 def rung_text(pruned_at: Mapping[str, Any]) -> str:
     """Where a pruned trial stopped, in words: "rung 1: generator step 2/8, answer log-prob -2.31"."""
     where = f"{pruned_at.get('phase', '?')} step {pruned_at.get('step', '?')}/{pruned_at.get('steps', '?')}"
-    value = pruned_at.get("answer_logprob")
-    signal = f", answer log-prob {value:.3g}" if isinstance(value, int | float) else ""
+    # Studies stored before the passage signal keep the answer's under its own key.
+    name = pruned_at.get("signal", "answer_logprob")
+    value = pruned_at.get("value", pruned_at.get("answer_logprob"))
+    label = _SIGNAL_LABELS.get(name, name)
+    signal = f", {label} {value:.3g}" if isinstance(value, int | float) else ""
     return f"rung {pruned_at.get('rung', '?')}: {where}{signal}"
+
+
+_SIGNAL_LABELS = {"answer_logprob": "answer log-prob", "gold_doc_logprob": "passage log-prob"}

@@ -6,13 +6,14 @@ The pruning rule on its own, on a real Optuna study."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 
-from search.launch._pruning import RungPruner
+from search.launch._pruning import RungPruner, per_question_attr
 from search.launch.dispatch import launch
 from search.spec import StudySpec, load_spec
 from search.store import open_storage, read_trials
@@ -176,6 +177,47 @@ def test_the_pruner_does_not_measure_against_a_trial_that_failed():
     trial = study.ask()
     trial.report(-3.0, step=1)
     assert not trial.should_prune()
+
+
+def _report(study: optuna.Study, per_question: dict[str, float]) -> bool:
+    """A new trial's rung-1 signal, per question and its mean, as a launch stores it: whether it
+    is stopped."""
+    trial = study.ask()
+    trial.set_user_attr(per_question_attr(1), per_question)
+    trial.report(statistics.fmean(per_question.values()), step=1)
+    return trial.should_prune()
+
+
+@pytest.mark.parametrize(
+    ("trailing", "stopped"),
+    [
+        # Behind on every question by about 0.1: a gap far beyond its noise.
+        ({"q1": -1.1, "q2": -2.12, "q3": -0.9, "q4": -1.58}, True),
+        # Behind by 0.075 on average, ahead on two questions: noise, it goes on.
+        ({"q1": -0.5, "q2": -2.6, "q3": -0.3, "q4": -2.2}, False),
+        # Exactly level on every question but one, where it trails a little: still noise.
+        ({"q1": -1.0, "q2": -2.0, "q3": -0.8, "q4": -1.6}, False),
+    ],
+)
+def test_the_pruner_stops_only_a_trial_that_trails_beyond_its_paired_noise(trailing, stopped):
+    """Both trailing trials would stop under halving alone (the second of two); with a noise
+    test at 2 standard errors only a gap larger than the per-question differences' noise does."""
+    study = optuna.create_study(direction="maximize", pruner=RungPruner(2, noise_z=2.0))
+    best = {"q1": -1.0, "q2": -2.0, "q3": -0.8, "q4": -1.5}
+    assert not _report(study, best)
+    assert statistics.fmean(trailing.values()) < statistics.fmean(best.values())
+    assert _report(study, trailing) is stopped
+
+
+def test_without_a_noise_test_or_values_to_pair_halving_alone_decides():
+    level_but_one = {"q1": -1.0, "q2": -2.0, "q3": -0.8, "q4": -1.6}
+    best = {"q1": -1.0, "q2": -2.0, "q3": -0.8, "q4": -1.5}
+    plain = optuna.create_study(direction="maximize", pruner=RungPruner(2, noise_z=0.0))
+    assert not _report(plain, best)
+    assert _report(plain, level_but_one)
+    unpaired = optuna.create_study(direction="maximize", pruner=RungPruner(2, noise_z=2.0))
+    assert not _report(unpaired, best)
+    assert _report(unpaired, {f"other {q}": v for q, v in level_but_one.items()})
 
 
 def test_the_pruner_stops_a_signal_that_is_not_a_number():

@@ -41,7 +41,9 @@ def _rung(number: int, value: float) -> dict[str, object]:
         "phase": "generator",
         "step": 2 * number,
         "steps": 8,
-        "answer_logprob": value,
+        "signal": "answer_logprob",
+        "value": value,
+        "questions": 8,
         "wall_s": 0.5,
     }
 
@@ -78,7 +80,7 @@ def _fill(url: str, name: str, trials=_TRIALS) -> None:
                     params={rate_name: rate},
                     distributions={rate_name: _RATE},
                     values=None if pruned else [f1],
-                    intermediate_values={r["rung"]: r["answer_logprob"] for r in rungs},
+                    intermediate_values={r["rung"]: r["value"] for r in rungs},
                     user_attrs=trial_attrs(outcome),
                 )
             )

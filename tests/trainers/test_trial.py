@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -212,7 +213,18 @@ def test_rungs_report_part_way_and_change_nothing(method, default_trial, cache_d
     assert [(r.number, r.phase, r.step, r.steps) for r in heard] == [
         (2 * i + n, phase.name, n, 4) for i, phase in enumerate(trained) for n in (1, 2)
     ]
-    assert all(math.isfinite(r.answer_logprob) and r.answer_logprob < 0 for r in heard)
+    # A phase that trains the embedder alone reads its passages' retrieval log-probability on
+    # every labelled validation question; one training the generator its answers' on the first 4.
+    validation = load_data(TINY_DATA).validation
+    for rung, phase in zip(heard, [p for p in trained for _ in (1, 2)], strict=True):
+        if phase.trains_generator:
+            assert rung.signal == "answer_logprob"
+            assert list(rung.per_question) == [record.id for record in validation[:4]]
+        else:
+            assert rung.signal == "gold_doc_logprob"
+            assert list(rung.per_question) == [r.id for r in validation if r.gold_doc_ids]
+        assert all(math.isfinite(v) and v < 0 for v in rung.per_question.values())
+        assert rung.value == pytest.approx(statistics.fmean(rung.per_question.values()))
     assert heard[0].metrics["train_device_s"] > 0
     assert heard[1].metrics["train_flops"] > heard[0].metrics["train_flops"]
     assert with_rungs.record["rungs"] == [r.summary() for r in heard]
