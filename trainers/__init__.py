@@ -50,6 +50,7 @@ from trainers.methods import (
     register_method,
     trains,
 )
+from trainers.results import QuestionResult, questions_json
 from trainers.rungs import Rung, Rungs
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ __all__ = [
     "ModelsConfig",
     "Objective",
     "Phase",
+    "QuestionResult",
     "RagsweepError",
     "Rung",
     "Rungs",
@@ -103,6 +105,7 @@ __all__ = [
     "or_list",
     "phase_rates",
     "prepare",
+    "questions_json",
     "register_method",
     "run_trial",
     "token_caps",

@@ -21,9 +21,11 @@ from trainers.cost import PhaseCost, forward_flops
 from trainers.data import Document, QARecord
 from trainers.models import parameter_counts
 from trainers.pipeline import Pipeline
+from trainers.results import QuestionResult
 
 __all__ = [
     "Evaluation",
+    "gold_found",
     "evaluate_pipeline",
     "normalize_answer",
     "exact_match",
@@ -71,17 +73,23 @@ def _f1(predicted_tokens: list[str], gold_tokens: list[str]) -> float:
 def recall_at_k(
     retrieved_ids: Sequence[Sequence[str]], gold_ids: Sequence[Sequence[str]]
 ) -> float | None:
-    """Mean over labelled questions of |gold ∩ top-k| / |gold|.
+    """Mean over labelled questions of |gold ∩ top-k| / |gold| (:func:`gold_found`).
 
-    With several gold documents (two-hop questions) a question retrieving one of its two gold
-    documents counts 0.5. Questions without context labels are left out; None when none has any.
+    Questions without context labels are left out; None when none has any.
     """
-    fractions = [
-        len(set(gold) & set(retrieved)) / len(set(gold))
-        for retrieved, gold in zip(retrieved_ids, gold_ids, strict=True)
-        if gold
+    found = [
+        gold_found(retrieved, gold) for retrieved, gold in zip(retrieved_ids, gold_ids, strict=True)
     ]
-    return sum(fractions) / len(fractions) if fractions else None
+    labelled = [fraction for fraction in found if fraction is not None]
+    return sum(labelled) / len(labelled) if labelled else None
+
+
+def gold_found(retrieved_ids: Sequence[str], gold_ids: Sequence[str]) -> float | None:
+    """|gold ∩ retrieved| / |gold| for one question, None without context labels: with several
+    gold documents (two-hop questions) retrieving one of two counts 0.5."""
+    if not gold_ids:
+        return None
+    return len(set(gold_ids) & set(retrieved_ids)) / len(set(gold_ids))
 
 
 def answer_text(generated: str) -> str:
@@ -104,13 +112,23 @@ def evaluate_pipeline(
             cost.tokens += generator_tokens
             cost.flops += forward_flops(n_generator, generator_tokens)
             cost.steps += 1
+    questions = [
+        QuestionResult(
+            id=record.id,
+            prediction=prediction,
+            em=exact_match(prediction, record.answers),
+            f1=f1_score(prediction, record.answers),
+            recall=gold_found(retrieved, record.gold_doc_ids),
+            retrieved=tuple(retrieved),
+        )
+        for record, prediction, retrieved in zip(records, predictions, retrieved_ids, strict=True)
+    ]
     return Evaluation(
-        em=sum(exact_match(p, r.answers) for p, r in zip(predictions, records, strict=True))
-        / len(records),
-        f1=sum(f1_score(p, r.answers) for p, r in zip(predictions, records, strict=True))
-        / len(records),
+        em=sum(question.em for question in questions) / len(questions),
+        f1=sum(question.f1 for question in questions) / len(questions),
         recall_at_k=recall_at_k(retrieved_ids, [record.gold_doc_ids for record in records]),
         predictions=predictions,
+        questions=questions,
     )
 
 
@@ -202,9 +220,11 @@ def _prompted_batches(
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Validation scores: EM and F1 in [0, 1], Recall@k (None without context labels)."""
+    """Validation scores: EM and F1 in [0, 1], Recall@k (None without context labels), and
+    each question's."""
 
     em: float
     f1: float
     recall_at_k: float | None
     predictions: list[str]
+    questions: list[QuestionResult]

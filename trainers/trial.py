@@ -34,6 +34,7 @@ from trainers.models import (
 )
 from trainers.pipeline import Pipeline
 from trainers.prompts import PromptBuilder
+from trainers.results import QuestionResult, questions_json
 from trainers.rungs import Rung, Rungs, Signal, rung_taker
 from trainers.train import train_phase
 
@@ -48,11 +49,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrialResult:
-    """Flat numeric metrics (quality and cost), the record to store beside them, and predictions."""
+    """Flat numeric metrics (quality and cost), the record to store beside them, predictions and
+    each validation question's result."""
 
     metrics: dict[str, float]
     record: dict[str, object]
     predictions: list[str]
+    questions: list[QuestionResult]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -147,6 +150,10 @@ def run_trial(
         "phases": [phase.name for phase in phases],
         "reused_phases": sorted(config.reuse),
         "final_losses": final_losses,
+        # Ties the per-question results stored beside the record to it (and a rerun's to them).
+        "questions_sha256": hashlib.sha256(
+            questions_json(evaluation.questions).encode()
+        ).hexdigest(),
         "environment": environment_record(),
     }
     if rungs is not None:
@@ -156,7 +163,12 @@ def run_trial(
         (out_dir / "trial.json").write_text(
             json.dumps({"metrics": metrics, "record": record}, indent=2)
         )
-    return TrialResult(metrics=metrics, record=record, predictions=evaluation.predictions)
+    return TrialResult(
+        metrics=metrics,
+        record=record,
+        predictions=evaluation.predictions,
+        questions=evaluation.questions,
+    )
 
 
 def build_pipeline(

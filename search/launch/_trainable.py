@@ -24,7 +24,7 @@ from search.launch._pruning import RUNG_KEY, rung_report
 from search.launch._scheduler import OUTCOME_KEY, REUSE_KEY, STAGE_KEY
 from search.plan import Plan
 from search.spec import StudySpec, trial_config
-from search.store import TrialOutcome, stage_study_name
+from search.store import TrialOutcome, encode_questions, stage_study_name
 from trainers import (
     RagsweepError,
     Rung,
@@ -127,6 +127,7 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
             metrics=result.metrics,
             record=result.record,
             checkpoint=str(out_dir) if out_dir else None,
+            per_question=encode_questions(result.questions),
         )
     except SystemExit as e:
         if e.code not in (0, None):

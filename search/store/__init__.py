@@ -18,6 +18,7 @@ While a launch runs, its stage studies also carry ``ragsweep.launch`` (``search.
 from search.metrics import COST_METRICS, HEADLINE_METRICS, METRIC_NAMES, QUALITY_METRICS
 from search.store._database import StoredStudy, StudyDatabase, open_database
 from search.store._outcome import TrialOutcome, rung_text
+from search.store._questions import decode_questions, encode_questions
 from search.store._studies import (
     GROUP_ATTR,
     SPEC_ATTR,
@@ -59,6 +60,8 @@ __all__ = [
     "best_trial",
     "check_spec_matches",
     "database_exists",
+    "decode_questions",
+    "encode_questions",
     "existing_stage_study",
     "fail_running_trials",
     "finished_params",

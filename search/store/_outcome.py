@@ -28,6 +28,8 @@ class TrialOutcome:
     # A trial stopped early: the rung where it stopped (trainers.Rung.summary); its metrics are
     # then what it cost up to there.
     pruned_at: Mapping[str, Any] | None = None
+    # A completed trial's per-question results (search.store._questions.encode_questions).
+    per_question: str | None = None
 
     def to_json(self) -> str:
         """The outcome as JSON text, as a trial worker sends it to the launch."""

@@ -11,7 +11,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from search.store._outcome import TRIAL_ATTRS, TrialOutcome
+from search.store._questions import decode_questions
 from search.store._studies import GROUP_ATTR, STAGE_ATTR
+from trainers import QuestionResult
 
 if TYPE_CHECKING:
     import optuna
@@ -54,6 +56,7 @@ class TrialRecord:
     retryable: bool | None  # with a failure: whether a relaunch runs the trial again
     node: str | None  # the Ray node that ran it
     pruned_at: Mapping[str, Any] | None  # a PRUNED trial's rung: rung, phase, step, steps, value
+    per_question: str | None  # its per-question results, encoded; see :attr:`questions`
     other_attrs: Mapping[str, Any]  # user attributes ragsweep does not write, as stored
     # The record as stored (any JSON value), or its JSON text until first read (kilobytes; few
     # queries need it).
@@ -70,6 +73,15 @@ class TrialRecord:
         stored, or what is stored is not a JSON object)."""
         stored = self._stored_record
         return stored if isinstance(stored, dict) else {}
+
+    @cached_property
+    def questions(self) -> tuple[QuestionResult, ...] | None:
+        """Each validation question's prediction, EM, F1, recall and retrieved ids, in the
+        order evaluated; None when not stored (a trial stored before them, failed or stopped) or
+        when what is stored does not match the hash its record keeps."""
+        if self.per_question is None:
+            return None
+        return decode_questions(self.per_question, _text(self.record.get("questions_sha256")))
 
     @cached_property
     def config(self) -> dict[str, Any]:
@@ -145,6 +157,7 @@ class TrialRecord:
             "retryable": self.retryable,
             "node": self.node,
             "pruned_at": self.pruned_at,
+            "per_question": self.per_question,
         }
         stored = {k: v for k, v in declared.items() if v is not None} | dict(self.other_attrs)
         # By name, as Optuna reads them from SQLite (its index on trial and name), on every backend.
@@ -301,6 +314,7 @@ def record_of(
         retryable=_flag(stored.get("retryable")),
         node=_text(stored.get("node")),
         pruned_at=_mapping(stored.get("pruned_at")),
+        per_question=_text(stored.get("per_question")),
         other_attrs={key: value for key, value in stored.items() if key not in TRIAL_ATTRS},
         _record=stored_record,
     )

@@ -76,6 +76,13 @@ def test_trailing_trials_are_stored_pruned_with_their_rung_and_cost(pruned_study
         assert "f1" not in trial.metrics and "eval.device_s" not in trial.metrics
         assert trial.checkpoint is None
         assert trial.config["lr_generator"] == trial.lr_generator  # its config is stored
+        assert trial.questions is None  # never evaluated
+    # The completed trial's per-question results are stored with it and add up to its F1.
+    (complete,) = (trial for trial in trials if trial.state == "COMPLETE")
+    assert complete.questions is not None and len(complete.questions) == spec.data.n_validation
+    assert sum(q.f1 for q in complete.questions) / len(complete.questions) == pytest.approx(
+        complete.metrics["f1"]
+    )
 
 
 @pytest.mark.slow

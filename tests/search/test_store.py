@@ -4,6 +4,7 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from search.store import (
     TrialOutcome,
     TrialRecord,
     best_trial,
+    decode_questions,
+    encode_questions,
     finished_params,
     open_database,
     open_stage_study,
@@ -25,6 +28,7 @@ from search.store import (
     trial_attrs,
 )
 from tests.storage import storage_url_for
+from trainers import QuestionResult, questions_json
 
 DEMO = Path(__file__).resolve().parents[2] / "studies" / "demo.yaml"
 _RATE = optuna.distributions.FloatDistribution(1e-8, 1e-3, log=True)
@@ -165,6 +169,7 @@ def _trial(number: int, state: str = "COMPLETE", **metrics: float) -> TrialRecor
         retryable=None,
         node=None,
         pruned_at={"rung": 1} if state == "PRUNED" else None,
+        per_question=None,
         other_attrs={},
         _record=None,
     )
@@ -245,3 +250,44 @@ def test_launches_creating_one_new_sqlite_database_at_once_all_open_it(tmp_path)
         with ProcessPoolExecutor(max_workers=4) as pool:
             results = list(pool.map(_open_fresh, [url] * 4))
         assert results == ["opened"] * 4
+
+
+def _answered(count: int) -> list[QuestionResult]:
+    return [
+        QuestionResult(
+            id=f"q{i}",
+            prediction=f"answer {i}",
+            em=float(i % 2),
+            f1=0.5 * (i % 3),
+            recall=None if i == 0 else 1.0 / i,
+            retrieved=(f"d{i}", f"d{i + 1}"),
+        )
+        for i in range(count)
+    ]
+
+
+def test_per_question_results_are_one_compact_attribute_read_back_as_written(storage_url):
+    """A trial's per-question results: one attribute (gzip + base64) on every backend, read
+    back field for field, and refused when they do not match the hash the record keeps."""
+    answered = _answered(300)
+    canonical = questions_json(answered)
+    study = optuna.create_study(storage=open_storage(storage_url), study_name=f"q-{uuid.uuid4()}")
+    for tampered in (False, True):
+        encoded = encode_questions(answered)
+        sha256 = hashlib.sha256(canonical.encode()).hexdigest()
+        trial = study.ask()
+        record_trial(
+            trial,
+            TrialOutcome(
+                metrics={"f1": 0.5},
+                record={"questions_sha256": "0" * 64 if tampered else sha256},
+                per_question=encoded,
+            ),
+        )
+        study.tell(trial, 0.5)
+        assert len(encoded) < len(canonical) / 3  # compressed
+    honest, tampered_with = read_trials(study)
+    assert honest.questions == tuple(answered)
+    assert tampered_with.questions is None
+    assert "per_question" in honest.attributes()
+    assert decode_questions("not base64 at all!", None) is None

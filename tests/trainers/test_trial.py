@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -15,6 +16,7 @@ from trainers.config import DataConfig
 from trainers.data import load_data
 from trainers.errors import ConfigError
 from trainers.methods import method_phases
+from trainers.results import questions_json
 from trainers.rungs import Rung, Rungs
 from trainers.trial import TrialResult, run_trial
 
@@ -187,6 +189,23 @@ def test_too_few_labelled_training_questions_are_refused_with_the_counts(
     assert f"method '{method}'" in message and "\n" not in message
     assert "only 1 of 16 training questions has a gold document (at least 2" in message
     assert "gold_doc_ids" in message and "two_phase" in message
+
+
+@pytest.mark.parametrize("method", ["ft_embed", "ft_gen"])
+def test_per_question_results_add_up_to_the_metrics_and_their_hash_is_recorded(
+    method, default_trial
+):
+    result = default_trial(method)
+    validation = load_data(TINY_DATA).validation
+    assert [question.id for question in result.questions] == [r.id for r in validation]
+    assert [question.prediction for question in result.questions] == result.predictions
+    assert statistics.fmean(q.em for q in result.questions) == pytest.approx(result.metrics["em"])
+    assert statistics.fmean(q.f1 for q in result.questions) == pytest.approx(result.metrics["f1"])
+    recalls = [q.recall for q in result.questions if q.recall is not None]
+    assert statistics.fmean(recalls) == pytest.approx(result.metrics["recall_at_k"])
+    assert all(len(q.retrieved) == TINY_TRAINING.k for q in result.questions)
+    digest = hashlib.sha256(questions_json(result.questions).encode()).hexdigest()
+    assert result.record["questions_sha256"] == digest
 
 
 def test_the_record_counts_labelled_questions_for_a_fully_labelled_set(default_trial):
