@@ -354,7 +354,8 @@ def _trial_flops(stage: Stage, spec: StudySpec) -> _TrialFlops | None:
     n_train = _n_train(spec) if per_example else 0
     if n_train is None:
         return None
-    evaluation = spec.data.n_validation * (
+    # The held-out test split (data.n_test) is scored as validation is.
+    evaluation = (spec.data.n_validation + spec.data.n_test) * (
         asked
         + forward_flops(
             generator.params, concat - training.max_answer_tokens + training.max_new_tokens

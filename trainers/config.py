@@ -90,6 +90,10 @@ class DataConfig(_Strict):
     # it replaces the questions' own paragraphs (gold documents are then matched by title)
     n_train: _Count | None = 96  # None: all that remain after validation
     n_validation: _Count = 48
+    # Held out from the search: the trials are scored on it too (test_em, test_f1,
+    # test_recall_at_k) but learning rates are picked on validation alone, so the chosen run's
+    # test figure is not the selection's own. 0: no test split.
+    n_test: int = Field(0, ge=0, le=1_000_000)
     split_seed: int = 0
     generated: GeneratedDataConfig = GeneratedDataConfig()
 

@@ -80,6 +80,7 @@ class RagData:
     validation: tuple[QARecord, ...]
     corpus: tuple[Document, ...]
     fingerprint: str  # sha256 hex of the canonical content (corpus + all questions) and the split
+    test: tuple[QARecord, ...] = ()  # held out from the search (data.n_test)
 
     @property
     def labelled_train(self) -> tuple[QARecord, ...]:
@@ -94,10 +95,13 @@ class RagData:
 
     def split_record(self) -> dict[str, object]:
         """The question ids of each split, stored with a trial so it can be rebuilt exactly."""
-        return {
+        split: dict[str, object] = {
             "train_ids": [q.id for q in self.train],
             "validation_ids": [q.id for q in self.validation],
         }
+        if self.test:
+            split["test_ids"] = [q.id for q in self.test]
+        return split
 
 
 def load_data(config: DataConfig) -> RagData:
@@ -105,12 +109,13 @@ def load_data(config: DataConfig) -> RagData:
     questions, corpus = _LOADERS[config.source](config)
     where = _where(config)
     _check_ids(questions, corpus, where)
-    validation, train = _split(questions, config, where)
+    validation, train, test = _split(questions, config, where)
     return RagData(
         train=train,
         validation=validation,
         corpus=corpus,
-        fingerprint=_fingerprint(questions, corpus, train, validation),
+        fingerprint=_fingerprint(questions, corpus, train, validation, test),
+        test=test,
     )
 
 
@@ -459,20 +464,27 @@ def _check_ids(questions: Sequence[QARecord], corpus: Sequence[Document], where:
 
 def _split(
     questions: Sequence[QARecord], config: DataConfig, where: str
-) -> tuple[tuple[QARecord, ...], tuple[QARecord, ...]]:
-    """(validation, train): shuffled by ``split_seed``, validation first, then train."""
-    n_train = config.n_train if config.n_train is not None else len(questions) - config.n_validation
-    if n_train < 1 or config.n_validation + n_train > len(questions):
+) -> tuple[tuple[QARecord, ...], tuple[QARecord, ...], tuple[QARecord, ...]]:
+    """(validation, train, test): shuffled by ``split_seed``, validation first, then train, then
+    test, so that holding out a test split changes neither of the others (given n_train)."""
+    held_out = config.n_validation + config.n_test
+    n_train = config.n_train if config.n_train is not None else len(questions) - held_out
+    if n_train < 1 or held_out + n_train > len(questions):
+        test = f" + data.n_test ({config.n_test})" if config.n_test else ""
         wanted = f"{config.n_validation} + {config.n_train or 'at least 1'}"
         raise DataError(
-            f"data.n_validation + data.n_train ({wanted}) exceed the "
+            f"data.n_validation + data.n_train ({wanted}){test} exceed the "
             f"{len(questions)} questions of {where}: lower them"
         )
     # Sorted first so that the split depends on the ids only, not on the order of the file.
     ordered = sorted(questions, key=lambda q: q.id)
     random.Random(config.split_seed).shuffle(ordered)
-    validation = tuple(ordered[: config.n_validation])
-    return validation, tuple(ordered[config.n_validation : config.n_validation + n_train])
+    train_end = config.n_validation + n_train
+    return (
+        tuple(ordered[: config.n_validation]),
+        tuple(ordered[config.n_validation : train_end]),
+        tuple(ordered[train_end : train_end + config.n_test]),
+    )
 
 
 def _fingerprint(
@@ -480,6 +492,7 @@ def _fingerprint(
     corpus: Sequence[Document],
     train: Sequence[QARecord],
     validation: Sequence[QARecord],
+    test: Sequence[QARecord],
 ) -> str:
     digest = hashlib.sha256()
     for document in sorted(corpus, key=lambda d: d.id):
@@ -487,5 +500,7 @@ def _fingerprint(
     for q in sorted(questions, key=lambda q: q.id):
         digest.update(json.dumps(["q", q.id, q.question, q.answers, q.gold_doc_ids]).encode())
     split = {"train": [q.id for q in train], "validation": [q.id for q in validation]}
+    if test:  # without a test split, fingerprints stay those stored before there was one
+        split["test"] = [q.id for q in test]
     digest.update(json.dumps(split).encode())
     return digest.hexdigest()

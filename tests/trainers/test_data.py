@@ -202,6 +202,25 @@ def test_split_has_the_configured_sizes_and_no_overlap() -> None:
     assert [q.id for q in rest.validation] == validation_ids
 
 
+def test_a_test_split_is_held_out_without_changing_validation_or_train() -> None:
+    plain = load_data(DataConfig(n_train=50, n_validation=20))
+    held_out = load_data(DataConfig(n_train=50, n_validation=20, n_test=30))
+    assert (held_out.validation, held_out.train) == (plain.validation, plain.train)
+    test_ids = [q.id for q in held_out.test]
+    assert len(test_ids) == 30 and plain.test == ()
+    assert not set(test_ids) & {q.id for q in (*held_out.train, *held_out.validation)}
+    assert held_out.split_record() == plain.split_record() | {"test_ids": test_ids}
+    assert held_out.fingerprint != plain.fingerprint
+    # Without one the fingerprint is the one stored before test splits existed.
+    assert (
+        plain.fingerprint
+        == load_data(DataConfig(n_train=50, n_validation=20, n_test=0)).fingerprint
+    )
+    with pytest.raises(DataError, match=r"data.n_test \(300\) exceed the 360 questions") as error:
+        load_data(DataConfig(n_train=50, n_validation=20, n_test=300))
+    assert "\n" not in str(error.value)
+
+
 def test_split_seed_changes_the_split_and_the_fingerprint() -> None:
     first, second = load_data(DataConfig(split_seed=0)), load_data(DataConfig(split_seed=1))
     assert first.corpus == second.corpus

@@ -208,6 +208,19 @@ def test_per_question_results_add_up_to_the_metrics_and_their_hash_is_recorded(
     assert result.record["questions_sha256"] == digest
 
 
+def test_a_test_split_is_scored_apart_and_changes_nothing_on_validation(default_trial, cache_dir):
+    plain = default_trial("ft_gen")
+    data = TINY_DATA.model_copy(update={"n_test": 6})
+    held_out = run_trial(tiny_config("ft_gen", data=data), cache_dir=cache_dir)
+    for name in ("em", "f1", "recall_at_k"):
+        assert held_out.metrics[name] == plain.metrics[name]
+        assert 0 <= held_out.metrics[f"test_{name}"] <= 1
+        assert f"test_{name}" not in plain.metrics
+    assert held_out.metrics["test.device_s"] > 0 and held_out.metrics["test.tokens"] > 0
+    assert len(held_out.record["split"]["test_ids"]) == 6
+    assert held_out.questions == plain.questions  # the per-question results are validation's
+
+
 def test_the_record_counts_labelled_questions_for_a_fully_labelled_set(default_trial):
     record = default_trial("ft_embed").record
     assert record["has_context_labels"] is True
