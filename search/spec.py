@@ -66,7 +66,7 @@ class EarlyStopping(_Strict):
 
     # Fractions of each phase a trial trains at which it takes the signal: the gold answer's
     # log-probability on the first ``questions`` validation questions, or for a phase that trains
-    # the embedder alone the gold passages' retrieval log-probability on every labelled one.
+    # the embedder alone the gold passages' reciprocal rank on every labelled one.
     rungs: list[float] = Field(default_factory=lambda: [0.25, 0.5], min_length=1, max_length=20)
     questions: int = Field(8, gt=0, le=100_000)
     reduction_factor: int = Field(2, ge=2, le=100)

@@ -21,7 +21,7 @@ class Signal:
     """A phase's rung signal: its name, the validation questions it reads, and how to take it
     (one value per question, in that order, higher is better)."""
 
-    name: str  # "answer_logprob" or "gold_doc_logprob"
+    name: str  # "answer_logprob" or "gold_doc_rr"
     question_ids: tuple[str, ...]
     take: Callable[[], list[float]]
 

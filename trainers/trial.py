@@ -23,7 +23,7 @@ from trainers.evaluate import (
     Evaluation,
     answer_logprobs,
     evaluate_pipeline,
-    gold_document_logprobs,
+    gold_reciprocal_ranks,
 )
 from trainers.index import build_index
 from trainers.memory import bound_allocator
@@ -283,17 +283,17 @@ def _rung_signal(
 ) -> Signal | None:
     """What ``phase`` reports at its rungs. A phase that trains the embedder alone changes answers
     only through what is retrieved, so with context labels its signal is the gold passages'
-    retrieval log-probability on every labelled validation question (no generator pass: a
-    fraction of a second); any other phase's is the gold answer's log-probability on the first
+    reciprocal rank on every labelled validation question (no generator pass: a fraction of a
+    second); any other phase's is the gold answer's log-probability on the first
     ``rungs.questions`` validation questions (a forward pass of the generator each)."""
     if rungs is None:
         return None
     labelled = tuple(record for record in data.validation if record.gold_doc_ids)
     if not phase.trains_generator and labelled:
         return Signal(
-            "gold_doc_logprob",
+            "gold_doc_rr",
             tuple(record.id for record in labelled),
-            partial(gold_document_logprobs, pipeline, labelled, cost),
+            partial(gold_reciprocal_ranks, pipeline, labelled, cost),
         )
     questions = data.validation[: rungs.questions]
     return Signal(

@@ -59,4 +59,4 @@ def rung_text(pruned_at: Mapping[str, Any]) -> str:
     return f"rung {pruned_at.get('rung', '?')}: {where}{signal}"
 
 
-_SIGNAL_LABELS = {"answer_logprob": "answer log-prob", "gold_doc_logprob": "passage log-prob"}
+_SIGNAL_LABELS = {"answer_logprob": "answer log-prob", "gold_doc_rr": "passage reciprocal rank"}

@@ -31,6 +31,8 @@ def pruned_study(tmp_path_factory, cache_dir):
     fields = {
         "name": "early",
         "methods": ["ft_gen", "two_phase"],
+        # A held-out test split: completed trials are scored on it, stopped ones never.
+        "data": TINY_SPEC["data"] | {"n_test": 4},
         # ft_gen is then two_phase's phase 1: two_phase builds on ft_gen's best trial.
         "training": TINY_SPEC["training"] | {"ft_gen_objective": "rag_token"},
         "search": {
@@ -76,13 +78,15 @@ def test_trailing_trials_are_stored_pruned_with_their_rung_and_cost(pruned_study
         assert "f1" not in trial.metrics and "eval.device_s" not in trial.metrics
         assert trial.checkpoint is None
         assert trial.config["lr_generator"] == trial.lr_generator  # its config is stored
-        assert trial.questions is None  # never evaluated
+        assert trial.questions is None and "test_f1" not in trial.metrics  # never evaluated
     # The completed trial's per-question results are stored with it and add up to its F1.
     (complete,) = (trial for trial in trials if trial.state == "COMPLETE")
     assert complete.questions is not None and len(complete.questions) == spec.data.n_validation
     assert sum(q.f1 for q in complete.questions) / len(complete.questions) == pytest.approx(
         complete.metrics["f1"]
     )
+    assert 0 <= complete.metrics["test_f1"] <= 1 and complete.metrics["test.device_s"] > 0
+    assert len(complete.record["split"]["test_ids"]) == 4
 
 
 @pytest.mark.slow

@@ -10,15 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny import TINY_DATA, TINY_TRAINING, tiny_config
 from trainers.config import DataConfig
+from trainers.cost import CostMeter
 from trainers.data import load_data
 from trainers.errors import ConfigError
+from trainers.evaluate import evaluate_pipeline, gold_reciprocal_ranks
 from trainers.methods import method_phases
 from trainers.results import questions_json
 from trainers.rungs import Rung, Rungs
-from trainers.trial import TrialResult, run_trial
+from trainers.trial import TrialResult, build_pipeline, run_trial
 
 # One worker runs this module under xdist: its tests share the trials ``default_trial`` ran.
 pytestmark = pytest.mark.xdist_group("test_trial")
@@ -245,17 +248,18 @@ def test_rungs_report_part_way_and_change_nothing(method, default_trial, cache_d
     assert [(r.number, r.phase, r.step, r.steps) for r in heard] == [
         (2 * i + n, phase.name, n, 4) for i, phase in enumerate(trained) for n in (1, 2)
     ]
-    # A phase that trains the embedder alone reads its passages' retrieval log-probability on
+    # A phase that trains the embedder alone reads its passages' reciprocal rank on
     # every labelled validation question; one training the generator its answers' on the first 4.
     validation = load_data(TINY_DATA).validation
     for rung, phase in zip(heard, [p for p in trained for _ in (1, 2)], strict=True):
         if phase.trains_generator:
             assert rung.signal == "answer_logprob"
             assert list(rung.per_question) == [record.id for record in validation[:4]]
+            assert all(math.isfinite(v) and v < 0 for v in rung.per_question.values())
         else:
-            assert rung.signal == "gold_doc_logprob"
+            assert rung.signal == "gold_doc_rr"
             assert list(rung.per_question) == [r.id for r in validation if r.gold_doc_ids]
-        assert all(math.isfinite(v) and v < 0 for v in rung.per_question.values())
+            assert all(0 <= v <= 1 for v in rung.per_question.values())
         assert rung.value == pytest.approx(statistics.fmean(rung.per_question.values()))
     assert heard[0].metrics["train_device_s"] > 0
     assert heard[1].metrics["train_flops"] > heard[0].metrics["train_flops"]
@@ -273,3 +277,21 @@ def test_a_rung_report_that_raises_stops_the_trial(cache_dir):
 
 class _Stopped(Exception):
     pass
+
+
+def test_the_passage_signal_ranks_as_evaluation_retrieves(cache_dir):
+    """A gold passage's reciprocal rank is 1 / its place in the documents evaluation reads, and
+    below 1 / k exactly when evaluation's top k misses it."""
+    meter = CostMeter(torch.device("cpu"))
+    data, pipeline = build_pipeline(tiny_config("none"), cache_dir=cache_dir, meter=meter)
+    labelled = [record for record in data.validation if len(record.gold_doc_ids) == 1]
+    with meter.phase("signal") as cost:
+        ranks = gold_reciprocal_ranks(pipeline, labelled, cost)
+        evaluation = evaluate_pipeline(pipeline, labelled, cost)
+    assert len(labelled) >= 4 and cost.tokens > 0
+    for rank, question, record in zip(ranks, evaluation.questions, labelled, strict=True):
+        (gold,) = record.gold_doc_ids
+        if gold in question.retrieved:
+            assert rank == pytest.approx(1 / (question.retrieved.index(gold) + 1))
+        else:
+            assert rank < 1 / len(question.retrieved)
