@@ -62,7 +62,8 @@ _MAX_GRID = 100
 class EarlyStopping(_Strict):
     """Successive halving within each stage: at each rung a trial stops when its signal is not
     among the best ``1 / reduction_factor`` of its stage's signals at that rung so far and trails
-    the best by more than ``noise_z`` standard errors of their paired per-question difference."""
+    the best by more than the signal's resolution plus ``noise_z`` standard errors of their paired
+    per-question difference."""
 
     # Fractions of each phase a trial trains at which it takes the signal: the gold answer's
     # log-probability on the first ``questions`` validation questions, or for a phase that trains

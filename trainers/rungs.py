@@ -18,12 +18,14 @@ __all__ = ["Rung", "Rungs", "Signal", "rung_steps", "rung_taker"]
 
 @dataclass(frozen=True)
 class Signal:
-    """A phase's rung signal: its name, the validation questions it reads, and how to take it
-    (one value per question, in that order, higher is better)."""
+    """A phase's rung signal: its name, the validation questions it reads, how to take it (one
+    value per question, in that order, higher is better), and the smallest gap between two
+    trials' means that matters (a trial trailing by less is as good as level)."""
 
     name: str  # "answer_logprob" or "gold_doc_rr"
     question_ids: tuple[str, ...]
     take: Callable[[], list[float]]
+    resolution: float
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Rung:
     steps: int  # the phase's steps in all
     signal: str  # Signal.name
     value: float  # the mean over the questions; higher is better
+    resolution: float  # Signal.resolution
     per_question: dict[str, float] = field(repr=False)  # question id -> value
     wall_s: float = 0.0  # what taking it cost
     metrics: dict[str, float] = field(default_factory=dict, repr=False)  # cost so far
@@ -49,6 +52,7 @@ class Rung:
             "steps": self.steps,
             "signal": self.signal,
             "value": self.value,
+            "resolution": self.resolution,
             "questions": len(self.per_question),
             "wall_s": self.wall_s,
         }
@@ -93,6 +97,7 @@ def rung_taker(
             steps=steps,
             signal=signal.name,
             value=sum(values) / len(values),
+            resolution=signal.resolution,
             per_question=dict(zip(signal.question_ids, values, strict=True)),
             wall_s=time.perf_counter() - start,
             metrics=cost_so_far(),

@@ -294,13 +294,24 @@ def _rung_signal(
             "gold_doc_rr",
             tuple(record.id for record in labelled),
             partial(gold_reciprocal_ranks, pipeline, labelled, cost),
+            resolution=_RANK_RESOLUTION,
         )
     questions = data.validation[: rungs.questions]
     return Signal(
         "answer_logprob",
         tuple(record.id for record in questions),
         partial(answer_logprobs, pipeline, questions, cost),
+        resolution=_ANSWER_RESOLUTION,
     )
+
+
+# The smallest gaps between two trials' rung signals that matter. A precise signal tells apart
+# rates that will score alike: on PopQA, embedder rates 1e-5 and 1e-6 ranked the gold passages
+# 0.002 apart in reciprocal rank at 2.4 standard errors (1e-5 ahead on 17 of 96 questions), and
+# ended 0.6 F1 points apart the other way. Between generator rates that ended 17 F1 points apart
+# the answer signal differed by 0.75 nats at half the phase.
+_RANK_RESOLUTION = 0.01  # one point of mean reciprocal rank
+_ANSWER_RESOLUTION = 0.05  # nats per answer token
 
 
 def _seed_everything(seed: int) -> None:

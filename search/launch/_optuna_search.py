@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import optuna
 
-from search.launch._pruning import per_question_attr, read_rung_report, stage_pruner
+from search.launch._pruning import read_rung_report, signal_attr, stage_pruner
 from search.plan import Stage
 from search.spec import StudySpec
 from search.store import StorageError, TrialOutcome, mask_url, record_trial, trial_attrs
@@ -68,7 +68,10 @@ class StageSearch:
         outcome, per_question = read_rung_report(payload)
         rung = outcome.pruned_at or {}
         # Stored before the value: the pruner pairs this trial with others over the questions.
-        trial.set_user_attr(per_question_attr(int(rung["rung"])), per_question)
+        trial.set_user_attr(
+            signal_attr(int(rung["rung"])),
+            {"resolution": rung.get("resolution", 0.0), "per_question": per_question},
+        )
         trial.report(float(rung["value"]), step=int(rung["rung"]))
         if trial.should_prune():
             self._pruned[trial_id] = outcome

@@ -15,7 +15,9 @@ PopQA two embedder rates 0.002 nats apart at the first rung ended 2.7 F1 points 
 way round), and plain halving stops any trial that trails, however little, so among tied rates it
 picks by chance. Each rung's values are kept per validation question, so a trial is compared with
 the rung's best over the same questions (a paired difference) and stops only when it trails by
-more than ``noise_z`` standard errors.
+more than ``noise_z`` standard errors and by more than the signal's resolution (the smallest gap
+that matters; :class:`trainers.rungs.Signal`): a precise signal tells apart rates that will
+score alike.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ __all__ = [
     "RUNG_KEY",
     "RungPruner",
     "RungStops",
-    "per_question_attr",
+    "signal_attr",
     "read_rung_report",
     "rung_report",
     "stage_pruner",
@@ -59,9 +61,10 @@ def read_rung_report(report: str) -> tuple[TrialOutcome, dict[str, float]]:
     return TrialOutcome.from_json(fields["outcome"]), fields["per_question"]
 
 
-def per_question_attr(rung: int) -> str:
-    """The Optuna trial attribute that holds its signal per question at ``rung``."""
-    return f"rung_{rung}_per_question"
+def signal_attr(rung: int) -> str:
+    """The Optuna trial attribute that holds its signal at ``rung``: ``{"resolution": r,
+    "per_question": {question id: value}}``."""
+    return f"rung_{rung}_signal"
 
 
 _COMPARED = (
@@ -78,9 +81,10 @@ class RungPruner(optuna.pruners.BasePruner):
     of the values its study's trials (complete, pruned or running) reported at that rung so far,
     itself included (while fewer than ``reduction_factor`` have, when it is not the best), as
     Optuna's SuccessiveHalvingPruner decides at its rungs; and (2) over the questions both
-    signals read, it trails the rung's best trial by a mean paired difference of more than
-    ``noise_z`` standard errors of that difference (0: (1) alone). Without per-question values to
-    pair (a study stored before them), (1) decides.
+    signals read, it trails the rung's best trial by a mean paired difference that exceeds the
+    signal's resolution by more than ``noise_z`` standard errors of that difference (a one-sided
+    test that the gap is larger than what matters; ``noise_z`` 0: (1) alone). Without
+    per-question values to pair (a study stored before them), (1) decides.
 
     Optuna's own pruner places rungs where the step doubles (1, 2, 4, ... with a reduction factor
     of 2); here every reported step is a rung, wherever the spec put it in training."""
@@ -120,10 +124,14 @@ class RungPruner(optuna.pruners.BasePruner):
         rung: int,
         maximize: bool,
     ) -> bool:
-        """Whether ``trial`` trails ``best`` at ``rung`` by more than ``noise_z`` standard errors
-        of their paired per-question difference (True where there is nothing to pair)."""
-        mine: dict[str, float] | None = trial.user_attrs.get(per_question_attr(rung))
-        theirs: dict[str, float] | None = best.user_attrs.get(per_question_attr(rung))
+        """Whether ``trial`` trails ``best`` at ``rung`` by more than the signal's resolution plus
+        ``noise_z`` standard errors of their paired per-question difference (True where there is
+        nothing to pair)."""
+        signal = trial.user_attrs.get(signal_attr(rung)) or {}
+        mine: dict[str, float] | None = signal.get("per_question")
+        theirs: dict[str, float] | None = (best.user_attrs.get(signal_attr(rung)) or {}).get(
+            "per_question"
+        )
         if self.noise_z == 0 or not mine or not theirs:
             return True
         shared = sorted(set(mine) & set(theirs))
@@ -133,7 +141,8 @@ class RungPruner(optuna.pruners.BasePruner):
         if len(gaps) < 2:
             return True
         standard_error = statistics.stdev(gaps) / math.sqrt(len(gaps))
-        return bool(statistics.fmean(gaps) > self.noise_z * standard_error)
+        resolution = float(signal.get("resolution", 0.0))
+        return bool(statistics.fmean(gaps) - resolution > self.noise_z * standard_error)
 
 
 def stage_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

@@ -13,14 +13,15 @@ import optuna
 import pytest
 import yaml
 
-from search.launch._pruning import RungPruner, per_question_attr
+from search.launch._pruning import RungPruner, signal_attr
 from search.launch.dispatch import launch
 from search.spec import StudySpec, load_spec
 from search.store import open_storage, read_trials
 from tests.search.test_cli import assert_one_line_error, ragsweep
 from tests.tiny import TINY_SPEC
 
-# 3e-3 trains; the others cannot move the model, so at the first rung each trails 3e-3's signal.
+# 3e-3 trains; the others cannot move the model, so at each rung they trail 3e-3's signal: at
+# the first by less than the signal's resolution (0.05 nats) plus its noise, at the second by more.
 # Listed rising: with early stopping a stage runs its grid from the largest rate down.
 RATES = [1e-30, 2e-30, 3e-30, 3e-3]
 
@@ -53,18 +54,17 @@ def pruned_study(tmp_path_factory, cache_dir):
 def test_trailing_trials_are_stored_pruned_with_their_rung_and_cost(pruned_study):
     spec, url, _, summary = pruned_study
     assert summary.failed == {"ft_gen": 0, "two_phase": 0}
-    assert summary.pruned == {"ft_gen": 3, "two_phase": 0}
+    assert summary.pruned == {"ft_gen": 2, "two_phase": 0}
     trials = read_trials(optuna.load_study(study_name="early/ft_gen", storage=open_storage(url)))
     states = {trial.lr_generator: trial.state for trial in trials}
-    assert states == {3e-3: "COMPLETE", 1e-30: "PRUNED", 2e-30: "PRUNED", 3e-30: "PRUNED"}
-    # Run from 3e-3 down: 3e-30 and 2e-30 trail 3e-3 at the first rung (a quarter of the 4 steps
-    # of their phase; while fewer than 4 have reported, only the best goes on). 1e-30 ties with
-    # the two stopped there, so it is in the best half of four, and trails 3e-3 at the second.
+    assert states == {3e-3: "COMPLETE", 1e-30: "COMPLETE", 2e-30: "PRUNED", 3e-30: "PRUNED"}
+    # Run from 3e-3 down: 3e-30 and 2e-30 trail 3e-3 at the second rung (half of the 4 steps of
+    # their phase; while fewer than 4 have reported, only the best goes on) beyond noise and
+    # resolution. 1e-30 ties with the two stopped there, so it is in the best half of four.
     stopped_at = {t.lr_generator: t.pruned_at for t in trials if t.state == "PRUNED"}
     assert {rate: (at["rung"], at["step"]) for rate, at in stopped_at.items()} == {
-        3e-30: (1, 1),
-        2e-30: (1, 1),
-        1e-30: (2, 2),
+        3e-30: (2, 2),
+        2e-30: (2, 2),
     }
     assert [t.lr_generator for t in sorted(trials, key=lambda t: t.number)] == sorted(
         RATES, reverse=True
@@ -80,7 +80,7 @@ def test_trailing_trials_are_stored_pruned_with_their_rung_and_cost(pruned_study
         assert trial.config["lr_generator"] == trial.lr_generator  # its config is stored
         assert trial.questions is None and "test_f1" not in trial.metrics  # never evaluated
     # The completed trial's per-question results are stored with it and add up to its F1.
-    (complete,) = (trial for trial in trials if trial.state == "COMPLETE")
+    (complete,) = (trial for trial in trials if trial.lr_generator == 3e-3)
     assert complete.questions is not None and len(complete.questions) == spec.data.n_validation
     assert sum(q.f1 for q in complete.questions) / len(complete.questions) == pytest.approx(
         complete.metrics["f1"]
@@ -99,7 +99,7 @@ def test_rung_values_are_optunas_intermediate_values(pruned_study):
     assert sorted(complete.intermediate_values) == [1, 2]  # steps 1 and 2 of 4
     untrained = by_rate[1e-30].intermediate_values[1]
     assert complete.intermediate_values[1] > untrained
-    assert sorted(by_rate[1e-30].intermediate_values) == [1, 2]  # stopped at the second
+    assert sorted(by_rate[2e-30].intermediate_values) == [1, 2]  # stopped at the second
     # The rates that cannot train all score the untrained pipeline at their rung.
     assert by_rate[2e-30].intermediate_values[1] == pytest.approx(untrained, abs=1e-6)
     rungs = complete.user_attrs["record"]["rungs"]
@@ -140,14 +140,13 @@ def test_trials_shows_where_pruned_trials_stopped(pruned_study, cache_dir):
     )
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)
-    assert len(rows) == 3 and {row["state"] for row in rows} == {"pruned"}
+    assert len(rows) == 2 and {row["state"] for row in rows} == {"pruned"}
     # Markdown: one row per line, whatever the terminal's width.
     table = ragsweep(
         "trials", "early", "--storage", url, "--format", "markdown", cache_dir=cache_dir
     )
     assert table.returncode == 0, table.stderr
-    assert sum("rung 1: generator step 1/4" in line for line in table.stdout.splitlines()) == 2
-    assert sum("rung 2: generator step 2/4" in line for line in table.stdout.splitlines()) == 1
+    assert sum("rung 2: generator step 2/4" in line for line in table.stdout.splitlines()) == 2
 
 
 @pytest.mark.slow
@@ -190,11 +189,11 @@ def test_the_pruner_does_not_measure_against_a_trial_that_failed():
     assert not trial.should_prune()
 
 
-def _report(study: optuna.Study, per_question: dict[str, float]) -> bool:
+def _report(study: optuna.Study, per_question: dict[str, float], resolution: float = 0.0) -> bool:
     """A new trial's rung-1 signal, per question and its mean, as a launch stores it: whether it
     is stopped."""
     trial = study.ask()
-    trial.set_user_attr(per_question_attr(1), per_question)
+    trial.set_user_attr(signal_attr(1), {"resolution": resolution, "per_question": per_question})
     trial.report(statistics.fmean(per_question.values()), step=1)
     return trial.should_prune()
 
@@ -218,6 +217,17 @@ def test_the_pruner_stops_only_a_trial_that_trails_beyond_its_paired_noise(trail
     assert not _report(study, best)
     assert statistics.fmean(trailing.values()) < statistics.fmean(best.values())
     assert _report(study, trailing) is stopped
+
+
+def test_a_gap_beyond_noise_but_within_the_signals_resolution_does_not_stop_a_trial():
+    """Behind on every question by 0.002 (far beyond its noise, which is nil): with a
+    resolution of 0.01 the gap does not matter, with 0.001 it does."""
+    best = {f"q{i}": 0.5 + i / 100 for i in range(8)}
+    behind = {question: value - 0.002 for question, value in best.items()}
+    for resolution, stopped in ((0.01, False), (0.001, True)):
+        study = optuna.create_study(direction="maximize", pruner=RungPruner(2, noise_z=2.0))
+        assert not _report(study, best, resolution)
+        assert _report(study, behind, resolution) is stopped
 
 
 def test_without_a_noise_test_or_values_to_pair_halving_alone_decides():
