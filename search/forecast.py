@@ -45,8 +45,6 @@ __all__ = [
     "forecast_note",
     "gib_text",
     "launch_seconds",
-    "memory_note",
-    "memory_text",
     "method_memory",
     "stage_memory",
     "trains_in_bf16",
@@ -242,31 +240,6 @@ def gib_text(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.1f} GiB"
 
 
-def memory_text(stage: Stage, spec: StudySpec) -> str:
-    """What a trial of ``stage`` asks of Ray, and its forecast GPU memory on GPUs."""
-    ask = trial_memory_ask(stage, spec)
-    text = "unknown" if ask is None else gib_text(ask)
-    if spec.resources.gpus > 0 and stage.trial_memory is not None:
-        text += f" + {gib_text(stage.trial_memory.device_bytes)} GPU"
-    return text
-
-
-def memory_note(spec: StudySpec) -> str:
-    """How the memory each trial asks for is found."""
-    precision = "bf16 autocast" if trains_in_bf16(spec) else "fp32"
-    if spec.resources.memory is not None:
-        return (
-            f"memory: every trial asks Ray for resources.memory = {gib_text(spec.resources.memory)}"
-        )
-    return (
-        f"memory: forecast peak per trial in {precision} (weights, optimizer state, activations "
-        "of a training forward with gradient checkpointing "
-        + ("on" if spec.training.gradient_checkpointing else "off")
-        + ", evaluation), asked of Ray so it queues trials that would not fit; "
-        "resources.memory overrides it"
-    )
-
-
 def forecast_note(spec: StudySpec) -> str:
     """How the time forecast is computed, with the throughput it assumes for ``spec``."""
     return (
@@ -386,7 +359,7 @@ def _n_train(spec: StudySpec) -> int | None:
         return None
     split = data.hub_split or _DEFAULT_HUB_SPLITS.get(data.source, "")
     total = _HUB_QUESTIONS.get((data.hub_name, split))
-    return None if total is None else max(total - data.n_validation, 0)
+    return None if total is None else max(total - data.n_validation - data.n_test, 0)
 
 
 def _gold_per_question(spec: StudySpec) -> float:

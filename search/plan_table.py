@@ -8,7 +8,13 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from search.forecast import forecast_gaps, forecast_note, memory_note, memory_text
+from search.forecast import (
+    forecast_gaps,
+    forecast_note,
+    gib_text,
+    trains_in_bf16,
+    trial_memory_ask,
+)
 from search.plan import Plan, Stage
 from search.spec import EarlyStopping, StudySpec
 from trainers import method_declaration
@@ -37,7 +43,7 @@ def render_plan(plan: Plan, spec: StudySpec) -> RenderableType:
             ", ".join(stage.serves),
             _duration(stage.forecast_s),
             *with_stopping,
-            memory_text(stage, spec),
+            _memory_text(stage, spec),
         )
 
     costs = Table(title="search cost per method", title_justify="left")
@@ -73,7 +79,7 @@ def render_plan(plan: Plan, spec: StudySpec) -> RenderableType:
         )
     )
     notes += [Text(f"forecast unknown: {gap}") for gap in forecast_gaps(spec)]
-    notes.append(Text(memory_note(spec), style="dim"))
+    notes.append(Text(_memory_note(spec), style="dim"))
     notes.append(Text(forecast_note(spec), style="dim"))
     if spec.search.early_stopping is not None:
         notes.append(Text(_early_stopping_note(spec.search.early_stopping), style="dim"))
@@ -178,3 +184,28 @@ def _duration(seconds: float | None) -> str:
     if seconds < 3 * 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"
+
+
+def _memory_text(stage: Stage, spec: StudySpec) -> str:
+    """What a trial of ``stage`` asks of Ray, and its forecast GPU memory on GPUs."""
+    ask = trial_memory_ask(stage, spec)
+    text = "unknown" if ask is None else gib_text(ask)
+    if spec.resources.gpus > 0 and stage.trial_memory is not None:
+        text += f" + {gib_text(stage.trial_memory.device_bytes)} GPU"
+    return text
+
+
+def _memory_note(spec: StudySpec) -> str:
+    """How the memory each trial asks for is found."""
+    precision = "bf16 autocast" if trains_in_bf16(spec) else "fp32"
+    if spec.resources.memory is not None:
+        return (
+            f"memory: every trial asks Ray for resources.memory = {gib_text(spec.resources.memory)}"
+        )
+    return (
+        f"memory: forecast peak per trial in {precision} (weights, optimizer state, activations "
+        "of a training forward with gradient checkpointing "
+        + ("on" if spec.training.gradient_checkpointing else "off")
+        + ", evaluation), asked of Ray so it queues trials that would not fit; "
+        "resources.memory overrides it"
+    )

@@ -11,19 +11,19 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
-from search.query.compare import Comparison
+from search.query.intervals import metric_intervals
 from search.query.report import StudyReport, StudySummary, run_cost
 from search.query.reproduce import Reproduction
 from search.store import QUALITY_METRICS, TrialRecord, rung_text
+from trainers import QuestionResult
 
 __all__ = [
-    "COMPARE_COLUMNS",
     "STUDIES_COLUMNS",
     "TRIAL_COLUMNS",
     "as_csv",
@@ -31,8 +31,9 @@ __all__ = [
     "as_markdown",
     "as_table",
     "cell",
-    "compare_records",
-    "early_stopping_lines",
+    "header",
+    "interval_record",
+    "pareto_records",
     "reproduction_record",
     "reproduction_report",
     "shown_columns",
@@ -62,16 +63,6 @@ TRIAL_COLUMNS = (
     "train_flops",
     "train_device_s",
     "fail_reason",
-)
-COMPARE_COLUMNS = (
-    "method",
-    "lr_embedder",
-    "lr_generator",
-    *QUALITY_METRICS,
-    "run_flops",
-    "run_device_s",
-    "search_stages",
-    "search_device_s",
 )
 # Columns a table shows, after the one named, only when some record has a value for them: what
 # early stopping adds, absent from studies that ran without it.
@@ -118,74 +109,34 @@ def trial_record(report: StudyReport, row: TrialRecord) -> dict[str, Any]:
     }
 
 
-def compare_records(comparison: Comparison) -> list[dict[str, Any]]:
-    records = []
-    for result in comparison.rows:
-        chosen = result.chosen
-        # With early stopping: the trials it stopped in the method's search, and what it saved.
-        stopped = [s for s in comparison.early_stopped if s.stage in result.search_stages]
-        early_stopping = (
-            {
-                "pruned_trials": sum(s.pruned for s in stopped),
-                "saved_device_s": comparison.saved_device_s(result.search_stages),
-            }
-            if comparison.early_stopped
-            else {}
-        )
-        records.append(
-            {
-                "method": result.method,
-                "trial": chosen.id if chosen else None,
-                "lr_embedder": chosen.lr_embedder if chosen else None,
-                "lr_generator": chosen.lr_generator if chosen else None,
-                **{
-                    metric: chosen.metrics.get(metric) if chosen else None
-                    for metric in QUALITY_METRICS
-                },
-                "run_flops": result.run_flops,
-                "run_device_s": result.run_device_s,
-                "search_trials": sum(result.search_stages.values()),
-                "search_stages": dict(result.search_stages),
-                "search_flops": result.search_flops,
-                "search_device_s": result.search_device_s,
-                **early_stopping,
-            }
-        )
-    return records
+def interval_record(
+    questions: Sequence[QuestionResult] | None, *, resamples: int, seed: int
+) -> dict[str, Any] | None:
+    """A trial's 95% interval of each metric over its ``questions`` (its per-question results),
+    with what they rest on; None without them."""
+    intervals = metric_intervals(questions, resamples=resamples, seed=seed)
+    if not intervals:
+        return None
+    return {
+        **{metric: interval.bounds for metric, interval in intervals.items()},
+        "questions": max(interval.questions for interval in intervals.values()),
+        "resamples": resamples,
+        "seed": seed,
+    }
 
 
-def early_stopping_lines(comparison: Comparison) -> list[str]:
-    """What early stopping saved: the whole study, then each stage where it stopped trials."""
-    stopped = comparison.early_stopped
-    if not stopped:
-        return []
-    pruned = sum(s.pruned for s in stopped)
-    spent = sum(s.pruned_device_s for s in stopped)
-    saved = comparison.saved_device_s()
-    unknown = [s.stage for s in stopped if s.full_device_s is None]
-    would_take = comparison.work_device_s + saved
-    line = f"early stopping stopped {pruned} of {comparison.total_trials} trials at a rung"
-    if would_take > 0:
-        line += (
-            f"; they cost {_seconds(spent)} of training + evaluation: saved about "
-            f"{_seconds(saved)} ({saved / would_take:.0%} of the {_seconds(would_take)} the "
-            "study's training + evaluation would have taken with every trial run to the end)"
-        )
-    if unknown:
-        line += f"; not counted: {', '.join(unknown)} (no trial there ran to the end to compare)"
-    lines = [line]
-    for s in stopped:
-        estimate = (
-            "unknown (no trial of the stage ran to the end)"
-            if s.full_device_s is None or s.saved_device_s is None
-            else f"about {_seconds(s.saved_device_s)} (run to the end they would have cost "
-            f"{_seconds(s.full_device_s)}, at the mean of the stage's completed trials)"
-        )
-        lines.append(
-            f"stage {s.stage}: {s.pruned} of {s.trials} trials stopped early, costing "
-            f"{_seconds(s.pruned_device_s)}; saved {estimate}"
-        )
-    return lines
+def pareto_records(
+    front: Sequence[tuple[TrialRecord, float, float]], *, metric: str, cost: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """``ragsweep pareto``'s records and columns for the front :func:`pareto_front` gives."""
+    # The cost of the run, reused phases included (see run_cost): "run_flops", "run_device_s", ...
+    run_key = "run_" + cost.removeprefix("train_")
+    columns = ["trial", "method", "lr_embedder", "lr_generator", metric, run_key]
+    values = (
+        (row.id, row.method, row.lr_embedder, row.lr_generator, value, price)
+        for row, value, price in front
+    )
+    return [dict(zip(columns, record, strict=True)) for record in values], columns
 
 
 def shown_columns(columns: Sequence[str], records: Sequence[dict[str, Any]]) -> list[str]:
@@ -217,20 +168,22 @@ def as_json(records: Any) -> str:
     return json.dumps(records, indent=2, default=str)
 
 
-def as_csv(records: Sequence[dict[str, Any]]) -> str:
-    """Flat CSV: nested values (metrics, records) become JSON text in their cell."""
+def as_csv(records: Sequence[dict[str, Any]], *, joined: str | None = None) -> str:
+    """Flat CSV: nested values (metrics, records) become JSON text in their cell; with
+    ``joined``, a list of strings becomes its items joined by it ("d1;d7")."""
     columns = list(dict.fromkeys(key for record in records for key in record))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for record in records:
-        writer.writerow(
-            {
-                key: json.dumps(value, default=str) if isinstance(value, dict | list) else value
-                for key, value in record.items()
-            }
-        )
+        writer.writerow({key: _flat(value, joined) for key, value in record.items()})
     return buffer.getvalue()
+
+
+def _flat(value: Any, joined: str | None) -> Any:
+    if joined is not None and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return joined.join(value)
+    return json.dumps(value, default=str) if isinstance(value, dict | list) else value
 
 
 def as_table(title: str, records: Sequence[dict[str, Any]], columns: Sequence[str]) -> Table:
@@ -238,7 +191,7 @@ def as_table(title: str, records: Sequence[dict[str, Any]], columns: Sequence[st
     for column in columns:
         numeric = any(isinstance(r.get(column), int | float) for r in records)
         table.add_column(
-            _HEADERS.get(column, column),
+            header(column),
             justify="right" if numeric else "left",
             no_wrap=column in ("trial", "study", "method"),
         )
@@ -250,7 +203,7 @@ def as_table(title: str, records: Sequence[dict[str, Any]], columns: Sequence[st
 def as_markdown(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """The table's columns and cells as a GitHub markdown table, for docs and pull requests."""
     lines = [
-        "| " + " | ".join(_HEADERS.get(column, column) for column in columns) + " |",
+        "| " + " | ".join(header(column) for column in columns) + " |",
         "|" + "---|" * len(columns),
     ]
     for record in records:
@@ -263,6 +216,11 @@ def cell(column: str, value: Any) -> str:
     """One value as a person reads it: rates in e-notation, FLOPs and seconds with units."""
     if value is None:
         return "-"
+    if column.endswith("_95") and isinstance(value, list):
+        sign = "+" if column == "vs_best_95" else ""
+        return "[" + ", ".join(f"{bound:{sign}.3f}" for bound in value) + "]"
+    if column == "vs_best":
+        return f"{value:+.3f}"
     if column.startswith("lr_"):
         return f"{value:.1e}"
     if column.endswith("flops"):
@@ -276,6 +234,11 @@ def cell(column: str, value: Any) -> str:
     if isinstance(value, dict):
         return " + ".join(f"{k} {v}" for k, v in value.items())
     return str(value)
+
+
+def header(column: str) -> str:
+    """A column's heading in tables: ``lr E`` for lr_embedder, ``F1`` for f1, ..."""
+    return _HEADERS.get(column, column)
 
 
 _HEADERS = {
@@ -298,6 +261,12 @@ _HEADERS = {
     "pruned_at": "stopped early at",
     "pruned_trials": "stopped early",
     "saved_device_s": "saved by early stopping",
+    "em_95": "EM 95%",
+    "f1_95": "F1 95%",
+    "recall_at_k_95": "Recall@k 95%",
+    "vs_best": "vs best",
+    "vs_best_95": "vs best 95%",
+    "questions_needed": "questions to decide",
 }
 
 
@@ -316,8 +285,11 @@ def _seconds(value: float) -> str:
     return f"{value:.1f} s"
 
 
-def trial_detail(report: StudyReport, row: TrialRecord, title: str) -> Table:
-    """``ragsweep best``: the headline figures, then what the record says about the run."""
+def trial_detail(
+    report: StudyReport, row: TrialRecord, title: str, intervals: Mapping[str, Any] | None
+) -> Table:
+    """``ragsweep best``: the headline figures and their intervals (:func:`interval_record`),
+    then what the record says about the run."""
     record = row.record
     environment = row.environment
     summary = trial_record(report, row)
@@ -325,7 +297,23 @@ def trial_detail(report: StudyReport, row: TrialRecord, title: str) -> Table:
     table.add_column("field")
     table.add_column("value")
     headline = ("trial", "method", "state", "lr_embedder", "lr_generator", *QUALITY_METRICS)
-    for key in (*headline, "train_flops", "run_flops", "train_device_s", "wall_s"):
+    for key in headline:
+        table.add_row(key, escape(cell(key, summary[key])))
+    if intervals is None:
+        table.add_row(
+            "95% intervals",
+            "none: the trial has no per-question results (stored before ragsweep kept them)",
+        )
+    else:
+        for metric in QUALITY_METRICS:
+            if intervals.get(metric) is not None:
+                table.add_row(f"{metric} 95%", escape(cell(f"{metric}_95", intervals[metric])))
+        table.add_row(
+            "95% intervals",
+            f"bootstrap over {intervals['questions']} questions: {intervals['resamples']} "
+            f"resamples, seed {intervals['seed']}",
+        )
+    for key in ("train_flops", "run_flops", "train_device_s", "wall_s"):
         table.add_row(key, escape(cell(key, summary[key])))
     git = environment.get("git")
     details = {

@@ -25,7 +25,8 @@ from search.cli_common import (
     quiet_libraries,
     storage_url,
 )
-from trainers import RagsweepError
+from search.query.intervals import RESAMPLES, SEED
+from trainers import ConfigError, RagsweepError
 
 if TYPE_CHECKING:
     from search.query.report import StudyReport
@@ -38,6 +39,9 @@ _StudyArgument = Annotated[
     str,
     typer.Argument(help="Study name (the spec's name), or one stage study such as demo/ft_gen."),
 ]
+# The bootstrap behind every 95% interval (search.query.intervals).
+_ResamplesOption = Annotated[int, typer.Option("--resamples", min=100, help="Bootstrap resamples.")]
+_SeedOption = Annotated[int, typer.Option("--seed", help="Bootstrap seed.")]
 _FORMATS = ("table", "markdown", "json", "csv")
 # Rows of `ragsweep trials` a table shows unless told otherwise.
 _TABLE_ROWS = 100
@@ -114,22 +118,26 @@ def best(
     study: _StudyArgument,
     metric: Annotated[str, typer.Option("--metric", help="f1, em or recall.")] = "f1",
     method: Annotated[str | None, typer.Option("--method", help="Only this method.")] = None,
+    resamples: _ResamplesOption = RESAMPLES,
+    seed: _SeedOption = SEED,
     storage: StorageOption = None,
     fmt: _FormatOption = "table",
     debug: DebugOption = False,
 ) -> None:
-    """The best completed trial on a validation metric, with everything recorded about it."""
-    from search.query._views import as_json, trial_detail, trial_record
+    """The best completed trial on a validation metric, with the 95% intervals of its scores and
+    everything recorded about it."""
+    from search.query._views import as_json, interval_record, trial_detail, trial_record
     from search.query.report import best_of, export_row
 
     _check_format(fmt, ("table", "json"))
     report = _load_report(study, storage)
     row = best_of(report, metric, method)
+    intervals = interval_record(row.questions, resamples=resamples, seed=seed)
     if fmt == "json":
-        everything = export_row(report, row)
-        print(as_json(everything | {"run_flops": trial_record(report, row)["run_flops"]}))
+        extra = {"run_flops": trial_record(report, row)["run_flops"], "intervals_95": intervals}
+        print(as_json(export_row(report, row) | extra))
         return
-    console.print(trial_detail(report, row, f"best trial of {report.name} on {metric}"))
+    console.print(trial_detail(report, row, f"best trial of {report.name} on {metric}", intervals))
 
 
 @app.command()
@@ -148,59 +156,52 @@ def pareto(
     debug: DebugOption = False,
 ) -> None:
     """The trials no other trial beats on both quality and cost, across methods, cheapest first."""
+    from search.query._views import pareto_records
     from search.query.report import pareto_front
 
     report = _load_report(study, storage)
     points, front = pareto_front(report, metric=metric, cost=cost)
-    # The cost of the run, reused phases included (see run_cost): "run_flops", "run_device_s", ...
-    run_key = "run_" + cost.removeprefix("train_")
-    records = [
-        {
-            "trial": row.id,
-            "method": row.method,
-            "lr_embedder": row.lr_embedder,
-            "lr_generator": row.lr_generator,
-            metric: value,
-            run_key: price,
-        }
-        for row, value, price in front
-    ]
+    records, columns = pareto_records(front, metric=metric, cost=cost)
     title = f"study {report.name}: {len(front)} of {len(points)} completed trials on the {metric}-{cost} front"
-    _emit(records, fmt, title, ["trial", "method", "lr_embedder", "lr_generator", metric, run_key])
+    _emit(records, fmt, title, columns)
 
 
 @app.command()
 @one_line_errors
 def compare(
     study: _StudyArgument,
+    resamples: _ResamplesOption = RESAMPLES,
+    seed: _SeedOption = SEED,
     storage: StorageOption = None,
     fmt: _FormatOption = "table",
     debug: DebugOption = False,
 ) -> None:
-    """The paper's table: each method's chosen run, its cost and its search's cost, and advice."""
-    from search.query._views import COMPARE_COLUMNS, compare_records, early_stopping_lines
+    """The paper's table: each method's chosen run, the 95% intervals of its scores and its
+    paired difference to the best, its cost and its search's cost, and advice."""
+    from search.query._compare_views import (
+        COMPARE_COLUMNS,
+        INTERVAL_COLUMNS,
+        compare_records,
+        comparison_lines,
+        interval_title,
+    )
     from search.query.compare import compare as compare_methods
 
     _check_format(fmt, _FORMATS)
     report = _load_report(study, storage)
-    comparison = compare_methods(report)
+    comparison = compare_methods(report, resamples=resamples, seed=seed)
     records = compare_records(comparison)
     if fmt in ("json", "csv"):
         _emit(records, fmt, "", ())
         return
     title = f"study {report.name}: methods at their best validation run"
     _emit(records, fmt, title, COMPARE_COLUMNS)
-    console.print(
-        f"whole study: {comparison.total_trials} trials, "
-        f"{_cell('flops', comparison.total_flops)}FLOPs, {_cell('_s', comparison.total_device_s)} of training"
-        " (shared stages counted once)"
-    )
-    for note in comparison.notes:
-        console.print(escape(f"note: {note}"), highlight=False)
-    for line in early_stopping_lines(comparison):
-        console.print(escape(line), highlight=False)
-    for line in comparison.recommendation:
-        console.print(f"[bold]advice:[/] {escape(line)}", highlight=False)
+    if any(record["questions"] for record in records):  # runs with per-question results
+        if fmt == "markdown":
+            print(f"\n{interval_title(comparison)}\n")
+        _emit(records, fmt, interval_title(comparison), INTERVAL_COLUMNS)
+    for line in comparison_lines(comparison):
+        console.print(line, highlight=False)
 
 
 @app.command()
@@ -208,20 +209,32 @@ def compare(
 def export(
     study: _StudyArgument,
     out: Annotated[Path, typer.Option("-o", "--out", help="A .json or .csv file.")],
+    per_question: Annotated[
+        bool, typer.Option("--per-question", help="A row per trial and validation question.")
+    ] = False,
     storage: StorageOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Every trial with every recorded attribute, to JSON or CSV (by the file's suffix)."""
+    """Every trial with every recorded attribute, or with --per-question each trial's answer to
+    each validation question, to JSON or CSV (by the file's suffix)."""
     from search.query._views import as_csv, as_json
-    from search.query.report import export_rows
+    from search.query.report import export_rows, question_rows
 
     if out.suffix.lower() not in (".json", ".csv"):
         raise _bad_suffix(out, (".json", ".csv"))
     report = _load_report(study, storage)
-    rows = export_rows(report)
+    rows = question_rows(report) if per_question else export_rows(report)
+    if per_question and not rows:
+        raise ConfigError(
+            f"no trial of study '{report.name}' has per-question results (stored with every "
+            "completed trial since ragsweep kept them, not with older ones); launch the spec "
+            "again under a new name (launch --name NEW) to record them"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(as_json(rows) if out.suffix.lower() == ".json" else as_csv(rows))
-    console.print(escape(f"wrote {len(rows)} trials of {report.name} to {out}"))
+    # Retrieved ids, one list per cell: joined with ";" in a CSV, readable without a JSON parser.
+    out.write_text(as_json(rows) if out.suffix.lower() == ".json" else as_csv(rows, joined=";"))
+    what = "answers (a row per trial and question)" if per_question else "trials"
+    console.print(escape(f"wrote {len(rows)} {what} of {report.name} to {out}"))
 
 
 @app.command()
@@ -233,14 +246,18 @@ def plot(
     cost: Annotated[
         str, typer.Option("--cost", help="train_flops, train_device_s, ...")
     ] = "train_flops",
+    resamples: _ResamplesOption = RESAMPLES,
+    seed: _SeedOption = SEED,
     storage: StorageOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Quality against cost for every trial (front marked), and heat maps of coupled LR grids."""
+    """Quality against cost for every trial (front marked, each method's chosen run with its 95%
+    interval as an error bar), and heat maps of coupled LR grids."""
     from search.query.plots import plot_study
 
     report = _load_report(study, storage)
-    console.print(escape(f"wrote {plot_study(report, out, metric=metric, cost=cost)}"))
+    written = plot_study(report, out, metric=metric, cost=cost, resamples=resamples, seed=seed)
+    console.print(escape(f"wrote {written}"))
 
 
 @app.command()
@@ -274,7 +291,6 @@ def reproduce(
     from search.query._views import as_json, reproduction_record, reproduction_report
     from search.query.report import best_of
     from search.query.reproduce import reproduce_trial, stored_config
-    from trainers import ConfigError
 
     _check_format(fmt, ("table", "json"))
     if (trial is None) == (not best_trial):
@@ -312,7 +328,6 @@ def dashboard(
 ) -> None:
     """optuna-dashboard on the study database, on 127.0.0.1 unless --host says otherwise."""
     from search.store import mask_url, open_database, open_storage
-    from trainers import ConfigError
 
     try:
         from optuna_dashboard import run_server
@@ -335,7 +350,6 @@ def dashboard(
 def _query_url(explicit: str | None, study: str | None) -> str:
     """The launch's rule (:func:`search.cli_common.storage_url`) without a spec: the default
     studies/<study>.db, where `make demo` writes it, only when that file exists."""
-    from trainers import ConfigError
 
     default_file = Path("studies") / f"{(study or '').split('/')[0]}.db"
     if explicit or os.environ.get("RAGSWEEP_STORAGE") or (study and default_file.is_file()):
@@ -381,13 +395,6 @@ def _emit(records: list[dict[str, Any]], fmt: str, title: str, columns: Sequence
         console.print(as_table(title, records, columns))
 
 
-def _cell(column: str, value: object) -> str:
-    from search.query._views import cell
-
-    return cell(column, value) + (" " if column == "flops" else "")
-
-
 def _bad_suffix(path: Path, suffixes: tuple[str, ...]) -> RagsweepError:
-    from trainers import ConfigError
 
     return ConfigError(f"'{path}' must end in {' or '.join(suffixes)}; the suffix picks the format")

@@ -1,14 +1,26 @@
-"""The paper's comparison of methods for one study: each method's chosen run, what it cost,
-what its search cost with shared stages, and the advice that follows (``ragsweep compare``)."""
+"""The paper's comparison of methods for one study: each method's chosen run, how sure its
+scores are, what it cost, what its search cost with shared stages, and the advice that follows
+(``ragsweep compare``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
+from search.query.intervals import (
+    RESAMPLES,
+    SEED,
+    Interval,
+    PairedDifference,
+    metric_intervals,
+    paired_difference,
+    question_scores,
+    questions_needed,
+)
 from search.query.report import StudyReport, quality_key, run_cost
 from search.store import QUALITY_METRICS, TrialRecord, best_trial
+from trainers import QuestionResult
 
 __all__ = ["Comparison", "EarlyStopped", "MethodResult", "compare"]
 
@@ -27,6 +39,23 @@ class MethodResult:
     search_stages: Mapping[str, int]  # stage -> trials, every stage the result depends on
     search_flops: float
     search_device_s: float
+    # The chosen run's 95% intervals over its validation questions, by metric (em, f1,
+    # recall_at_k; Recall@k absent without context labels); empty without per-question results.
+    intervals: Mapping[str, Interval] = field(default_factory=dict)
+    # Its paired difference to the best method's run on the comparison's metric; None for the
+    # best itself, or without both runs' per-question results on the same questions.
+    difference: PairedDifference | None = None
+
+    @property
+    def questions(self) -> int | None:
+        """The validation questions its intervals rest on (None without per-question results)."""
+        return max((interval.questions for interval in self.intervals.values()), default=None)
+
+    @property
+    def questions_needed(self) -> int | None:
+        """Validation questions a paired comparison would need to tell it from the best at the
+        observed difference (see :func:`search.query.intervals.questions_needed`)."""
+        return None if self.difference is None else questions_needed(self.difference)
 
 
 @dataclass(frozen=True)
@@ -62,6 +91,10 @@ class Comparison:
     # Stages where early stopping stopped trials, in stage order; empty when none was stopped.
     early_stopped: tuple[EarlyStopped, ...] = ()
     work_device_s: float = 0.0  # training + evaluation device seconds of every trial of the study
+    metric: str = "f1"  # the metric methods are ranked and paired on
+    best: str | None = None  # the method whose chosen run scores highest on it
+    resamples: int = RESAMPLES  # the bootstrap's resamples and seed, for every interval
+    seed: int = SEED
 
     def saved_device_s(self, stages: Iterable[str] | None = None) -> float:
         """Device seconds early stopping saved (estimate) over ``stages`` (default: all), counting
@@ -77,28 +110,51 @@ class Comparison:
         )
 
 
-def compare(report: StudyReport, metric: str | None = None) -> Comparison:
-    """The paper's table: each method's best run on validation, its cost and its search's cost.
+def compare(
+    report: StudyReport,
+    metric: str | None = None,
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Comparison:
+    """The paper's table: each method's best run on validation, how sure its scores are, its
+    cost and its search's cost.
 
     A method's search cost counts the earlier stages the plan says it built on: a study whose
-    stored spec cannot be read is refused in one line rather than shown without them.
+    stored spec cannot be read is refused in one line rather than shown without them. Intervals
+    are bootstraps over the chosen runs' validation questions (:mod:`search.query.intervals`,
+    ``resamples`` and ``seed``); each method is paired with the best method's run on ``metric``.
     """
     report.needs_plan("compare", "the stages each method's search ran")
     metric_key = quality_key(metric or _first_objective(report))
+    chosen = {
+        method: best_trial(
+            [row for row in report.trials if row.method == method and row.stage == method],
+            metric_key,
+        )
+        for method in report.methods
+    }
+    scored = {method: row for method, row in chosen.items() if row is not None}
+    # The same rule as best_trial: ties go to the first method in the spec's order.
+    best = max(scored, key=lambda method: scored[method].metrics[metric_key], default=None)
+    reference = scored[best].questions if best is not None else None
     rows = []
-    for method in report.methods:
-        own = [row for row in report.trials if row.method == method and row.stage == method]
-        chosen = best_trial(own, metric_key)
+    for method, row in chosen.items():
         stages = _search_stages(report, method)
+        questions = row.questions if row is not None else None
         rows.append(
             MethodResult(
                 method=method,
-                chosen=chosen,
-                run_flops=run_cost(report, chosen, "train_flops") if chosen else None,
-                run_device_s=run_cost(report, chosen, "train_device_s") if chosen else None,
+                chosen=row,
+                run_flops=run_cost(report, row, "train_flops") if row else None,
+                run_device_s=run_cost(report, row, "train_device_s") if row else None,
                 search_stages=stages,
                 search_flops=report.spent(stages, "train_flops"),
                 search_device_s=report.spent(stages, "train_device_s"),
+                intervals=metric_intervals(questions, resamples=resamples, seed=seed),
+                difference=None
+                if method == best or questions is None or reference is None
+                else _paired(questions, reference, metric_key, resamples=resamples, seed=seed),
             )
         )
     every_stage = {stage: report.finished(stage) for stage in report.stages}
@@ -107,10 +163,41 @@ def compare(report: StudyReport, metric: str | None = None) -> Comparison:
         total_trials=sum(every_stage.values()),
         total_flops=report.spent(every_stage, "train_flops"),
         total_device_s=report.spent(every_stage, "train_device_s"),
-        notes=tuple(_sharing_notes(report, rows)),
-        recommendation=tuple(_recommendation(report, rows, metric_key)),
+        notes=tuple(_sharing_notes(report, rows)) + tuple(_interval_notes(rows, best)),
+        recommendation=tuple(
+            _recommendation(report, rows, metric_key, best, resamples=resamples, seed=seed)
+        ),
         early_stopped=tuple(_early_stopped(report)),
         work_device_s=sum(report.spent(every_stage, figure) for figure in _WORK),
+        metric=metric_key,
+        best=best,
+        resamples=resamples,
+        seed=seed,
+    )
+
+
+def _paired(
+    questions: Sequence[QuestionResult],
+    reference: Sequence[QuestionResult],
+    metric: str,
+    *,
+    resamples: int,
+    seed: int,
+) -> PairedDifference | None:
+    """``questions`` minus ``reference`` on ``metric``, question by question, matched by id;
+    None when the two runs were not scored on the same questions."""
+    by_id = {question.id: question for question in questions}
+    reference_ids = {question.id for question in reference}
+    if len(by_id) != len(questions) or len(reference_ids) != len(reference):
+        return None  # question ids are not unique: no pairing can be trusted
+    if set(by_id) != reference_ids:
+        return None
+    aligned = [by_id[question.id] for question in reference]
+    return paired_difference(
+        question_scores(aligned, metric),
+        question_scores(reference, metric),
+        resamples=resamples,
+        seed=seed,
     )
 
 
@@ -164,19 +251,34 @@ def _sharing_notes(report: StudyReport, rows: Sequence[MethodResult]) -> Iterabl
 
 
 def _recommendation(
-    report: StudyReport, rows: Sequence[MethodResult], metric_key: str
+    report: StudyReport,
+    rows: Sequence[MethodResult],
+    metric_key: str,
+    best: str | None,
+    *,
+    resamples: int,
+    seed: int,
 ) -> Iterable[str]:
-    """The paper's advice (docs/METHOD.md, "Search cost"), applied to this study's results."""
+    """The paper's advice (docs/METHOD.md, "Search cost"), applied to this study's results, and
+    whether the data can tell the leading methods apart."""
+    by_method = {r.method: r for r in rows}
     chosen = {r.method: r.chosen for r in rows if r.chosen is not None}
     run_s = {r.method: r.run_device_s for r in rows}
-    if not chosen:
+    if not chosen or best is None:
         return
     score = {method: row.metrics[metric_key] for method, row in chosen.items()}
-    best = max(score, key=score.__getitem__)
+    interval = by_method[best].intervals.get(metric_key)
+    sureness = (
+        f"95% interval {interval.low:.3f} to {interval.high:.3f} over {interval.questions} "
+        "questions; "
+        if interval is not None
+        else ""
+    )
     yield (
-        f"best on validation {metric_key}: {best} ({score[best]:.3f}, lr_embedder "
+        f"best on validation {metric_key}: {best} ({score[best]:.3f}, {sureness}lr_embedder "
         f"{_rate(chosen[best].lr_embedder)}, lr_generator {_rate(chosen[best].lr_generator)})"
     )
+    yield from _distinguishable(rows, metric_key, best, resamples=resamples, seed=seed)
     labels = any(row.has_context_labels for row in report.trials)
     if labels:
         pick = "independent"
@@ -194,8 +296,18 @@ def _recommendation(
         advice += f"; here it is the best method ({score[pick]:.3f})"
     elif pick in score:
         advice += (
-            f"; here it reached {score[pick]:.3f} ({score[pick] - score[best]:+.3f} from the best)"
+            f"; here it reached {score[pick]:.3f} ({score[pick] - score[best]:+.3f} from the best"
         )
+        difference = by_method[pick].difference
+        if difference is not None and difference.sd == 0.0 and difference.interval.mean == 0.0:
+            advice += f", the same {metric_key} on every question"
+        elif difference is not None:
+            within = "within" if not difference.distinguishable else "beyond"
+            advice += (
+                f", {within} noise: paired 95% interval {difference.interval.low:+.3f} to "
+                f"{difference.interval.high:+.3f}"
+            )
+        advice += ")"
         if run_s.get(pick) is not None and run_s.get(best):
             advice += f" at {run_s[pick] / run_s[best]:.2f}x the best run's training time"  # type: ignore[operator]
     yield advice
@@ -205,6 +317,72 @@ def _recommendation(
             f"with the learning rates now known (lr_embedder {_rate(known.lr_embedder)}, "
             f"lr_generator {_rate(known.lr_generator)}), the paper's advice for more data of this "
             "kind is one joint run (rag_token) instead of an n x m grid"
+        )
+
+
+def _distinguishable(
+    rows: Sequence[MethodResult], metric_key: str, best: str, *, resamples: int, seed: int
+) -> Iterable[str]:
+    """Which methods the data cannot tell from the best, and how many questions would."""
+    if not any(r.intervals for r in rows if r.chosen is not None):
+        yield (
+            "how far apart these methods really are is unknown: their chosen runs have no "
+            "per-question results (trials stored before ragsweep kept them), which intervals "
+            "need; launch the spec again under a new name (launch --name NEW) to record them"
+        )
+        return
+    paired = sorted(
+        ((r, r.difference) for r in rows if r.difference is not None),
+        key=lambda pair: -pair[1].interval.mean,  # closest to the best first
+    )
+    if not paired:
+        return
+    how = f"{resamples} bootstrap resamples, seed {seed}"
+    questions = max(difference.interval.questions for _, difference in paired)
+    close = [(r, difference) for r, difference in paired if not difference.distinguishable]
+    if not close:
+        yield (
+            f"the data tells {best} apart from every other method on {metric_key}: each paired "
+            f"95% interval of the difference excludes 0 ({questions} questions, {how})"
+        )
+        return
+    needs = [
+        f"{r.method} ({difference.interval.mean:+.3f}): about {r.questions_needed}"
+        for r, difference in close
+        if r.questions_needed is not None
+    ]
+    same = [r.method for r, _ in close if r.questions_needed is None]
+    if same:
+        needs.append(f"no difference observed for {', '.join(same)}")
+    yield (
+        f"the data cannot tell {best} apart from {', '.join(r.method for r, _ in close)} on "
+        f"{metric_key}: their paired 95% intervals of the difference to {best} contain 0 "
+        f"({questions} questions, {how}); validation questions a paired comparison would need "
+        f"to tell each from {best} at the observed difference (95% two-sided, 80% power): "
+        + "; ".join(needs)
+    )
+
+
+def _interval_notes(rows: Sequence[MethodResult], best: str | None) -> Iterable[str]:
+    """Methods left without intervals or without a paired difference, and why."""
+    runs = [r for r in rows if r.chosen is not None]
+    if not any(r.intervals for r in runs):
+        return  # the advice says it for the whole table
+    missing = [r.method for r in runs if not r.intervals]
+    if missing:
+        yield (
+            f"no intervals for {', '.join(missing)}: their chosen runs have no per-question "
+            "results (stored before ragsweep kept them)"
+        )
+    by_method = {r.method: r for r in runs}
+    if best is not None and not by_method[best].intervals:
+        yield (f"no paired differences: the best method's run ({best}) has no per-question results")
+        return
+    unpaired = [r.method for r in runs if r.intervals and r.method != best and r.difference is None]
+    if unpaired:
+        yield (
+            f"no paired difference to {best} for {', '.join(unpaired)}: their runs were not "
+            "scored on the same validation questions"
         )
 
 

@@ -1,4 +1,5 @@
-"""Pictures of a study: quality against cost for every trial, and learning-rate heat maps.
+"""Pictures of a study: quality against cost for every trial, each method's chosen run with the
+95% interval of its score, and learning-rate heat maps.
 
 Drawn with matplotlib (Agg, no display needed); the file type follows the suffix (png, svg, pdf).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from search.query.intervals import RESAMPLES, SEED, metric_intervals
 from search.query.report import StudyReport, pareto_front
 from search.store import METRIC_NAMES, TrialRecord
 from trainers import ConfigError
@@ -31,10 +33,20 @@ _SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def plot_study(
-    report: StudyReport, out: Path, *, metric: str = "f1", cost: str = "train_flops"
+    report: StudyReport,
+    out: Path,
+    *,
+    metric: str = "f1",
+    cost: str = "train_flops",
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
 ) -> Path:
     """Write the picture to ``out``; one panel of quality against cost, plus one heat map for each
-    stage that searched both learning rates together (a coupled grid)."""
+    stage that searched both learning rates together (a coupled grid).
+
+    Each method's chosen run (its best in its own stage, as ``compare`` picks it) carries its 95%
+    bootstrap interval over the validation questions as an error bar, where the run has
+    per-question results (``resamples`` and ``seed`` as in :mod:`search.query.intervals`)."""
     if out.suffix.lower() not in _SUFFIXES:
         raise ConfigError(
             f"plot file '{out}' must end in {', '.join(_SUFFIXES)}; pick one, e.g. -o {out.with_suffix('.png')}"
@@ -55,6 +67,7 @@ def plot_study(
         1, 1 + len(grids), figsize=(9.5 + 4.5 * len(grids), 5), squeeze=False
     )
     _quality_cost(axes[0][0], points, front, metric, cost)
+    _error_bars(axes[0][0], points, metric, cost, resamples=resamples, seed=seed)
     for axis, (stage, rows) in zip(axes[0][1:], grids.items(), strict=True):
         _heat_map(figure, axis, stage, rows, metric)
     figure.suptitle(f"ragsweep study '{report.name}': {len(points)} completed trials")
@@ -106,6 +119,45 @@ def _quality_cost(
     axis.set_ylabel(f"validation {metric.upper()}")
     axis.set_title(f"{metric.upper()} against cost, one point per trial")
     axis.grid(True, alpha=0.3)
+
+
+def _error_bars(
+    axis: Axes, points: list[_Point], metric: str, cost: str, *, resamples: int, seed: int
+) -> None:
+    """Each method's chosen run's 95% interval as a vertical bar, then the legend."""
+    import matplotlib.pyplot as plt
+
+    key = METRIC_NAMES[metric]
+    colours = plt.get_cmap("tab10")
+    scale, _ = _COST_SCALES.get(cost, (1.0, ""))
+    methods = list(dict.fromkeys(row.method for row, _, _ in points))
+    label = (
+        f"95% interval of each method's chosen run\n(bootstrap over validation questions,\n"
+        f"{resamples} resamples, seed {seed})"
+    )
+    for index, method in enumerate(methods):
+        own = [point for point in points if point[0].method == method and point[0].stage == method]
+        if not own:
+            continue
+        row, value, price = max(own, key=lambda point: point[1])  # the first of equals
+        interval = metric_intervals(row.questions, resamples=resamples, seed=seed).get(key)
+        if interval is None:
+            continue
+        # The bar spans the interval even where the stored score and the questions' mean
+        # differ in the last digits.
+        axis.errorbar(
+            [price / scale],
+            [value],
+            yerr=[[max(0.0, value - interval.low)], [max(0.0, interval.high - value)]],
+            fmt="none",
+            ecolor=colours(index % 10),
+            elinewidth=1.5,
+            capsize=5,
+            alpha=0.7,
+            zorder=2.5,  # behind the points, which stay visible where methods overlap
+            label=label,
+        )
+        label = "_nolegend_"  # one legend entry for every bar
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "load_study",
     "pareto_front",
     "quality_key",
+    "question_rows",
     "run_cost",
     "select_trials",
     "summarize_studies",
@@ -292,6 +293,32 @@ def export_row(report: StudyReport, row: TrialRecord) -> dict[str, Any]:
         "metrics": dict(row.metrics),
         **row.attributes(),
     }
+
+
+def question_rows(report: StudyReport) -> list[dict[str, Any]]:
+    """One row per trial and validation question, for every trial with stored per-question
+    results (:attr:`TrialRecord.questions`), in trial then question order: the trial, its
+    rates, and the question's id, prediction, EM, F1, recall (None without context labels) and
+    retrieved ids."""
+    rows = []
+    for row in report.trials:
+        for question in row.questions or ():
+            rows.append(
+                {
+                    "stage": row.stage,
+                    "trial": row.id,
+                    "method": row.method,
+                    "lr_embedder": row.lr_embedder,
+                    "lr_generator": row.lr_generator,
+                    "question_id": question.id,
+                    "prediction": question.prediction,
+                    "em": question.em,
+                    "f1": question.f1,
+                    "recall": question.recall,
+                    "retrieved": list(question.retrieved),
+                }
+            )
+    return rows
 
 
 # --- loading ---------------------------------------------------------------------------------------

@@ -262,10 +262,19 @@ def test_markdown_gives_the_tables_for_docs(study):
     name, url = study
     compare = ragsweep("compare", name, "--storage", url, "--format", "markdown")
     assert compare.returncode == 0, compare.stderr
-    rows = [line for line in compare.stdout.splitlines() if line.startswith("|")]
-    assert rows[0].startswith("| method | lr E | lr G | EM | F1 | Recall@k |")
-    assert rows[1] == "|" + "---|" * rows[0].count(" | ") + "---|"
-    assert [row.split(" | ")[0].removeprefix("| ") for row in rows[2:]] == load_spec(DEMO).methods
+    # The table of results, then the table of their intervals (every trial stores its answers).
+    results, intervals = (
+        [line for line in table.splitlines() if line.startswith("|")]
+        for table in compare.stdout.split("\n\n")[:3:2]
+    )
+    for rows in (results, intervals):
+        assert rows[1] == "|" + "---|" * rows[0].count(" | ") + "---|"
+        assert [row.split(" | ")[0].removeprefix("| ") for row in rows[2:]] == load_spec(
+            DEMO
+        ).methods
+    assert results[0].startswith("| method | lr E | lr G | EM | F1 | Recall@k |")
+    assert intervals[0].startswith("| method | trial | questions | EM 95% | F1 95% |")
+    assert "2000 resamples, seed 0" in compare.stdout
     assert "whole study: 10 trials" in compare.stdout  # the notes follow the table
     trials = ragsweep("trials", name, "--storage", url, "--format", "markdown")
     assert trials.returncode == 0, trials.stderr
