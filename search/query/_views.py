@@ -156,6 +156,7 @@ def reproduction_record(reproduction: Reproduction) -> dict[str, Any]:
         "differences": reproduction.differences,
         "tolerance": reproduction.tolerance,
         "matches": reproduction.matches,
+        "same_answers": reproduction.same_answers,
         "drift": [
             {"field": field, "recorded": before, "now": after}
             for field, before, after in reproduction.drift
@@ -358,6 +359,12 @@ def reproduction_report(reproduction: Reproduction) -> list[Table | str]:
     else:
         parts.append("environment: same versions, commit and hardware as recorded")
     parts += [escape(f"saved {name}: {path}") for name, path in reproduction.saved.items()]
+    if reproduction.same_answers is not None:
+        same, questions = reproduction.same_answers
+        parts.append(
+            f"answers: {same} of {questions} validation questions with the same prediction and "
+            "retrieved documents as recorded"
+        )
     verdict = "match" if reproduction.matches else "DIFFER"
     parts.append(
         f"metrics {verdict} within the tolerance of {reproduction.tolerance:g} "

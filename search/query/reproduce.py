@@ -7,6 +7,7 @@ per-phase seed, so a reproduction needs no file from the original run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from search.store import QUALITY_METRICS, TrialRecord, rung_text
-from trainers import ConfigError, TrialConfig, method_phases
+from trainers import ConfigError, QuestionResult, TrialConfig, method_phases
 
 __all__ = ["Reproduction", "reproduce_trial", "stored_config"]
 
@@ -29,6 +30,9 @@ class Reproduction:
     tolerance: float
     drift: list[tuple[str, str, str]]  # (field, recorded, now)
     saved: dict[str, Path]  # "embedder", "generator", "merged generator" -> folder
+    # Questions answered and retrieved for as recorded, of those recorded (None: the trial has
+    # no per-question results, or they were not of the same questions).
+    same_answers: tuple[int, int] | None = None
 
     @property
     def differences(self) -> dict[str, float]:
@@ -129,7 +133,22 @@ def reproduce_trial(
         tolerance=tolerance,
         drift=_drift(environment, environment_record()),
         saved=_saved_models(config, out_dir, merged) if out_dir else {},
+        same_answers=_same_answers(trial.questions, result.questions),
     )
+
+
+def _same_answers(
+    recorded: Sequence[QuestionResult] | None, reproduced: Sequence[QuestionResult]
+) -> tuple[int, int] | None:
+    """(questions with the same prediction and retrieved documents, questions) over the
+    recorded questions; None without them or when the questions are not the same."""
+    if recorded is None or [q.id for q in recorded] != [q.id for q in reproduced]:
+        return None
+    same = sum(
+        (before.prediction, before.retrieved) == (after.prediction, after.retrieved)
+        for before, after in zip(recorded, reproduced, strict=True)
+    )
+    return same, len(recorded)
 
 
 def _drift(recorded: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, str, str]]:

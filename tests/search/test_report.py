@@ -415,6 +415,9 @@ def test_reproduce_best_gives_the_recorded_metrics_and_saves_the_models(study, t
     report = json.loads(result.stdout)
     assert report["matches"] and report["recorded"] == report["reproduced"]
     assert set(report["recorded"]) >= {"em", "f1"}
+    # Every validation question answered and retrieved for as recorded, not only the means.
+    same, questions = report["same_answers"]
+    assert same == questions > 0
     best = query_json("best", name, "--storage", url)
     assert report["trial"] == best["trial"]
     saved = report["saved"]
