@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+from search.query._compare_notes import distinguishable, held_out_notes, interval_notes
 from search.query.intervals import (
     RESAMPLES,
     SEED,
@@ -163,7 +164,11 @@ def compare(
         total_trials=sum(every_stage.values()),
         total_flops=report.spent(every_stage, "train_flops"),
         total_device_s=report.spent(every_stage, "train_device_s"),
-        notes=tuple(_sharing_notes(report, rows)) + tuple(_interval_notes(rows, best)),
+        notes=(
+            *_sharing_notes(report, rows),
+            *interval_notes(rows, best),
+            *held_out_notes(rows, metric_key),
+        ),
         recommendation=tuple(
             _recommendation(report, rows, metric_key, best, resamples=resamples, seed=seed)
         ),
@@ -278,7 +283,7 @@ def _recommendation(
         f"best on validation {metric_key}: {best} ({score[best]:.3f}, {sureness}lr_embedder "
         f"{_rate(chosen[best].lr_embedder)}, lr_generator {_rate(chosen[best].lr_generator)})"
     )
-    yield from _distinguishable(rows, metric_key, best, resamples=resamples, seed=seed)
+    yield from distinguishable(rows, metric_key, best, resamples=resamples, seed=seed)
     labels = any(row.has_context_labels for row in report.trials)
     if labels:
         pick = "independent"
@@ -317,72 +322,6 @@ def _recommendation(
             f"with the learning rates now known (lr_embedder {_rate(known.lr_embedder)}, "
             f"lr_generator {_rate(known.lr_generator)}), the paper's advice for more data of this "
             "kind is one joint run (rag_token) instead of an n x m grid"
-        )
-
-
-def _distinguishable(
-    rows: Sequence[MethodResult], metric_key: str, best: str, *, resamples: int, seed: int
-) -> Iterable[str]:
-    """Which methods the data cannot tell from the best, and how many questions would."""
-    if not any(r.intervals for r in rows if r.chosen is not None):
-        yield (
-            "how far apart these methods really are is unknown: their chosen runs have no "
-            "per-question results (trials stored before ragsweep kept them), which intervals "
-            "need; launch the spec again under a new name (launch --name NEW) to record them"
-        )
-        return
-    paired = sorted(
-        ((r, r.difference) for r in rows if r.difference is not None),
-        key=lambda pair: -pair[1].interval.mean,  # closest to the best first
-    )
-    if not paired:
-        return
-    how = f"{resamples} bootstrap resamples, seed {seed}"
-    questions = max(difference.interval.questions for _, difference in paired)
-    close = [(r, difference) for r, difference in paired if not difference.distinguishable]
-    if not close:
-        yield (
-            f"the data tells {best} apart from every other method on {metric_key}: each paired "
-            f"95% interval of the difference excludes 0 ({questions} questions, {how})"
-        )
-        return
-    needs = [
-        f"{r.method} ({difference.interval.mean:+.3f}): about {r.questions_needed}"
-        for r, difference in close
-        if r.questions_needed is not None
-    ]
-    same = [r.method for r, _ in close if r.questions_needed is None]
-    if same:
-        needs.append(f"no difference observed for {', '.join(same)}")
-    yield (
-        f"the data cannot tell {best} apart from {', '.join(r.method for r, _ in close)} on "
-        f"{metric_key}: their paired 95% intervals of the difference to {best} contain 0 "
-        f"({questions} questions, {how}); validation questions a paired comparison would need "
-        f"to tell each from {best} at the observed difference (95% two-sided, 80% power): "
-        + "; ".join(needs)
-    )
-
-
-def _interval_notes(rows: Sequence[MethodResult], best: str | None) -> Iterable[str]:
-    """Methods left without intervals or without a paired difference, and why."""
-    runs = [r for r in rows if r.chosen is not None]
-    if not any(r.intervals for r in runs):
-        return  # the advice says it for the whole table
-    missing = [r.method for r in runs if not r.intervals]
-    if missing:
-        yield (
-            f"no intervals for {', '.join(missing)}: their chosen runs have no per-question "
-            "results (stored before ragsweep kept them)"
-        )
-    by_method = {r.method: r for r in runs}
-    if best is not None and not by_method[best].intervals:
-        yield (f"no paired differences: the best method's run ({best}) has no per-question results")
-        return
-    unpaired = [r.method for r in runs if r.intervals and r.method != best and r.difference is None]
-    if unpaired:
-        yield (
-            f"no paired difference to {best} for {', '.join(unpaired)}: their runs were not "
-            "scored on the same validation questions"
         )
 
 

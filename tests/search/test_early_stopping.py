@@ -151,6 +151,19 @@ def test_trials_shows_where_pruned_trials_stopped(pruned_study, cache_dir):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("early_stopping")
+def test_compare_gives_each_chosen_runs_held_out_test_score(pruned_study, cache_dir):
+    _, url, _, _ = pruned_study
+    trials = read_trials(optuna.load_study(study_name="early/ft_gen", storage=open_storage(url)))
+    (chosen,) = (trial for trial in trials if trial.lr_generator == 3e-3)
+    compared = ragsweep("compare", "early", "--storage", url, cache_dir=cache_dir)
+    assert compared.returncode == 0, compared.stderr
+    flat = " ".join(compared.stdout.split())
+    assert "held-out test f1 of each chosen run" in flat
+    assert f"ft_gen {chosen.metrics['test_f1']:.3f}" in flat
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("early_stopping")
 def test_reproduce_refuses_a_pruned_trial_in_one_line(pruned_study, cache_dir):
     _, url, _, _ = pruned_study
     trials = read_trials(optuna.load_study(study_name="early/ft_gen", storage=open_storage(url)))
