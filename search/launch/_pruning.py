@@ -39,9 +39,9 @@ __all__ = [
     "RUNG_KEY",
     "RungPruner",
     "RungStops",
-    "signal_attr",
     "read_rung_report",
     "rung_report",
+    "signal_attr",
     "stage_pruner",
 ]
 
