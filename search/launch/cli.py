@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Mapping
 from contextlib import ExitStack
@@ -153,6 +154,10 @@ def launch(
     )
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ctrl-C must stop a launch. A process inherits its parent's blocked signals, and some tools
+    # block SIGINT in their workers (pytest-xdist's, here): Ctrl-C then stayed pending and the
+    # launch ran to its end. Unblocked, not un-ignored: a shell ignores it for background jobs.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     plan = make_plan(study)
     first = study.objectives[0]
     progress = LaunchProgress(plan, first.metric, first.direction == "maximize", console)
