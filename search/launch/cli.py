@@ -154,9 +154,10 @@ def launch(
     )
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Ctrl-C must stop a launch. A process inherits its parent's blocked signals, and some tools
-    # block SIGINT in their workers (pytest-xdist's, here): Ctrl-C then stayed pending and the
-    # launch ran to its end. Unblocked, not un-ignored: a shell ignores it for background jobs.
+    # Ctrl-C must stop a launch. A process inherits its parent's blocked signals: started from a
+    # process that had SIGINT blocked (a pytest-xdist worker, after earlier tests had loaded their
+    # libraries), the launch left Ctrl-C pending and ran to its end. Unblocked, not un-ignored: a
+    # shell ignores SIGINT for its background jobs on purpose.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     plan = make_plan(study)
     first = study.objectives[0]
