@@ -73,7 +73,11 @@ def launch_process(
     """``ragsweep launch`` in a subprocess; ``own_group``: in its own process group, as a
     terminal runs a command (Ctrl-C signals the whole group); ``prelude``: Python run first."""
     env = os.environ | {"RAGSWEEP_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
-    program = f"{prelude}\nfrom search.cli import main; main()"
+    # As a terminal starts it: Ctrl-C neither blocked nor ignored, whatever this worker process
+    # inherited or was left with by libraries earlier tests loaded.
+    terminal = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    terminal += "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
+    program = f"{terminal}{prelude}\nfrom search.cli import main; main()"
     command = [sys.executable, "-c", program, "launch", str(spec)]
     command += ["--storage", storage_url, "--runs-dir", str(spec.parent / "runs"), *args]
     return subprocess.Popen(
