@@ -162,7 +162,8 @@ def _early_stopping_note(early_stopping: EarlyStopping) -> str:
         "stops more or fewer: a trial trailing the best by less than "
         f"{early_stopping.noise_z:g} standard errors of their paired difference goes on, and "
         "the order trials run in decides how many reach a rung behind a better one (the first "
-        "to reach a rung always goes on; a grid runs from its largest rates down)"
+        "to reach a rung always goes on; a grid runs a LoRA generator's rates from the largest "
+        "down and a fully fine-tuned model's from the smallest up)"
     )
 
 

@@ -13,6 +13,7 @@ import optuna
 import pytest
 import yaml
 
+from search.launch._optuna_search import _run_order
 from search.launch._pruning import RungPruner, signal_attr
 from search.launch.dispatch import launch
 from search.spec import StudySpec, load_spec
@@ -22,7 +23,7 @@ from tests.tiny import TINY_SPEC
 
 # 3e-3 trains; the others cannot move the model, so at each rung they trail 3e-3's signal: at
 # the first by less than the signal's resolution (0.05 nats) plus its noise, at the second by more.
-# Listed rising: with early stopping a stage runs its grid from the largest rate down.
+# Listed rising: with early stopping a stage runs a LoRA generator's grid from the largest rate down.
 RATES = [1e-30, 2e-30, 3e-30, 3e-3]
 
 
@@ -265,3 +266,27 @@ def _spec(folder: Path, fields: dict) -> StudySpec:
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(TINY_SPEC | fields))
     return load_spec(path)
+
+
+@pytest.mark.parametrize(
+    ("finetune", "generator_first"), [("lora", 1e-3), ("full", 1e-5)], ids=["lora", "full"]
+)
+def test_a_grid_runs_its_most_promising_rates_first(tmp_path, finetune, generator_first):
+    """A LoRA generator's largest rate first, a fully fine-tuned model's (the embedder's) smallest;
+    without early stopping the grid runs as listed."""
+    grid = [
+        {"lr_embedder": embedder, "lr_generator": generator}
+        for embedder in [1e-6, 1e-5, 1e-4]
+        for generator in [1e-5, 1e-4, 1e-3]
+    ]
+    models = TINY_SPEC["models"] | {"generator_finetune": finetune}
+    stopping = _spec(tmp_path, {"models": models, "search": {"early_stopping": True}})
+    assert _run_order(grid, stopping)[0] == {"lr_embedder": 1e-6, "lr_generator": generator_first}
+    embedder_only = [{"lr_embedder": rate} for rate in [1e-4, 1e-6, 1e-5]]
+    assert [point["lr_embedder"] for point in _run_order(embedder_only, stopping)] == [
+        1e-6,
+        1e-5,
+        1e-4,
+    ]
+    listed = _spec(tmp_path, {"models": models})
+    assert _run_order(grid, listed) == grid
