@@ -77,10 +77,14 @@ _COMPARED = (
 class RungPruner(optuna.pruners.BasePruner):
     """Asynchronous successive halving at every rung a trial reports, stopping only clear losers.
 
-    A trial stops at a rung when (1) its value there is not among the best ``1 / reduction_factor``
-    of the values its study's trials (complete, pruned or running) reported at that rung so far,
-    itself included (while fewer than ``reduction_factor`` have, when it is not the best), as
-    Optuna's SuccessiveHalvingPruner decides at its rungs; and (2) over the questions both
+    At each report a trial is judged at the furthest rung it shares with another trial (complete,
+    pruned or running): its latest, or, when no other trial has reached that one yet, the latest
+    where one has. Judged at its latest rung alone, a trial that got to each rung first (trials
+    started together run in step, a few seconds apart) would never meet a rival and would run to
+    the end, so what is saved would depend on who was a few seconds ahead. It stops there when
+    (1) its value is not among the best ``1 / reduction_factor`` of the values reported at that
+    rung, itself included (while fewer than ``reduction_factor`` have, when it is not the best),
+    as Optuna's SuccessiveHalvingPruner decides at its rungs; and (2) over the questions both
     signals read, it trails the rung's best trial by a mean paired difference that exceeds the
     signal's resolution by more than ``noise_z`` standard errors of that difference (a one-sided
     test that the gap is larger than what matters; ``noise_z`` 0: (1) alone). Without
@@ -94,27 +98,35 @@ class RungPruner(optuna.pruners.BasePruner):
         self.noise_z = noise_z
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        rung = trial.last_step
-        if rung is None:
+        if trial.last_step is None:
             return False
-        value = trial.intermediate_values[rung]
-        if not math.isfinite(value):
+        if not math.isfinite(trial.intermediate_values[trial.last_step]):
             return True
-        # A trial that failed after the rung is no standard: beside it every other could stop.
+        # A trial that failed after a rung is no standard: beside it every other could stop.
         others = [
             other
             for other in study.get_trials(deepcopy=False, states=_COMPARED)
-            if other.number != trial.number and rung in other.intermediate_values
+            if other.number != trial.number
         ]
+        shared = [
+            rung
+            for rung in trial.intermediate_values
+            if any(rung in other.intermediate_values for other in others)
+        ]
+        if not shared:
+            return False
+        rung = max(shared)
+        rivals = [other for other in others if rung in other.intermediate_values]
+        value = trial.intermediate_values[rung]
         maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
         competing = sorted(
-            [value, *(other.intermediate_values[rung] for other in others)], reverse=maximize
+            [value, *(other.intermediate_values[rung] for other in rivals)], reverse=maximize
         )  # best first
         kept = max(1, len(competing) // self.reduction_factor)
         worst_kept = competing[kept - 1]
         if not (value < worst_kept if maximize else value > worst_kept):
             return False
-        best = (max if maximize else min)(others, key=lambda other: other.intermediate_values[rung])
+        best = (max if maximize else min)(rivals, key=lambda other: other.intermediate_values[rung])
         return self._trails_beyond_noise(trial, best, rung, maximize)
 
     def _trails_beyond_noise(

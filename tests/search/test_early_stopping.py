@@ -204,12 +204,48 @@ def test_the_pruner_does_not_measure_against_a_trial_that_failed():
 
 
 def _report(study: optuna.Study, per_question: dict[str, float], resolution: float = 0.0) -> bool:
-    """A new trial's rung-1 signal, per question and its mean, as a launch stores it: whether it
-    is stopped."""
-    trial = study.ask()
-    trial.set_user_attr(signal_attr(1), {"resolution": resolution, "per_question": per_question})
-    trial.report(statistics.fmean(per_question.values()), step=1)
+    """A new trial's rung-1 signal: whether it is stopped."""
+    return _signal(study.ask(), 1, per_question, resolution)
+
+
+def _signal(
+    trial: optuna.Trial, rung: int, per_question: dict[str, float], resolution: float = 0.0
+) -> bool:
+    """The trial's signal at ``rung``, per question and its mean, as a launch stores it: whether
+    it is stopped."""
+    trial.set_user_attr(signal_attr(rung), {"resolution": resolution, "per_question": per_question})
+    trial.report(statistics.fmean(per_question.values()), step=rung)
     return trial.should_prune()
+
+
+def _shifted(per_question: dict[str, float], by: float) -> dict[str, float]:
+    return {question: value + by for question, value in per_question.items()}
+
+
+SIGNAL = {"q1": -1.0, "q2": -2.0, "q3": -0.8, "q4": -1.5}
+
+
+def test_a_trial_first_at_a_rung_is_judged_at_the_last_rung_it_shares():
+    """Trials started together run in step: the trailing one reaches each rung a moment before
+    the better one. At its second rung, alone there, it is judged at the first, which the better
+    trial has reached since, and stops."""
+    study = optuna.create_study(direction="maximize", pruner=RungPruner(2, noise_z=2.0))
+    trailing, better = study.ask(), study.ask()
+    assert not _signal(trailing, 1, _shifted(SIGNAL, -1.0))  # alone at rung 1
+    assert not _signal(better, 1, SIGNAL)
+    assert _signal(trailing, 2, _shifted(SIGNAL, -0.5))
+
+
+def test_a_trial_that_overtakes_is_judged_where_it_caught_up():
+    """Behind at the first rung (first there, so not stopped) and ahead at the second: the
+    second rung, which both reached, decides."""
+    study = optuna.create_study(direction="maximize", pruner=RungPruner(2, noise_z=2.0))
+    slow_starter, early_leader = study.ask(), study.ask()
+    assert not _signal(slow_starter, 1, _shifted(SIGNAL, -1.0))
+    assert not _signal(early_leader, 1, SIGNAL)
+    assert not _signal(early_leader, 2, _shifted(SIGNAL, 0.2))
+    assert not _signal(slow_starter, 2, _shifted(SIGNAL, 0.5))
+    assert _signal(early_leader, 3, _shifted(SIGNAL, 0.2))  # alone at 3, behind at 2 beyond noise
 
 
 @pytest.mark.parametrize(
