@@ -161,9 +161,10 @@ def _early_stopping_note(early_stopping: EarlyStopping) -> str:
         "and pay every signal; stages of one trial or that train nothing stop none. A launch "
         "stops more or fewer: a trial trailing the best by less than "
         f"{early_stopping.noise_z:g} standard errors of their paired difference goes on, and "
-        "the order trials run in decides how many reach a rung behind a better one (the first "
-        "to reach a rung always goes on; a grid runs a LoRA generator's rates from the largest "
-        "down and a fully fine-tuned model's from the smallest up)"
+        "the order trials run in decides how many reach a rung behind a better one (one first at "
+        "a rung goes on, and is judged there at its next rung if a rival has reached it since; "
+        "a grid runs a LoRA generator's rates from the largest down and a fully fine-tuned "
+        "model's from the smallest up)"
     )
 
 

@@ -533,7 +533,7 @@ def test_plan_shows_the_forecast_with_early_stopping_beside_the_full_grid_only_w
     assert f"with early stopping {_duration_text(plan.early_stopping_forecast_s)}" in text
     flat = " ".join(text.split())
     assert "max(1, n / 3^j) go on past rung j" in flat and "32 validation prompts" in flat
-    assert "the first to reach a rung always goes on" in flat and "2 standard errors" in flat
+    assert "one first at a rung goes on" in flat and "2 standard errors" in flat
     assert "early stopping" not in _text(make_plan(_paper()), _paper())
 
 
