@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from trainers.config import (
     EMBEDDER_ALIASES,
+    EXACT_SEARCH_MAX_PASSAGES,
     GENERATOR_ALIASES,
     METHODS,
     DataConfig,
+    IndexConfig,
     Method,
     ModelsConfig,
     TrainingConfig,
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EMBEDDER_ALIASES",
+    "EXACT_SEARCH_MAX_PASSAGES",
     "FT_GEN_OBJECTIVE",
     "GENERATOR_ALIASES",
     "METHODS",
@@ -70,6 +73,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataError",
+    "IndexConfig",
     "LearningRate",
     "LoadedPhase",
     "Method",

@@ -7,6 +7,7 @@ reads back.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Literal
 
@@ -20,15 +21,18 @@ from pydantic import (
     model_validator,
 )
 
+from trainers.errors import ConfigError
 from trainers.methods import METHODS, method_names
 
 __all__ = [
     "EMBEDDER_ALIASES",
+    "EXACT_SEARCH_MAX_PASSAGES",
     "GENERATOR_ALIASES",
     "METHODS",
     "PAPER_PROMPT",
     "DataConfig",
     "GeneratedDataConfig",
+    "IndexConfig",
     "Method",
     "ModelsConfig",
     "TrainingConfig",
@@ -124,6 +128,98 @@ class ModelsConfig(_Strict):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+# ``index.kind: auto`` searches exactly up to this many passages (a flat search of a million
+# 384-dimensional vectors reads 1.5 GB per batch of questions) and with IVF above it.
+EXACT_SEARCH_MAX_PASSAGES = 1_000_000
+
+# ivf_pq codes are 8 bits a sub-quantizer: 256 centroids each, which k-means needs at least as many
+# passages to train.
+_PQ_CENTROIDS = 256
+
+
+class IndexConfig(_Strict):
+    """The FAISS index that searches the frozen document vectors: exact, or approximate for large
+    corpora. A built index is cached per (vectors, kind, build parameters); ``nprobe`` and
+    ``hnsw_ef_search`` are search-time settings and reuse it."""
+
+    # auto: flat up to EXACT_SEARCH_MAX_PASSAGES passages, ivf_flat above (whose agreement with
+    # exact search is a matter of nprobe; ivf_pq trades more of it for a smaller index).
+    kind: Literal["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"] = "auto"
+    # IVF cells. None: 4 * sqrt(passages), the low end of FAISS's guideline (4 to 16 * sqrt(N)),
+    # and at most passages / 39, the fewest training points per cell k-means accepts unwarned.
+    nlist: _Count | None = None
+    # IVF cells searched per question. None: 1/32 of nlist and at least 16, erring towards
+    # recall; measure agreement with exact search before lowering it.
+    nprobe: _Count | None = None
+    # ivf_pq: 8-bit sub-quantizers per vector (bytes per vector); must divide the vector
+    # dimension. None: dimension / 8 (48 bytes for MiniLM's 384, against 1536 in float32).
+    pq_subquantizers: _Small | None = None
+    # hnsw: graph links per vector (FAISS's M); more links, better recall, a larger graph.
+    # None: 32.
+    hnsw_links: Annotated[int, Field(ge=2, le=256)] | None = None
+    # hnsw: candidates kept while searching (FAISS's efSearch; at least k is used). None: 128.
+    hnsw_ef_search: _Small | None = None
+
+    @model_validator(mode="after")
+    def _parameters_fit_the_kind(self) -> IndexConfig:
+        # A parameter the kind ignores is a mistake in the spec, not a setting: say so.
+        applies = {
+            "nlist": ("auto", "ivf_flat", "ivf_pq"),
+            "nprobe": ("auto", "ivf_flat", "ivf_pq"),
+            "pq_subquantizers": ("ivf_pq",),
+            "hnsw_links": ("hnsw",),
+            "hnsw_ef_search": ("hnsw",),
+        }
+        for name, kinds in applies.items():
+            if self.kind not in kinds and getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name} applies to kind {' or '.join(k for k in kinds if k != 'auto')} "
+                    f"only, not {self.kind}; remove it or change kind"
+                )
+        if self.nlist is not None and self.nprobe is not None and self.nprobe > self.nlist:
+            raise ValueError(
+                f"nprobe {self.nprobe} exceeds nlist {self.nlist}; set nprobe at most nlist"
+            )
+        return self
+
+    def resolve(self, *, passages: int, dimension: int) -> IndexConfig:
+        """This configuration for a corpus of ``passages`` vectors of ``dimension``: the kind
+        chosen (never auto) and every parameter it uses filled in, the others left None."""
+        kind = self.kind
+        if kind == "auto":
+            kind = "flat" if passages <= EXACT_SEARCH_MAX_PASSAGES else "ivf_flat"
+        if kind == "flat":
+            return IndexConfig(kind="flat")
+        if kind == "hnsw":
+            return IndexConfig(
+                kind="hnsw",
+                hnsw_links=self.hnsw_links or 32,
+                hnsw_ef_search=self.hnsw_ef_search or 128,
+            )
+        nlist = self.nlist or max(1, min(4 * math.isqrt(passages), passages // 39))
+        if nlist > passages:
+            raise ConfigError(
+                f"training.index.nlist is {nlist} but the corpus has only {passages} passages; "
+                "lower training.index.nlist"
+            )
+        nprobe = min(nlist, self.nprobe or max(16, nlist // 32))  # FAISS searches at most nlist
+        fields: dict[str, object] = {"kind": kind, "nlist": nlist, "nprobe": nprobe}
+        if kind == "ivf_pq":
+            if passages < _PQ_CENTROIDS:
+                raise ConfigError(
+                    f"training.index.kind ivf_pq needs at least {_PQ_CENTROIDS} passages to train "
+                    f"its codes; the corpus has {passages}: use kind flat"
+                )
+            subquantizers = self.pq_subquantizers or max(1, dimension // 8)
+            if dimension % subquantizers:
+                raise ConfigError(
+                    f"training.index.pq_subquantizers is {subquantizers} but the vectors have "
+                    f"{dimension} dimensions; use a divisor of {dimension}"
+                )
+            fields["pq_subquantizers"] = subquantizers
+        return IndexConfig.model_validate(fields)
+
+
 class TrainingConfig(_Strict):
     """Everything about how a phase trains and how a trial is evaluated."""
 
@@ -145,6 +241,9 @@ class TrainingConfig(_Strict):
     max_answer_tokens: _Count = 24
     max_new_tokens: _Count = 16
     embedder_max_length: _Count = 128  # passage truncation when building the index
+    # The FAISS index searched (auto: exact up to a million passages). Left out of dumps while
+    # default, as index_cache, so that trials stored before it hash and reproduce as they did.
+    index: IndexConfig = Field(IndexConfig(), exclude_if=lambda index: index == IndexConfig())
     # False re-encodes the corpus in every trial instead of reading the cached vectors (what
     # benchmarks/index_cache.py compares). Left out of dumps while on, so the hashes and records of
     # specs that never set it stay as they were.

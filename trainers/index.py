@@ -2,7 +2,9 @@
 
 Only question vectors change when the embedder trains (the index is never re-encoded, as in the
 paper), so the vectors depend on (embedder weights, corpus, max length) alone; that triple is the
-cache key.
+cache key. The vectors are read as a memory map of the cache file and an approximate FAISS index
+is built once per (vectors, kind, build parameters) and memory-mapped too, so the trials on a node
+share one copy of each through the page cache and hold in their own memory only the rows they use.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,49 +23,62 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
+from trainers.config import IndexConfig
 from trainers.data import Document
-from trainers.errors import DataError, one_line
+from trainers.errors import ConfigError, DataError, one_line
 from trainers.models import weights_fingerprint
 
 __all__ = ["DocumentIndex", "build_index", "passage_text"]
 
+# (question vectors (Q, D), k) -> (scores (Q, k), document positions (Q, k))
+_Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
 
 @dataclass
 class DocumentIndex:
-    """Unit-norm document vectors and an exact inner-product FAISS index over them."""
+    """Unit-norm document vectors and a FAISS inner-product search over them."""
 
     documents: tuple[Document, ...]
-    doc_vectors: np.ndarray  # (N, D) float32
-    build_seconds: float  # time to encode the corpus (or to read the cache)
-    cache_hit: bool
-    encoded_tokens: int  # passage tokens encoded; 0 on a cache hit
-    _faiss_index: faiss.Index
+    # (N, D) float32: a read-only memory map of the cache file (in RAM when the cache is off).
+    # Never copied whole: training takes the rows it scores through rows().
+    doc_vectors: np.ndarray
+    index_config: IndexConfig  # the kind searched and its parameters, resolved (never auto)
+    build_seconds: float  # time to encode the corpus and build the index (or to read the cache)
+    cache_hit: bool  # vectors and FAISS index both read from the cache
+    encoded_tokens: int  # passage tokens encoded; 0 when the vectors came from the cache
+    _search: _Search
     _positions: dict[str, int] = field(init=False)
-    _device_vectors: dict[torch.device, torch.Tensor] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._positions = {document.id: row for row, document in enumerate(self.documents)}
 
     def search(self, question_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, document positions) for each question vector: ((Q, k), (Q, k))."""
-        scores, positions = self._faiss_index.search(
+        scores, positions = self._search(
             np.ascontiguousarray(question_vectors, dtype=np.float32), k
         )
+        if (positions < 0).any():
+            # FAISS pads with -1 when the cells or graph nodes it visited hold fewer than k
+            # passages; a -1 would silently index the last document.
+            kind = self.index_config.kind
+            knob = "hnsw_ef_search" if kind == "hnsw" else "nprobe"
+            raise ConfigError(
+                f"the {kind} index found fewer than {k} passages for a question; "
+                f"raise training.index.{knob}"
+            )
         return scores, positions
 
     def position(self, doc_id: str) -> int:
         """The row of document ``doc_id`` in the index."""
         return self._positions[doc_id]
 
-    def vectors(self, device: torch.device) -> torch.Tensor:
-        """The document vectors as a frozen tensor (N, D), for scores that carry a gradient to E.
-
-        Kept per device: every training step gathers from it, and a GPU copy per step would move
-        the whole matrix each time.
-        """
-        if device not in self._device_vectors:
-            self._device_vectors[device] = torch.from_numpy(self.doc_vectors).to(device)
-        return self._device_vectors[device]
+    def rows(self, positions: np.ndarray | Sequence[int], device: torch.device) -> torch.Tensor:
+        """The vectors of the documents at ``positions`` (any shape S) as a frozen tensor (*S, D),
+        for scores that carry a gradient to E: only these rows are read from the memory map and
+        moved to ``device``, never the whole matrix."""
+        wanted = np.asarray(positions, dtype=np.int64)
+        gathered = np.asarray(self.doc_vectors[wanted.reshape(-1)])  # (S..., D) rows, copied
+        return torch.from_numpy(gathered).to(device).view(*wanted.shape, gathered.shape[-1])
 
 
 def passage_text(document: Document) -> str:
@@ -77,30 +92,43 @@ def build_index(
     *,
     cache_dir: Path,
     max_length: int,
+    index: IndexConfig | None = None,
     batch_size: int = 64,
     use_cache: bool = True,
 ) -> DocumentIndex:
-    """Encode the corpus with the (frozen) embedder, or load the vectors cached for the same key.
+    """Encode the corpus with the (frozen) embedder and build the FAISS index ``index`` asks for,
+    or read either from the cache where it holds them for the same key.
 
-    ``use_cache=False`` encodes the corpus and neither reads nor writes the cache.
+    ``index`` None is the default (``auto``). ``use_cache=False`` encodes and builds in memory
+    and neither reads nor writes the cache.
     """
     start = time.perf_counter()
-    cache_path = cache_dir / "index" / f"{_cache_key(embedder, documents, max_length)}.npy"
-    cache_hit = use_cache and cache_path.exists()
+    folder = cache_dir / "index"
+    key = _cache_key(embedder, documents, max_length)
+    vectors_path = folder / f"{key}.npy"
+    vectors_hit = use_cache and vectors_path.exists()
     encoded_tokens = 0
-    if cache_hit:
-        doc_vectors = np.load(cache_path, allow_pickle=False)
+    if vectors_hit:
+        doc_vectors = _mapped_vectors(vectors_path)
     else:
         doc_vectors, encoded_tokens = _encode(embedder, documents, max_length, batch_size)
         if use_cache:
-            _save_atomically(cache_path, doc_vectors)
+            _save_atomically(vectors_path, doc_vectors)
+            # The encoding trial maps the file too, and its own copy goes: one copy per node.
+            doc_vectors = _mapped_vectors(vectors_path)
+    resolved = (index or IndexConfig()).resolve(
+        passages=doc_vectors.shape[0], dimension=doc_vectors.shape[1]
+    )
+    index_path = folder / f"{key}.{_index_name(resolved)}.faiss" if use_cache else None
+    search, index_hit = _searcher(doc_vectors, resolved, index_path)
     return DocumentIndex(
         documents=tuple(documents),
         doc_vectors=doc_vectors,
+        index_config=resolved,
         build_seconds=time.perf_counter() - start,
-        cache_hit=cache_hit,
+        cache_hit=vectors_hit and index_hit,
         encoded_tokens=encoded_tokens,
-        _faiss_index=_faiss_index(doc_vectors),
+        _search=search,
     )
 
 
@@ -140,30 +168,164 @@ def _encode(
     return doc_vectors.astype(np.float32), encoded_tokens
 
 
-def _save_atomically(path: Path, doc_vectors: np.ndarray) -> None:
-    # Trials running at once may build the same index; a rename never leaves a half-written file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+def _mapped_vectors(path: Path) -> np.ndarray:
+    # Read-only: trials share the mapped pages, and none may write into another's vectors.
     try:
-        with os.fdopen(handle, "wb") as file:
+        doc_vectors: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+        raise DataError(
+            f"cannot read the document vectors {path}: {one_line(e)}; delete the file to rebuild it"
+        ) from e
+    return doc_vectors
+
+
+def _save_atomically(path: Path, doc_vectors: np.ndarray) -> None:
+    def save(temporary: Path) -> None:
+        # Through a handle: given a name that does not end in .npy, np.save appends one.
+        with temporary.open("wb") as file:
             np.save(file, doc_vectors, allow_pickle=False)
+
+    _write_atomically(path, save)
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    # Trials running at once may build the same entry; a rename never leaves a half-written file.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, suffix=f"{path.suffix}.tmp")
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        write(temporary)
         os.replace(temporary, path)
-    except OSError as e:
-        Path(temporary).unlink(missing_ok=True)  # a partial file holds the space that ran out
+    except (OSError, RuntimeError) as e:  # FAISS reports a failed write as a RuntimeError
+        temporary.unlink(missing_ok=True)  # a partial file holds the space that ran out
         raise DataError(
             f"cannot write the index cache {path.parent}: {one_line(e)}; free space there or "
             "point RAGSWEEP_CACHE at a larger disk"
         ) from e
 
 
+def _index_name(index: IndexConfig) -> str:
+    """The cache name of a built index: its kind and build parameters (not the search-time
+    nprobe and hnsw_ef_search, which reuse it)."""
+    if index.kind == "hnsw":
+        return f"hnsw-m{index.hnsw_links}"
+    name = f"{index.kind}-nlist{index.nlist}"
+    return f"{name}-m{index.pq_subquantizers}" if index.kind == "ivf_pq" else name
+
+
+def _searcher(
+    doc_vectors: np.ndarray, index: IndexConfig, path: Path | None
+) -> tuple[_Search, bool]:
+    """The search over ``doc_vectors`` that ``index`` describes, and whether it came from the
+    cache at ``path`` (None: built in memory, not cached)."""
+    if index.kind == "flat":
+        return _exact_search(doc_vectors), True
+    hit = path is not None and path.exists()
+    if path is not None and hit:
+        faiss_index = _read_mapped(path, index)
+    else:
+        built = _build_faiss_index(doc_vectors, index)
+        faiss_index = built
+        if path is not None:
+            _write_atomically(path, lambda file: faiss.write_index(built, str(file)))
+            faiss_index = _read_mapped(path, index)  # and the built copy goes, as the vectors'
+    # Search-time settings: not part of the cached file, so changing them rebuilds nothing.
+    if index.kind == "hnsw":
+        faiss.ParameterSpace().set_index_parameter(
+            faiss_index, "efSearch", _filled(index.hnsw_ef_search)
+        )
+    else:
+        faiss.ParameterSpace().set_index_parameter(faiss_index, "nprobe", _filled(index.nprobe))
+    return faiss_index.search, hit
+
+
 _gpu_resources: list[faiss.StandardGpuResources] = []  # must outlive every GPU index made from it
 
 
-def _faiss_index(doc_vectors: np.ndarray) -> faiss.Index:
-    index: faiss.Index = faiss.IndexFlatIP(doc_vectors.shape[1])
+def _exact_search(doc_vectors: np.ndarray) -> _Search:
+    """Exact inner-product search; on the CPU straight over the memory map, without a copy."""
     if faiss.get_num_gpus() > 0:
+        # A GPU copy of the vectors, as before memory maps: exact search is the default up to a
+        # million passages (1.5 GB at 384 dimensions), which a GPU holds.
         if not _gpu_resources:
             _gpu_resources.append(faiss.StandardGpuResources())
-        index = faiss.index_cpu_to_gpu(_gpu_resources[0], 0, index)
-    index.add(doc_vectors)
-    return index
+        gpu_index = faiss.index_cpu_to_gpu(
+            _gpu_resources[0], 0, faiss.IndexFlatIP(doc_vectors.shape[1])
+        )
+        gpu_index.add(doc_vectors)
+        return gpu_index.search
+
+    def search(question_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # faiss.knn runs knn_inner_product, the very routine IndexFlatIP.search runs (the same
+        # positions and scores), on the caller's array: a C-contiguous float32 memory map is
+        # passed as it is, where IndexFlatIP.add would copy every vector into the index.
+        scores, positions = faiss.knn(
+            question_vectors, doc_vectors, k, metric=faiss.METRIC_INNER_PRODUCT
+        )
+        return scores, positions
+
+    return search
+
+
+# Rows sampled to train IVF centroids: 64 a cell, above the 39 below which FAISS's k-means warns
+# and under the 256 it would use at most (30M passages, nlist 21,876: 1.4M rows, 2.1 GB at 384
+# dimensions); and at least 65,536 for ivf_pq's 256 centroids per sub-quantizer.
+_TRAIN_ROWS_PER_CELL = 64
+_MIN_TRAIN_ROWS = 65_536
+# Rows added to an IVF index at a time: the quantizer's assignment of a batch is computed in RAM.
+_ADD_BATCH = 65_536
+
+
+def _build_faiss_index(doc_vectors: np.ndarray, index: IndexConfig) -> faiss.Index:
+    dimension = doc_vectors.shape[1]
+    if index.kind == "hnsw":
+        graph = faiss.IndexHNSWFlat(
+            dimension, _filled(index.hnsw_links), faiss.METRIC_INNER_PRODUCT
+        )
+        graph.add(doc_vectors)
+        return graph
+    nlist = _filled(index.nlist)
+    quantizer = faiss.IndexFlatIP(dimension)
+    ivf: faiss.Index
+    if index.kind == "ivf_pq":
+        ivf = faiss.IndexIVFPQ(
+            quantizer,
+            dimension,
+            nlist,
+            _filled(index.pq_subquantizers),
+            8,  # bits a code: 256 centroids a sub-quantizer
+            faiss.METRIC_INNER_PRODUCT,
+        )
+    else:
+        ivf = faiss.IndexIVFFlat(quantizer, dimension, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(_training_sample(doc_vectors, max(_TRAIN_ROWS_PER_CELL * nlist, _MIN_TRAIN_ROWS)))
+    for start in range(0, doc_vectors.shape[0], _ADD_BATCH):
+        ivf.add(np.ascontiguousarray(doc_vectors[start : start + _ADD_BATCH]))
+    return ivf
+
+
+def _filled(parameter: int | None) -> int:
+    # resolve() fills in every parameter of the kind it returns; None here is a bug, not input.
+    assert parameter is not None
+    return parameter
+
+
+def _training_sample(doc_vectors: np.ndarray, size: int) -> np.ndarray:
+    """At most ``size`` rows, the same ones in every build (seeded), read in file order."""
+    if doc_vectors.shape[0] <= size:
+        return np.ascontiguousarray(doc_vectors)
+    rows = np.sort(np.random.default_rng(0).choice(doc_vectors.shape[0], size, replace=False))
+    return np.ascontiguousarray(doc_vectors[rows])
+
+
+def _read_mapped(path: Path, index: IndexConfig) -> faiss.Index:
+    # IO_FLAG_MMAP maps an IVF index's inverted lists (the vectors or codes) from the file;
+    # IO_FLAG_MMAP_IFC maps an HNSW index's graph and stored vectors (FAISS 1.11 and later).
+    flags = faiss.IO_FLAG_MMAP_IFC if index.kind == "hnsw" else faiss.IO_FLAG_MMAP
+    try:
+        return faiss.read_index(str(path), flags | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as e:
+        raise DataError(
+            f"cannot read the FAISS index {path}: {one_line(e)}; delete the file to rebuild it"
+        ) from e

@@ -76,9 +76,7 @@ class Pipeline:
 
     def doc_scores(self, retrieved: Retrieved) -> torch.Tensor:
         """s(q(x), d(z)) for the top-k documents, against the frozen document vectors. (B, k)"""
-        doc_vectors = self.index.vectors(self.device)[
-            torch.from_numpy(retrieved.positions)
-        ]  # (B, k, D)
+        doc_vectors = self.index.rows(retrieved.positions, self.device)  # (B, k, D)
         return torch.einsum("bd,bkd->bk", retrieved.question_vectors, doc_vectors)
 
     def answer_logprobs(

@@ -44,8 +44,13 @@ def prepare(
     # room, and a GPU is left to the trials.
     cpu = torch.device("cpu")
     embedder = load_embedder(models.embedder, cache_dir=cache_dir, device=cpu)
-    for max_length in dict.fromkeys(training.embedder_max_length for _, training in trainings):
-        build_index(embedder, rag_data.corpus, cache_dir=cache_dir, max_length=max_length)
+    indexes = dict.fromkeys(
+        (training.embedder_max_length, training.index) for _, training in trainings
+    )
+    for max_length, index in indexes:
+        build_index(
+            embedder, rag_data.corpus, cache_dir=cache_dir, max_length=max_length, index=index
+        )
     # A QLoRA generator is a hub model too large to load in full here; each trial loads it 4-bit.
     if models.generator_finetune != "qlora":
         load_generator(models.generator, cache_dir=cache_dir, device=cpu, finetune="full")

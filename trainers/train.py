@@ -155,7 +155,7 @@ def _loss(
             n for item in batch for n in item.negative_ids
         ]
         positions = [pipeline.index.position(doc_id) for doc_id in candidate_ids]
-        candidates = pipeline.index.vectors(pipeline.device)[positions]  # (M, D)
+        candidates = pipeline.index.rows(positions, pipeline.device)  # (M, D)
         masked = torch.tensor(
             [
                 [

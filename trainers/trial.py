@@ -150,6 +150,9 @@ def run_trial(
         "config": config.model_dump(mode="json"),
         "seed": config.seed,
         "data_fingerprint": data.fingerprint,
+        # The FAISS index searched, as resolved for this corpus (the kind auto chose, the
+        # parameters filled in); the config holds what the spec asked for.
+        "index": index.index_config.model_dump(mode="json", exclude_unset=True),
         "split": data.split_record(),
         "has_context_labels": data.has_context_labels,
         # The training questions with a gold document: what an MNRL phase trains the embedder on
@@ -204,6 +207,7 @@ def build_pipeline(
             data.corpus,
             cache_dir=cache_dir,
             max_length=config.training.embedder_max_length,
+            index=config.training.index,
             use_cache=config.training.index_cache,
         )
         cost.tokens = index.encoded_tokens

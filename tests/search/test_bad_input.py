@@ -227,6 +227,26 @@ SPEC_MISTAKES = {
         GOOD | {"training": TINY_SPEC["training"] | {"k": 100_000}},
         ["training.k", "less than or equal to 1000", "change training.k"],
     ),
+    "index_unknown_kind": (
+        GOOD | {"training": TINY_SPEC["training"] | {"index": {"kind": "ivf"}}},
+        ["training.index.kind", "'ivf'", "'flat'", "'hnsw'"],
+    ),
+    "index_parameter_of_another_kind": (
+        GOOD | {"training": TINY_SPEC["training"] | {"index": {"kind": "flat", "nlist": 1024}}},
+        ["training.index", "nlist applies to kind ivf_flat or ivf_pq only", "change kind"],
+    ),
+    "index_nprobe_above_nlist": (
+        GOOD
+        | {
+            "training": TINY_SPEC["training"]
+            | {"index": {"kind": "ivf_flat", "nlist": 8, "nprobe": 16}}
+        },
+        ["training.index", "nprobe 16 exceeds nlist 8", "at most nlist"],
+    ),
+    "index_unknown_parameter": (
+        GOOD | {"training": TINY_SPEC["training"] | {"index": {"kind": "hnsw", "m": 16}}},
+        ["unknown field 'training.index.m'"],
+    ),
     "device_gpu": (
         GOOD | {"training": TINY_SPEC["training"] | {"device": "gpu"}},
         ["training.device", "'gpu' is not a device", "cuda:N"],
@@ -362,6 +382,19 @@ def test_k_larger_than_the_corpus(tmp_path, db, cache_dir):
     spec = GOOD | {"training": TINY_SPEC["training"] | {"k": 500}}
     result = _launch(tmp_path, db, spec, cache_dir=cache_dir)
     assert_one_line_error(result, "training.k is 500", "corpus has only", "lower training.k")
+
+
+@pytest.mark.parametrize(
+    ("index", "fragments"),
+    [
+        ({"kind": "ivf_flat", "nlist": 100_000}, ["nlist is 100000", "lower training.index.nlist"]),
+        ({"kind": "ivf_pq"}, ["ivf_pq needs at least 256 passages", "use kind flat"]),
+    ],
+    ids=["nlist_above_the_corpus", "ivf_pq_on_a_small_corpus"],
+)
+def test_an_index_the_corpus_cannot_fill(index, fragments, tmp_path, db, cache_dir):
+    spec = GOOD | {"training": TINY_SPEC["training"] | {"index": index}}
+    assert_one_line_error(_launch(tmp_path, db, spec, cache_dir=cache_dir), *fragments)
 
 
 def test_generator_not_found_offline(tmp_path, db, cache_dir):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 from tests.tiny import TINY_TRAINING, tiny_config
 from trainers.cost import CostMeter, PhaseCost
+from trainers.index import DocumentIndex
 from trainers.methods import Phase, method_phases
 from trainers.train import (
     _Item,
@@ -89,6 +91,52 @@ def test_the_embedder_phase_trains_on_exactly_the_labelled_questions(tiny_pipeli
     # The generator phases still train on every question.
     (nll,) = method_phases("ft_gen", TINY_TRAINING)
     assert [item.record for item in _items(nll, pipeline, records, PhaseCost(nll.name))] == records
+
+
+def _rows_of_the_whole_matrix(
+    index: DocumentIndex, positions: np.ndarray, device: torch.device
+) -> torch.Tensor:
+    """How scores took their rows before the memory map: the whole (N, D) matrix moved to the
+    device as a tensor, then indexed."""
+    whole = torch.from_numpy(np.array(index.doc_vectors)).to(device)  # (N, D)
+    return whole[torch.as_tensor(np.asarray(positions))]
+
+
+@pytest.mark.parametrize(
+    "phase",
+    [*method_phases("ft_embed", TINY_TRAINING), *method_phases("rag_token", TINY_TRAINING)],
+    ids=lambda p: p.objective,
+)
+def test_gathered_rows_give_the_loss_and_gradients_of_the_whole_matrix(
+    tiny_pipeline, phase: Phase, monkeypatch
+):
+    """MNRL scores its M candidates, RAG its B x k retrieved documents: only those rows are read
+    from the memory-mapped vectors, and the loss and the question encoder's gradients are the
+    ones the whole matrix gave (fp32)."""
+    data, pipeline = tiny_pipeline
+    assert isinstance(pipeline.index.doc_vectors, np.memmap)
+    embedder, generator = pipeline.embedder, pipeline.generator.model
+    negative = pipeline.index.documents[-1].id  # M > B candidates for MNRL
+    batch = [_Item(record, record.gold_doc_ids[0], (negative,)) for record in data.train[:4]]
+
+    def scores_loss_and_embedder_gradients() -> tuple[torch.Tensor, ...]:
+        for parameter in [*embedder.parameters(), *generator.parameters()]:
+            parameter.grad = None
+        with torch.no_grad():  # the top-k scores the RAG losses weigh documents by
+            retrieved = pipeline.retrieve([item.record.question for item in batch])
+            scores = pipeline.doc_scores(retrieved)
+        loss, _, _ = _loss(phase, pipeline, batch)
+        loss.backward()
+        gradients = [p.grad.clone() for p in embedder.parameters() if p.grad is not None]
+        return scores, loss.detach(), *gradients
+
+    gathered = scores_loss_and_embedder_gradients()
+    monkeypatch.setattr(DocumentIndex, "rows", _rows_of_the_whole_matrix)
+    whole = scores_loss_and_embedder_gradients()
+
+    assert len(gathered) == len(whole) > 2 and gathered[2].abs().sum() > 0
+    for mine, theirs in zip(gathered, whole, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=0)
 
 
 def test_batched_answer_scoring_equals_each_row_alone(tiny_pipeline):

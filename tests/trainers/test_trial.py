@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.tiny import TINY_DATA, TINY_TRAINING, tiny_config
-from trainers.config import DataConfig
+from trainers.config import DataConfig, IndexConfig
 from trainers.cost import CostMeter
 from trainers.data import load_data
 from trainers.errors import ConfigError
@@ -93,6 +93,20 @@ def test_the_index_is_encoded_once_and_then_read_from_cache(tmp_path):
     assert first.metrics["index_cache_hit"] == 0.0 and second.metrics["index_cache_hit"] == 1.0
     assert first.metrics["index.tokens"] > 0 and second.metrics["index.tokens"] == 0
     assert first.metrics["recall_at_k"] == second.metrics["recall_at_k"]
+
+
+def test_the_record_holds_the_index_searched_and_the_config_only_a_chosen_one(
+    default_trial, cache_dir
+):
+    default = default_trial("none")
+    assert default.record["index"] == {"kind": "flat"}  # auto, on a small corpus
+    assert "index" not in default.record["config"]["training"]
+    training = TINY_TRAINING.model_copy(update={"index": IndexConfig(kind="hnsw")})
+    hnsw = run_trial(tiny_config("none", training=training), cache_dir=cache_dir)
+    assert hnsw.record["index"] == {"kind": "hnsw", "hnsw_links": 32, "hnsw_ef_search": 128}
+    assert hnsw.record["config"]["training"]["index"]["kind"] == "hnsw"
+    # A graph search over a few dozen passages finds what exact search finds.
+    assert hnsw.metrics["recall_at_k"] == default.metrics["recall_at_k"]
 
 
 def test_independent_composed_from_checkpoints_equals_independent_trained(
