@@ -2,7 +2,8 @@
 
 The suite runs on every core with pytest-xdist (``-n`` in pyproject.toml; ``-n0`` runs it in one
 process). Tests that share a module-scoped fixture carry an ``xdist_group`` mark, so that the
-fixture is built once, on one worker; every test on the PostgreSQL database is in one group.
+fixture is built once, on one worker. Each worker has its own schema in the PostgreSQL database
+(tests/storage.py), so the PostgreSQL tests spread over the workers as the SQLite ones do.
 """
 
 from __future__ import annotations
@@ -12,18 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.storage import POSTGRESQL_GROUP
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the marks
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        if callspec is not None and "postgresql" in callspec.params.values():
-            item.add_marker(pytest.mark.xdist_group(POSTGRESQL_GROUP))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import pytest
-
-# The xdist group of every test on the PostgreSQL database: one worker runs them one after another,
-# as one process would, since some compare whole listings of the database before and after, which a
-# launch on another worker would change in between (tests/conftest.py adds it to each test run on
-# PostgreSQL).
-POSTGRESQL_GROUP = "postgresql"
+import sqlalchemy
+from sqlalchemy.engine import make_url
 
 
 def storage_url_for(backend: str, folder: Path) -> str:
@@ -21,4 +18,23 @@ def storage_url_for(backend: str, folder: Path) -> str:
     url = os.environ.get("RAGSWEEP_TEST_POSTGRES_URL")
     if not url:
         pytest.skip("RAGSWEEP_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
-    return url
+    return _worker_schema_url(url)
+
+
+@functools.cache
+def _worker_schema_url(url: str) -> str:
+    """``url`` with this test process's own schema first on its search path (created if need be).
+
+    Each pytest-xdist worker writes its own set of Optuna tables, so tests that compare whole
+    listings of the database before and after see no other worker's launches, and the PostgreSQL
+    tests spread over the workers as the SQLite ones do.
+    """
+    schema = f"ragsweep_test_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+    engine.dispose()
+    parsed = make_url(url)
+    return parsed.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+        hide_password=False
+    )

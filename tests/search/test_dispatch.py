@@ -34,11 +34,13 @@ def tiny_spec(tmp_path: Path, **changes) -> StudySpec:
     return load_spec(path)
 
 
-# Under xdist, one worker runs the tests on each backend's launch (``launched``); the PostgreSQL
-# ones join the group of every test on that database (tests/conftest.py).
+# Under xdist, one worker runs the tests on each backend's launch (``launched``).
 @pytest.fixture(
     scope="module",
-    params=[pytest.param("sqlite", marks=pytest.mark.xdist_group("test_dispatch")), "postgresql"],
+    params=[
+        pytest.param(backend, marks=pytest.mark.xdist_group(f"test_dispatch_{backend}"))
+        for backend in ("sqlite", "postgresql")
+    ],
 )
 def storage_url(request, tmp_path_factory) -> str:
     return storage_url_for(request.param, tmp_path_factory.mktemp("db"))

@@ -29,15 +29,14 @@ from search.spec import load_spec
 from search.store import open_storage
 from tests.search.test_cli import assert_one_line_error
 from tests.search.test_store import fill_launch
-from tests.storage import POSTGRESQL_GROUP, storage_url_for
+from tests.storage import storage_url_for
 from tests.tiny import TINY_DATA, TINY_TRAINING
 
 DEMO = Path(__file__).resolve().parents[2] / "studies" / "demo.yaml"
 
-# Under xdist, one worker runs this module with every other test on the PostgreSQL database
-# (tests/conftest.py): the tests share each backend's launched ``study``, compare the two
-# backends' answers, and list the whole database.
-pytestmark = pytest.mark.xdist_group(POSTGRESQL_GROUP)
+# Under xdist, one worker runs this module: its tests share each backend's launched ``study`` and
+# compare the two backends' answers.
+pytestmark = pytest.mark.xdist_group("test_report")
 
 
 def demo_spec(name: str, **changes: object):

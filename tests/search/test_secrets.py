@@ -19,18 +19,18 @@ from sqlalchemy.engine import make_url
 
 from tests.search.test_cli import ragsweep
 from tests.search.test_faults import RUNNING, launch_process, wait_for_states
-from tests.storage import POSTGRESQL_GROUP
+from tests.storage import storage_url_for
 from tests.tiny import TINY_SPEC
 
 GRID = [1e-3, 1e-4, 1e30]  # 1e30 diverges: a failed trial with its reason
 
 
 @pytest.fixture
-def postgres_url() -> str:
+def postgres_url(tmp_path) -> str:
     url = os.environ.get("RAGSWEEP_TEST_POSTGRES_URL")
     if not url or not make_url(url).password:
         pytest.skip("needs RAGSWEEP_TEST_POSTGRES_URL with a password (.ci/run sets one)")
-    return url
+    return storage_url_for("postgresql", tmp_path)
 
 
 @pytest.fixture
@@ -70,7 +70,6 @@ def _files_holding(folder: Path, secret: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group(POSTGRESQL_GROUP)
 def test_the_password_appears_nowhere(postgres_url, tmp_path, cache_dir, ray_dir):
     password = str(make_url(postgres_url).password)
     name = f"secret-{uuid.uuid4().hex[:8]}"
