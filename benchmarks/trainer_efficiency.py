@@ -62,7 +62,7 @@ def _matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int, rep
 def _token_batch(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """(batch, sequence) token ids cut from the demo corpus, so no row holds padding."""
     corpus = load_data(reduced_spec().data).corpus
-    text = "\n".join(passage_text(document) for document in corpus[:200])
+    text = "\n".join(passage_text(document) for document in corpus.documents(range(200)))
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     return ids[: _BATCH * _SEQUENCE].view(_BATCH, _SEQUENCE)
 

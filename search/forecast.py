@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "early_stopping_seconds",
+    "encode_note",
+    "encode_seconds",
     "forecast_gaps",
     "forecast_note",
     "gib_text",
@@ -182,6 +184,25 @@ def launch_seconds(plan: Plan, concurrency: int, *, early_stopping: bool = False
         now, name = heapq.heappop(running)
         to_finish[name] -= 1
     return now
+
+
+def encode_seconds(spec: StudySpec, passages: int) -> tuple[float, float] | None:
+    """Seconds to encode ``passages`` passages at ``training.embedder_max_length`` tokens (an upper
+    bound), (on one GPU, on one CPU in fp32); None when the embedder is not in the size table."""
+    embedder = _EMBEDDERS.get(spec.models.embedder)
+    if embedder is None:
+        return None
+    flops = forward_flops(embedder.params, passages * spec.training.embedder_max_length)
+    return flops / _GPU_FLOPS_PER_GPU, flops / _FP32_CPU_FLOPS_PER_CPU
+
+
+def encode_note() -> str:
+    """How the encode time of the index is forecast."""
+    return (
+        "encode: analytic FLOPs (2 x embedder parameters x passages x tokens) at "
+        f"{_GPU_FLOPS_PER_GPU:.0e} FLOP/s per GPU or {_FP32_CPU_FLOPS_PER_CPU:.1e} per CPU in "
+        "fp32 (the index is encoded without autocast)"
+    )
 
 
 def stage_memory(stage: Stage, spec: StudySpec) -> TrialMemory | None:

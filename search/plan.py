@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from search.forecast import early_stopping_seconds, launch_seconds, stage_memory, trial_seconds
+from search.index_forecast import IndexForecast, forecast_index
 from search.spec import StudySpec
 from trainers import (
     RATES,
@@ -72,6 +74,7 @@ class Plan:
     # when a stage's forecast is unknown.
     forecast_s: float | None
     early_stopping_forecast_s: float | None = None  # the same with early stopping; None: off
+    index: IndexForecast | None = None  # the retrieval index and its cost; None: not forecast
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name``."""
@@ -139,11 +142,13 @@ class Plan:
         }
 
 
-def make_plan(spec: StudySpec, *, forecast: bool = True) -> Plan:
+def make_plan(spec: StudySpec, *, forecast: bool = True, cache_dir: Path | None = None) -> Plan:
     """The stages ``spec`` needs, shared where methods run the same trials, in run order.
 
     ``forecast=False`` leaves every forecast None: reading a stored study needs only the stages,
     and the forecast asks the CPU for bf16 support through torch, which queries should not load.
+    ``cache_dir``: the model and index cache, where the index forecast looks for vectors already
+    encoded (None: it does not look).
     """
     search = spec.search
     grid = search.sampler == "grid"
@@ -251,6 +256,7 @@ def make_plan(spec: StudySpec, *, forecast: bool = True) -> Plan:
         plan,
         forecast_s=launch_seconds(plan, spec.concurrency),
         early_stopping_forecast_s=stopping_s,
+        index=forecast_index(spec, cache_dir=cache_dir),
     )
 
 

@@ -9,15 +9,17 @@ from rich.table import Table
 from rich.text import Text
 
 from search.forecast import (
+    encode_note,
     forecast_gaps,
     forecast_note,
     gib_text,
     trains_in_bf16,
     trial_memory_ask,
 )
+from search.index_forecast import IndexForecast
 from search.plan import Plan, Stage
 from search.spec import EarlyStopping, StudySpec
-from trainers import method_declaration
+from trainers import EXACT_SEARCH_MAX_PASSAGES, method_declaration
 
 __all__ = ["render_plan"]
 
@@ -83,7 +85,10 @@ def render_plan(plan: Plan, spec: StudySpec) -> RenderableType:
     notes.append(Text(forecast_note(spec), style="dim"))
     if spec.search.early_stopping is not None:
         notes.append(Text(_early_stopping_note(spec.search.early_stopping), style="dim"))
-    return Group(stages, costs, *notes)
+    index: list[RenderableType] = []
+    if plan.index is not None:
+        index = [_index_table(plan.index, spec), _index_note()]
+    return Group(stages, costs, *notes, *index)
 
 
 def _searches_text(stage: Stage, spec: StudySpec) -> str:
@@ -211,3 +216,139 @@ def _memory_note(spec: StudySpec) -> str:
         + ", evaluation), asked of Ray so it queues trials that would not fit; "
         "resources.memory overrides it"
     )
+
+
+def _index_table(index: IndexForecast, spec: StudySpec) -> Table:
+    """The retrieval index: its size, kind, encode time, disk and memory, each with its model."""
+    table = Table(title=f"retrieval index: {index.corpus}", title_justify="left")
+    for column in ("index", "forecast", "how"):
+        table.add_column(column)
+    if index.passages is None:
+        size = "unknown"
+    else:
+        size = f"{index.passages:,} x {index.dimension or '?'}"
+    table.add_row("passages x dims", size, index.counted_from + _dimension_gap(index, spec))
+    table.add_row("kind", _kind_text(index), _kind_rule(spec))
+    table.add_row("encode", _encode_text(index), _encode_how(index, spec))
+    if index.index is None or index.vectors_bytes is None:
+        table.add_row("disk", "unknown", "needs the corpus size and the embedder's dimension")
+        table.add_row("memory / node", "unknown", "")
+        table.add_row("memory / trial", "unknown", "")
+        return table
+    file = index.index_file_bytes or 0
+    table.add_row(
+        "disk",
+        _bytes_text(index.disk_bytes or 0),
+        f"vectors {_bytes_text(index.vectors_bytes)} (N x D x 4 bytes)"
+        + (f" + {index.index.kind} index file {_bytes_text(file)}" if file else ""),
+    )
+    table.add_row("memory / node", _bytes_text(index.node_bytes or 0), _node_how(index, spec))
+    trial = _bytes_text(index.trial_bytes or 0)
+    if index.trial_device_bytes:
+        trial += f" + {_bytes_text(index.trial_device_bytes)} GPU"
+    table.add_row("memory / trial", trial, _trial_how(index, spec))
+    return table
+
+
+def _dimension_gap(index: IndexForecast, spec: StudySpec) -> str:
+    if index.dimension is not None:
+        return ""
+    return f"; embedder '{spec.models.embedder}' has no known dimension"
+
+
+def _kind_text(index: IndexForecast) -> str:
+    config = index.index
+    if config is None:
+        return "unknown"
+    if config.kind in ("ivf_flat", "ivf_pq"):
+        text = f"{config.kind}, nlist {config.nlist}, nprobe {config.nprobe}"
+        codes = f", {config.pq_subquantizers} bytes a code" if config.pq_subquantizers else ""
+        return text + codes
+    if config.kind == "hnsw":
+        return f"hnsw, {config.hnsw_links} links, ef_search {config.hnsw_ef_search}"
+    return "flat (exact)"
+
+
+def _kind_rule(spec: StudySpec) -> str:
+    if spec.training.index.kind != "auto":
+        return f"training.index.kind: {spec.training.index.kind}"
+    return (
+        f"training.index.kind auto: exact search (flat) up to {EXACT_SEARCH_MAX_PASSAGES:,} "
+        "passages, ivf_flat above"
+    )
+
+
+def _encode_text(index: IndexForecast) -> str:
+    if index.encode_gpu_s is None or index.encode_cpu_s is None:
+        return "unknown"
+    gpu, cpu = _device_time(index.encode_gpu_s, "GPU"), _device_time(index.encode_cpu_s, "CPU")
+    return f"{gpu}, or {cpu}"
+
+
+def _encode_how(index: IndexForecast, spec: StudySpec) -> str:
+    tokens = spec.training.embedder_max_length
+    cached = ""
+    if index.cached_vectors is not None:
+        cached = (
+            f"; the cache holds vectors of this shape ({index.cached_vectors.name}): nothing is "
+            "encoded if they are this embedder's"
+        )
+    return f"every passage at {tokens} tokens (training.embedder_max_length){cached}"
+
+
+def _node_how(index: IndexForecast, spec: StudySpec) -> str:
+    config = index.index
+    assert config is not None  # the caller returned early without one
+    ids = "; + the corpus' id index" if spec.data.corpus_path or spec.data.corpus_hub_name else ""
+    if config.kind == "flat":
+        searched = "every vector (each search reads them all)"
+    elif config.kind == "hnsw":
+        searched = "the whole graph and its vectors"
+    else:
+        searched = (
+            f"the inverted lists {index.questions_searched:,} questions visit, nprobe of nlist "
+            f"each ({index.lists_visited or 0:.0%} of them)"
+        )
+    return f"one copy in the page cache for all the node's trials: {searched}{ids}"
+
+
+def _trial_how(index: IndexForecast, spec: StudySpec) -> str:
+    config = index.index
+    assert config is not None  # the caller returned early without one
+    parts = ["the vector rows it gathers"]
+    if config.kind in ("ivf_flat", "ivf_pq"):
+        parts.append("the IVF centroids FAISS reads into each process")
+    if not (spec.data.corpus_path or spec.data.corpus_hub_name):
+        parts.append("the corpus' id index (in memory)")
+    if index.trial_device_bytes:
+        parts.append("on a GPU, flat search copies every vector to it")
+    return ", ".join(parts) + "; never the whole vectors in host memory"
+
+
+def _index_note() -> Text:
+    """Where the index is built today, what is shared, and the model behind the figures."""
+    return Text(
+        "index: the vectors and FAISS index are cached by (embedder weights, corpus fingerprint, "
+        "training.embedder_max_length) and shared by every study that uses them; each node "
+        "memory-maps them, so its trials share one copy through the page cache. Today launch's "
+        "preflight encodes the corpus once, in one process on the launch machine's CPUs (CPU-hours / "
+        "its cores), before any trial; `ragsweep train` encodes it in its own process. "
+        f"{encode_note()}; disk and memory: FAISS's bytes per vector (IVF-Flat 4 D + 8, IVF-PQ "
+        "m + 8, HNSW 4 D + 8 M), IVF lists visited as if drawn at random: 1 - (1 - nprobe / "
+        "nlist) ^ questions",
+        style="dim",
+    )
+
+
+def _device_time(seconds: float, device: str) -> str:
+    """Device-hours from one hour up (what a cluster is billed in), a duration on one below."""
+    if seconds < 3600:
+        return f"{_duration(seconds)} on one {device}"
+    return f"{seconds / 3600:,.1f} {device}-hours"
+
+
+def _bytes_text(n_bytes: int) -> str:
+    """GiB from 1 GiB up, MiB below: a trial's index memory is often a few MiB."""
+    if n_bytes >= 2**30:
+        return gib_text(n_bytes)
+    return f"{n_bytes / 2**20:.1f} MiB"

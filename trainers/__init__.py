@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from trainers._generated import generate_encyclopedia
 from trainers.config import (
     EMBEDDER_ALIASES,
     EXACT_SEARCH_MAX_PASSAGES,
@@ -116,6 +117,7 @@ __all__ = [
     "training_flops",
     "trains",
     "trial_memory",
+    "generate_encyclopedia",
 ]
 
 # Public names whose modules load on first use (torch, transformers, FAISS or datasets behind them,

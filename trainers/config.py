@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -30,6 +30,7 @@ __all__ = [
     "GENERATOR_ALIASES",
     "METHODS",
     "PAPER_PROMPT",
+    "CorpusColumns",
     "DataConfig",
     "GeneratedDataConfig",
     "IndexConfig",
@@ -83,6 +84,32 @@ class GeneratedDataConfig(_Strict):
     seed: int = 0
 
 
+class CorpusColumns(_Strict):
+    """The columns of a corpus file or hub corpus that hold each passage's id, title and text:
+    the canonical names by default; for ``MedRAG/wikipedia`` the text is ``content`` (or
+    ``contents``, title and text in one, with ``title: null``)."""
+
+    id: str = Field("id", min_length=1)
+    title: str | None = Field("title", min_length=1)  # None: the passages have no titles
+    text: str = Field("text", min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> CorpusColumns:
+        named = [name for name in (self.id, self.title, self.text) if name is not None]
+        if len(set(named)) < len(named):
+            raise ValueError(
+                f"id, title and text name the columns {named}; give each a column of its own "
+                "(title: null when the passages have no titles)"
+            )
+        return self
+
+
+def _unset(default: object) -> Any:
+    """A field left out of dumps while it holds ``default``: specs and trials stored before it
+    existed dump, hash and reproduce as they did."""
+    return Field(default, exclude_if=lambda value: value == default)
+
+
 class DataConfig(_Strict):
     """Where questions and the retrieval corpus come from, and how they are split."""
 
@@ -90,8 +117,14 @@ class DataConfig(_Strict):
     path: str | None = None  # a local file; wins over hub_name
     hub_name: str | None = None  # a Hugging Face hub dataset (needs the hub)
     hub_split: str | None = None  # None: the source's usual split
-    corpus_path: str | None = None  # canonical corpus JSONL: required for jsonl; for popqa/hotpotqa
-    # it replaces the questions' own paragraphs (gold documents are then matched by title)
+    # The corpus, for jsonl (required) and popqa/hotpotqa, where it replaces the questions' own
+    # paragraphs (gold documents are then the passages titled like the question's): a JSONL or
+    # Parquet file of {id, title, text}, or a Hugging Face hub corpus, not both.
+    corpus_path: str | None = None
+    corpus_hub_name: str | None = _unset(None)  # e.g. MedRAG/wikipedia
+    corpus_hub_subset: str | None = _unset(None)  # the hub corpus' configuration, if it has some
+    corpus_hub_split: str = _unset("train")
+    corpus_columns: CorpusColumns = _unset(CorpusColumns())
     n_train: _Count | None = 96  # None: all that remain after validation
     n_validation: _Count = 48
     # Held out from the search: the trials are scored on it too (test_em, test_f1,
@@ -103,10 +136,31 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _needs_a_location(self) -> DataConfig:
-        if self.source == "jsonl" and not (self.path and self.corpus_path):
-            raise ValueError("data.source 'jsonl' needs data.path and data.corpus_path")
+        if self.corpus_path and self.corpus_hub_name:
+            raise ValueError(
+                "data.corpus_path and data.corpus_hub_name both name a corpus; keep one"
+            )
+        has_corpus = bool(self.corpus_path or self.corpus_hub_name)
+        if self.source == "jsonl" and not (self.path and has_corpus):
+            raise ValueError(
+                "data.source 'jsonl' needs data.path and data.corpus_path (or "
+                "data.corpus_hub_name); set both"
+            )
         if self.source in ("popqa", "hotpotqa") and not (self.path or self.hub_name):
             raise ValueError(f"data.source '{self.source}' needs data.path or data.hub_name")
+        if not self.corpus_hub_name and "corpus_hub_subset" in self.model_fields_set:
+            raise ValueError(
+                "data.corpus_hub_subset needs data.corpus_hub_name; set it or remove the subset"
+            )
+        if not self.corpus_hub_name and "corpus_hub_split" in self.model_fields_set:
+            raise ValueError(
+                "data.corpus_hub_split needs data.corpus_hub_name; set it or remove the split"
+            )
+        if not has_corpus and self.corpus_columns != CorpusColumns():
+            raise ValueError(
+                "data.corpus_columns maps the columns of data.corpus_path or "
+                "data.corpus_hub_name; set one of them or remove data.corpus_columns"
+            )
         return self
 
 

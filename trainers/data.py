@@ -14,6 +14,10 @@ train/validation split. Sources:
   paragraph, or ``data.corpus_path`` with gold documents titled like a supporting fact;
 - ``jsonl``: the canonical schema itself, ``data.path`` (questions) and ``data.corpus_path``.
 
+A corpus named by ``data.corpus_path`` (JSONL or Parquet) or ``data.corpus_hub_name`` (e.g.
+``MedRAG/wikipedia``, its columns mapped by ``data.corpus_columns``) stays on disk as a
+memory-mapped :class:`~trainers.corpus.Corpus`; one derived from the questions is the same type,
+in memory.
 Files and hub data sets are read through ``datasets``; every failure is a one-line ``DataError``.
 """
 
@@ -29,14 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow
 from datasets.exceptions import DatasetNotFoundError
 
 from trainers._generated import generate_encyclopedia
 from trainers.config import DataConfig
+from trainers.corpus import Corpus, Document
 from trainers.errors import DataError, one_line
 
-__all__ = ["MIN_LABELLED_TRAIN", "Document", "QARecord", "RagData", "load_data"]
+__all__ = ["MIN_LABELLED_TRAIN", "Corpus", "Document", "QARecord", "RagData", "load_data"]
 
 # The split each hub data set is usually evaluated on (data.hub_split overrides it): PopQA has only
 # "test"; HotPotQA's "validation" is the dev set, 7.4k questions, versus 90k in "train".
@@ -52,14 +58,11 @@ _Row = Mapping[str, Any]
 # smaller batch, as the last batch of every epoch already is.
 MIN_LABELLED_TRAIN = 2
 
-
-@dataclass(frozen=True)
-class Document:
-    """One retrievable passage."""
-
-    id: str
-    title: str
-    text: str
+# Corpora up to this many passages are fingerprinted by hashing every passage, as all were before
+# corpora had manifests (a fraction of a second at this size), so that the fingerprints stored
+# with earlier trials still match; larger ones by the digest of their files, computed once per
+# version of them (trainers.corpus).
+_HASHED_PASSAGES = 100_000
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,11 @@ class QARecord:
 
 @dataclass(frozen=True)
 class RagData:
-    """The split questions, the whole corpus, and a fingerprint of both and of the split."""
+    """The split questions, the corpus, and a fingerprint of both and of the split."""
 
     train: tuple[QARecord, ...]
     validation: tuple[QARecord, ...]
-    corpus: tuple[Document, ...]
+    corpus: Corpus  # read by position; never every passage as an object
     fingerprint: str  # sha256 hex of the canonical content (corpus + all questions) and the split
     test: tuple[QARecord, ...] = ()  # held out from the search (data.n_test)
 
@@ -122,29 +125,34 @@ def load_data(config: DataConfig) -> RagData:
 # --- sources ---------------------------------------------------------------------------------
 
 
-def _load_generated(config: DataConfig) -> tuple[list[QARecord], tuple[Document, ...]]:
+def _load_generated(config: DataConfig) -> tuple[list[QARecord], Corpus]:
     document_rows, question_rows = generate_encyclopedia(config.generated)
-    corpus = tuple(_document(row, "the generated corpus") for row in document_rows)
+    where = "the generated corpus"
+    corpus = Corpus.from_documents((_document(row, where) for row in document_rows), where=where)
     return [_question(row, "the generated data") for row in question_rows], corpus
 
 
-def _load_jsonl(config: DataConfig) -> tuple[list[QARecord], tuple[Document, ...]]:
-    if not (config.path and config.corpus_path):
-        raise DataError("data.source 'jsonl' needs data.path and data.corpus_path: set both")
-    corpus = _read_corpus(config.corpus_path)
+def _load_jsonl(config: DataConfig) -> tuple[list[QARecord], Corpus]:
+    if not (config.path and _has_corpus(config)):
+        raise DataError(
+            "data.source 'jsonl' needs data.path and data.corpus_path (or data.corpus_hub_name): "
+            "set both"
+        )
     rows = _read_local(config.path, "data.path", ("id", "question", "answers", "gold_doc_ids"))
-    return [_question(row, f"data.path '{config.path}'") for row in rows], corpus
+    questions = [_question(row, f"data.path '{config.path}'") for row in rows]
+    return questions, _read_corpus(config)
 
 
-def _load_popqa(config: DataConfig) -> tuple[list[QARecord], tuple[Document, ...]]:
+def _load_popqa(config: DataConfig) -> tuple[list[QARecord], Corpus]:
     rows, where = _read_source(config, ("id", "question", "possible_answers"))
     has_paragraphs = "paragraphs" in rows.column_names
-    if config.corpus_path:
+    if _has_corpus(config):
         rows = _require(rows, ("s_wiki_title",), where)
     elif not has_paragraphs:
         raise DataError(
             f"{where} has no 'paragraphs' column, so no passages: set data.corpus_path to a corpus "
-            "JSONL of {id, title, text} whose titles match the questions' s_wiki_title"
+            "JSONL of {id, title, text} (or data.corpus_hub_name) whose titles match the "
+            "questions' s_wiki_title"
         )
     examples = []
     for row in rows:
@@ -165,7 +173,7 @@ def _load_popqa(config: DataConfig) -> tuple[list[QARecord], tuple[Document, ...
     return _assemble(examples, config, where)
 
 
-def _load_hotpotqa(config: DataConfig) -> tuple[list[QARecord], tuple[Document, ...]]:
+def _load_hotpotqa(config: DataConfig) -> tuple[list[QARecord], Corpus]:
     rows, where = _read_source(config, ())
     examples = []
     if "contexts" in rows.column_names:  # the flattened IRCoT format
@@ -217,14 +225,14 @@ class _Example:
 
 def _assemble(
     examples: Sequence[_Example], config: DataConfig, where: str
-) -> tuple[list[QARecord], tuple[Document, ...]]:
-    """Questions and corpus: ``data.corpus_path`` with gold documents found by title, else the
-    questions' own paragraphs, deduplicated, with the gold ones as labels."""
-    if config.corpus_path:
-        corpus = _read_corpus(config.corpus_path)
-        by_title: dict[str, list[str]] = {}
-        for document in corpus:
-            by_title.setdefault(document.title, []).append(document.id)
+) -> tuple[list[QARecord], Corpus]:
+    """Questions and corpus: ``data.corpus_path`` (or the hub corpus) with gold documents found
+    by title, else the questions' own paragraphs, deduplicated, with the gold ones as labels."""
+    if _has_corpus(config):
+        corpus = _read_corpus(config)
+        by_title = corpus.titled(
+            str(title) for e in examples for title in e.gold_titles if title is not None
+        )
         return [
             _question(
                 {
@@ -265,10 +273,10 @@ def _assemble(
                 where,
             )
         )
-    return questions, tuple(documents.values())
+    return questions, Corpus.from_documents(documents.values(), where=f"the paragraphs of {where}")
 
 
-_LOADERS: dict[str, Callable[[DataConfig], tuple[list[QARecord], tuple[Document, ...]]]] = {
+_LOADERS: dict[str, Callable[[DataConfig], tuple[list[QARecord], Corpus]]] = {
     "generated": _load_generated,
     "popqa": _load_popqa,
     "hotpotqa": _load_hotpotqa,
@@ -326,11 +334,13 @@ def _read_source(config: DataConfig, required: Sequence[str]) -> tuple[datasets.
         raise DataError(f"data.source '{config.source}' needs data.path or data.hub_name: set one")
     split = config.hub_split or _HUB_SPLITS[config.source]
     subset = "distractor" if config.source == "hotpotqa" else None
-    rows = _read_hub(config.hub_name, subset, split)
+    rows = _read_hub(config.hub_name, subset, split, _QUESTION_FIELDS)
     return _require(rows, required, _where(config)), _where(config)
 
 
-def _read_local(path: str, field: str, required: Sequence[str]) -> datasets.Dataset:
+def _read_local(
+    path: str, field: str, required: Sequence[str], *, check_text: bool = True
+) -> datasets.Dataset:
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"{field} '{path}' does not exist or is not a file: fix the path")
@@ -348,6 +358,8 @@ def _read_local(path: str, field: str, required: Sequence[str]) -> datasets.Data
             f"{field} '{path}' cannot be read as {builder} "
             f"({one_line(e)}): fix or re-export the file"
         ) from e
+    if not check_text:  # a corpus is checked once per version of its file (trainers.corpus)
+        return _require(rows, required, f"{field} '{path}'")
     try:
         # Arrow keeps text as it found it and fails only when a row is read; a full validation
         # finds bytes that are not UTF-8 now, in C++, before any row is used.
@@ -359,28 +371,76 @@ def _read_local(path: str, field: str, required: Sequence[str]) -> datasets.Data
     return _require(rows, required, f"{field} '{path}'")
 
 
-def _read_hub(hub_name: str, subset: str | None, split: str) -> datasets.Dataset:
+@dataclass(frozen=True)
+class _HubFields:
+    """How messages about a hub data set name it and the fields that fix them."""
+
+    what: str  # "dataset" or "corpus"
+    name: str  # the field naming it on the hub
+    local: str  # the field pointing at a local copy instead
+    split: str  # the field(s) choosing its split
+
+
+_QUESTION_FIELDS = _HubFields("dataset", "data.hub_name", "data.path", "data.hub_split")
+_CORPUS_FIELDS = _HubFields(
+    "corpus",
+    "data.corpus_hub_name",
+    "data.corpus_path",
+    "data.corpus_hub_split and data.corpus_hub_subset",
+)
+
+
+def _read_hub(
+    hub_name: str, subset: str | None, split: str, fields: _HubFields
+) -> datasets.Dataset:
     try:
         return datasets.load_dataset(hub_name, subset, split=split)
     except ConnectionError as e:  # offline mode (HF_HUB_OFFLINE=1) and no network both land here
         raise DataError(
-            f"cannot load dataset '{hub_name}' from the Hugging Face hub (offline or unreachable): "
-            "download it where the hub is reachable, or point data.path at a local copy"
+            f"cannot load {fields.what} '{hub_name}' from the Hugging Face hub (offline or "
+            "unreachable): download it where the hub is reachable (it is then read from the local "
+            f"cache), or point {fields.local} at a local copy"
         ) from e
     except DatasetNotFoundError as e:
         raise DataError(
-            f"dataset '{hub_name}' is not on the Hugging Face hub: check "
-            "data.hub_name, or point data.path at a local copy"
+            f"{fields.what} '{hub_name}' is not on the Hugging Face hub: check "
+            f"{fields.name}, or point {fields.local} at a local copy"
         ) from e
     except ValueError as e:  # an unknown split or subset name
         raise DataError(
-            f"cannot load split '{split}' of '{hub_name}' ({one_line(e)}): check data.hub_split"
+            f"cannot load split '{split}' of '{hub_name}' ({one_line(e)}): check {fields.split}"
         ) from e
 
 
-def _read_corpus(path: str) -> tuple[Document, ...]:
-    rows = _read_local(path, "data.corpus_path", ("id", "title", "text"))
-    return tuple(_document(row, f"data.corpus_path '{path}'") for row in rows)
+def _has_corpus(config: DataConfig) -> bool:
+    return bool(config.corpus_path or config.corpus_hub_name)
+
+
+def _read_corpus(config: DataConfig) -> Corpus:
+    """The corpus of ``data.corpus_path`` or ``data.corpus_hub_name``, memory-mapped."""
+    columns = config.corpus_columns
+    if config.corpus_path:
+        rows = _read_local(config.corpus_path, "data.corpus_path", (), check_text=False)
+        return Corpus.from_dataset(
+            rows,
+            columns=columns,
+            where=f"data.corpus_path '{config.corpus_path}'",
+            source_files=[Path(config.corpus_path).expanduser()],
+        )
+    if not config.corpus_hub_name:
+        raise DataError("no corpus is configured: set data.corpus_path or data.corpus_hub_name")
+    rows = _read_hub(
+        config.corpus_hub_name, config.corpus_hub_subset, config.corpus_hub_split, _CORPUS_FIELDS
+    )
+    # Its Arrow files in the datasets cache are what is read; their bytes identify the content.
+    # None where datasets kept the rows in memory (hashed row by row then).
+    arrow_files = [Path(file["filename"]) for file in rows.cache_files]
+    return Corpus.from_dataset(
+        rows,
+        columns=columns,
+        where=f"hub corpus '{config.corpus_hub_name}'",
+        source_files=arrow_files or None,
+    )
 
 
 def _require(rows: datasets.Dataset, required: Iterable[str], where: str) -> datasets.Dataset:
@@ -432,31 +492,28 @@ def _content_id(title: str, text: str) -> str:
     return hashlib.sha256(json.dumps([title, text]).encode()).hexdigest()[:16]
 
 
-def _check_ids(questions: Sequence[QARecord], corpus: Sequence[Document], where: str) -> None:
-    if not questions or not corpus:
+def _check_ids(questions: Sequence[QARecord], corpus: Corpus, where: str) -> None:
+    """Question ids are unique and every gold id names a passage (the corpus checked its own
+    ids as it was opened)."""
+    if not questions or not len(corpus):
         raise DataError(
             f"{where} holds {len(questions)} questions and {len(corpus)} documents: it needs both"
         )
-    doc_ids: set[str] = set()
-    for document in corpus:
-        if document.id in doc_ids:
-            raise DataError(
-                f"the corpus of {where} has document id '{document.id}' twice: "
-                "make document ids unique"
-            )
-        doc_ids.add(document.id)
     question_ids: set[str] = set()
     for question in questions:
         if question.id in question_ids:
             raise DataError(f"{where} has question id '{question.id}' twice: make ids unique")
         question_ids.add(question.id)
-        # A gold id outside the corpus would silently teach the embedder nothing: refuse it.
-        unknown = [g for g in question.gold_doc_ids if g not in doc_ids]
-        if unknown:
-            raise DataError(
-                f"{where}: question {question.id} names gold document '{unknown[0]}' "
-                "that the corpus lacks: fix gold_doc_ids or use the matching corpus"
-            )
+    # A gold id outside the corpus would silently teach the embedder nothing: refuse it. One
+    # lookup for all of them, in the corpus' sorted ids.
+    gold = [(question, doc_id) for question in questions for doc_id in question.gold_doc_ids]
+    unknown = np.flatnonzero(corpus.lookup([doc_id for _, doc_id in gold]) < 0)
+    if unknown.size:
+        question, doc_id = gold[int(unknown[0])]
+        raise DataError(
+            f"{where}: question {question.id} names gold document '{doc_id}' "
+            "that the corpus lacks: fix gold_doc_ids or use the matching corpus"
+        )
 
 
 # --- split and fingerprint -------------------------------------------------------------------
@@ -489,14 +546,17 @@ def _split(
 
 def _fingerprint(
     questions: Sequence[QARecord],
-    corpus: Sequence[Document],
+    corpus: Corpus,
     train: Sequence[QARecord],
     validation: Sequence[QARecord],
     test: Sequence[QARecord],
 ) -> str:
     digest = hashlib.sha256()
-    for document in sorted(corpus, key=lambda d: d.id):
-        digest.update(json.dumps(["doc", document.id, document.title, document.text]).encode())
+    if len(corpus) <= _HASHED_PASSAGES:
+        for document in corpus.documents(corpus.id_order()):
+            digest.update(json.dumps(["doc", document.id, document.title, document.text]).encode())
+    else:  # identified by its files, hashed once per version of them: never row by row per trial
+        digest.update(json.dumps(["corpus", corpus.fingerprint]).encode())
     for q in sorted(questions, key=lambda q: q.id):
         digest.update(json.dumps(["q", q.id, q.question, q.answers, q.gold_doc_ids]).encode())
     split = {"train": [q.id for q in train], "validation": [q.id for q in validation]}

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from trainers.corpus import Document
 from trainers.cost import PhaseCost, forward_flops
-from trainers.data import Document, QARecord
+from trainers.data import QARecord
 from trainers.models import parameter_counts
 from trainers.pipeline import Pipeline
 from trainers.results import QuestionResult
@@ -164,7 +165,7 @@ def gold_reciprocal_ranks(
     n_embedder, _ = parameter_counts(pipeline.embedder)
     per_question: list[float] = []
     batch_size = pipeline.training.eval_batch_size
-    depth = min(candidates, len(pipeline.index.documents))
+    depth = min(candidates, len(pipeline.index.corpus))
     with _eval_mode(pipeline.embedder), torch.no_grad():
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]

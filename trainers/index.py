@@ -2,9 +2,11 @@
 
 Only question vectors change when the embedder trains (the index is never re-encoded, as in the
 paper), so the vectors depend on (embedder weights, corpus, max length) alone; that triple is the
-cache key. The vectors are read as a memory map of the cache file and an approximate FAISS index
-is built once per (vectors, kind, build parameters) and memory-mapped too, so the trials on a node
-share one copy of each through the page cache and hold in their own memory only the rows they use.
+cache key (the corpus by its fingerprint, never its rows). The corpus is encoded as a stream of
+chunks written one after the other into the cache file, so no trial holds it whole. The vectors
+are read as a memory map of the cache file and an approximate FAISS index is built once per
+(vectors, kind, build parameters) and memory-mapped too, so the trials on a node share one copy of
+each through the page cache and hold in their own memory only the rows they use.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -24,7 +26,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from trainers.config import IndexConfig
-from trainers.data import Document
+from trainers.corpus import Corpus, Document
 from trainers.errors import ConfigError, DataError, one_line
 from trainers.models import weights_fingerprint
 
@@ -38,7 +40,7 @@ _Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 class DocumentIndex:
     """Unit-norm document vectors and a FAISS inner-product search over them."""
 
-    documents: tuple[Document, ...]
+    corpus: Corpus  # the passages, row i encoded as doc_vectors[i]
     # (N, D) float32: a read-only memory map of the cache file (in RAM when the cache is off).
     # Never copied whole: training takes the rows it scores through rows().
     doc_vectors: np.ndarray
@@ -47,10 +49,6 @@ class DocumentIndex:
     cache_hit: bool  # vectors and FAISS index both read from the cache
     encoded_tokens: int  # passage tokens encoded; 0 when the vectors came from the cache
     _search: _Search
-    _positions: dict[str, int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._positions = {document.id: row for row, document in enumerate(self.documents)}
 
     def search(self, question_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, document positions) for each question vector: ((Q, k), (Q, k))."""
@@ -68,9 +66,11 @@ class DocumentIndex:
             )
         return scores, positions
 
-    def position(self, doc_id: str) -> int:
-        """The row of document ``doc_id`` in the index."""
-        return self._positions[doc_id]
+    def documents(self, positions: np.ndarray) -> list[list[Document]]:
+        """The passages at ``positions`` (Q, k), as Q lists of k: only those rows are read."""
+        flat = self.corpus.documents(positions.reshape(-1))
+        width = positions.shape[1] if positions.ndim == 2 else 1
+        return [flat[start : start + width] for start in range(0, len(flat), width)]
 
     def rows(self, positions: np.ndarray | Sequence[int], device: torch.device) -> torch.Tensor:
         """The vectors of the documents at ``positions`` (any shape S) as a frozen tensor (*S, D),
@@ -88,7 +88,7 @@ def passage_text(document: Document) -> str:
 
 def build_index(
     embedder: SentenceTransformer,
-    documents: Sequence[Document],
+    corpus: Corpus,
     *,
     cache_dir: Path,
     max_length: int,
@@ -104,25 +104,29 @@ def build_index(
     """
     start = time.perf_counter()
     folder = cache_dir / "index"
-    key = _cache_key(embedder, documents, max_length)
+    key = _cache_key(embedder, corpus, max_length)
     vectors_path = folder / f"{key}.npy"
     vectors_hit = use_cache and vectors_path.exists()
     encoded_tokens = 0
     if vectors_hit:
         doc_vectors = _mapped_vectors(vectors_path)
     else:
-        doc_vectors, encoded_tokens = _encode(embedder, documents, max_length, batch_size)
+        tokens: list[int] = []
+        chunks = _encoded_chunks(embedder, corpus, max_length, batch_size, tokens)
         if use_cache:
-            _save_atomically(vectors_path, doc_vectors)
-            # The encoding trial maps the file too, and its own copy goes: one copy per node.
+            _stream_atomically(vectors_path, len(corpus), chunks)
+            # The encoding trial maps the file, as every other trial does: one copy per node.
             doc_vectors = _mapped_vectors(vectors_path)
+        else:
+            doc_vectors = np.concatenate(list(chunks))
+        encoded_tokens = sum(tokens)
     resolved = (index or IndexConfig()).resolve(
         passages=doc_vectors.shape[0], dimension=doc_vectors.shape[1]
     )
     index_path = folder / f"{key}.{_index_name(resolved)}.faiss" if use_cache else None
     search, index_hit = _searcher(doc_vectors, resolved, index_path)
     return DocumentIndex(
-        documents=tuple(documents),
+        corpus=corpus,
         doc_vectors=doc_vectors,
         index_config=resolved,
         build_seconds=time.perf_counter() - start,
@@ -132,40 +136,48 @@ def build_index(
     )
 
 
-def _cache_key(
-    embedder: SentenceTransformer, documents: Sequence[Document], max_length: int
-) -> str:
-    corpus_hash = hashlib.sha256()
-    for document in documents:
-        corpus_hash.update(json.dumps([document.id, document.title, document.text]).encode())
+def _cache_key(embedder: SentenceTransformer, corpus: Corpus, max_length: int) -> str:
     key = {
         "weights": weights_fingerprint(embedder),
-        "corpus": corpus_hash.hexdigest(),
+        "corpus": corpus.fingerprint,
         "max_length": max_length,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _encode(
-    embedder: SentenceTransformer, documents: Sequence[Document], max_length: int, batch_size: int
-) -> tuple[np.ndarray, int]:
-    texts = [passage_text(document) for document in documents]
+# Passages encoded per call of SentenceTransformer.encode. It sorts each call's passages by length
+# before batching them, so the batches, and the last bits of a vector, depend on the call: every
+# corpus that fits in one call is encoded exactly as it was before streaming.
+_ENCODE_CHUNK = 65_536
+
+
+def _encoded_chunks(
+    embedder: SentenceTransformer,
+    corpus: Corpus,
+    max_length: int,
+    batch_size: int,
+    tokens: list[int],
+) -> Iterator[np.ndarray]:
+    """Unit-norm float32 vectors (n, D) of the corpus, chunk after chunk in corpus order; the
+    passage tokens of each chunk are appended to ``tokens``."""
     previous_length = embedder.max_seq_length
     embedder.max_seq_length = max_length
     try:
-        doc_vectors = embedder.encode(
-            texts,
-            batch_size=batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        encoded_tokens = sum(
-            min(len(ids), max_length) for ids in embedder.tokenizer(texts).input_ids
-        )
+        for documents in corpus.batches(_ENCODE_CHUNK):
+            texts = [passage_text(document) for document in documents]
+            doc_vectors = embedder.encode(
+                texts,
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            tokens.append(
+                sum(min(len(ids), max_length) for ids in embedder.tokenizer(texts).input_ids)
+            )
+            yield np.ascontiguousarray(doc_vectors, dtype=np.float32)
     finally:
         embedder.max_seq_length = previous_length
-    return doc_vectors.astype(np.float32), encoded_tokens
 
 
 def _mapped_vectors(path: Path) -> np.ndarray:
@@ -180,12 +192,46 @@ def _mapped_vectors(path: Path) -> np.ndarray:
 
 
 def _save_atomically(path: Path, doc_vectors: np.ndarray) -> None:
-    def save(temporary: Path) -> None:
-        # Through a handle: given a name that does not end in .npy, np.save appends one.
-        with temporary.open("wb") as file:
-            np.save(file, doc_vectors, allow_pickle=False)
+    _stream_atomically(path, doc_vectors.shape[0], [doc_vectors])
 
-    _write_atomically(path, save)
+
+def _stream_atomically(path: Path, rows: int, chunks: Iterable[np.ndarray]) -> None:
+    """Write the float32 vectors ``chunks`` hold, ``rows`` of them in order, as one .npy file
+    at ``path``: whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, suffix=f"{path.suffix}.tmp")
+    temporary = Path(name)
+    written = 0
+    try:
+        # Through write(), not a memory map: a full disk is then an OSError, not a SIGBUS. Encoding
+        # fails with other errors (torch's RuntimeError), which pass as they are.
+        with os.fdopen(handle, "wb") as file:
+            for doc_vectors in chunks:
+                if written == 0:
+                    header = {
+                        "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                        "fortran_order": False,
+                        "shape": (rows, doc_vectors.shape[1]),
+                    }
+                    np.lib.format.write_array_header_1_0(file, header)
+                file.write(np.ascontiguousarray(doc_vectors, dtype=np.float32).data)
+                written += doc_vectors.shape[0]
+        if written != rows:  # the corpus changed while it was read: keep nothing
+            raise DataError(
+                f"the corpus gave {written} passages where it has {rows}; rerun to encode it again"
+            )
+        os.replace(temporary, path)
+    except OSError as e:
+        raise _unwritable(path, e) from e
+    finally:
+        temporary.unlink(missing_ok=True)  # a partial file holds the space that ran out
+
+
+def _unwritable(path: Path, error: BaseException) -> DataError:
+    return DataError(
+        f"cannot write the index cache {path.parent}: {one_line(error)}; free space there or "
+        "point RAGSWEEP_CACHE at a larger disk"
+    )
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -199,10 +245,7 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(temporary, path)
     except (OSError, RuntimeError) as e:  # FAISS reports a failed write as a RuntimeError
         temporary.unlink(missing_ok=True)  # a partial file holds the space that ran out
-        raise DataError(
-            f"cannot write the index cache {path.parent}: {one_line(e)}; free space there or "
-            "point RAGSWEEP_CACHE at a larger disk"
-        ) from e
+        raise _unwritable(path, e) from e
 
 
 def _index_name(index: IndexConfig) -> str:

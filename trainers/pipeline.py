@@ -15,7 +15,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from trainers.config import TrainingConfig
-from trainers.data import Document
+from trainers.corpus import Document
 from trainers.index import DocumentIndex
 from trainers.losses import gather_answer_logprobs
 from trainers.models import Generator
@@ -33,7 +33,8 @@ class Retrieved:
     question_tokens: int
 
     def documents(self, index: DocumentIndex) -> list[list[Document]]:
-        return [[index.documents[p] for p in row] for row in self.positions]
+        """The top-k passages of each question, read from the corpus."""
+        return index.documents(self.positions)
 
 
 @dataclass

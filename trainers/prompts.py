@@ -15,7 +15,7 @@ from typing import cast
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from trainers.data import Document
+from trainers.corpus import Document
 
 __all__ = ["PromptBuilder", "AnswerBatch", "build_answer_batch", "left_padded", "position_ids"]
 

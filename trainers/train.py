@@ -154,7 +154,7 @@ def _loss(
         candidate_ids = [_gold_id(item) for item in batch] + [
             n for item in batch for n in item.negative_ids
         ]
-        positions = [pipeline.index.position(doc_id) for doc_id in candidate_ids]
+        positions = pipeline.index.corpus.positions(candidate_ids)
         candidates = pipeline.index.rows(positions, pipeline.device)  # (M, D)
         masked = torch.tensor(
             [

@@ -98,7 +98,7 @@ def plan(
     from search.spec import load_spec
 
     study = load_spec(spec, _spec_overrides(settings, {}))
-    console.print(render_plan(make_plan(study), study))
+    console.print(render_plan(make_plan(study, cache_dir=cache_dir()), study))
 
 
 @app.command()

@@ -65,7 +65,7 @@ def test_paper_spec_follows_the_paper_protocol():
     assert (spec.models.generator_finetune, spec.models.lora_rank) == ("qlora", 16)
     assert spec.resources.gpus == 1 and spec.concurrency == 8
     popqa = load_spec(REPO / "studies" / "paper-popqa.yaml")
-    assert popqa.data.source == "popqa" and popqa.data.corpus_path
+    assert popqa.data.source == "popqa" and popqa.data.corpus_hub_name == "MedRAG/wikipedia"
 
 
 def test_render_shows_separable_against_cartesian_counts_for_the_paper_spec():

@@ -40,6 +40,11 @@ def _questions(data: RagData) -> list[QARecord]:
     return [*data.train, *data.validation]
 
 
+def _passages(data: RagData) -> list[Document]:
+    """Every passage of the corpus, in its order (fine for the small corpora here)."""
+    return data.corpus.documents(range(len(data.corpus)))
+
+
 def _shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{SHARED_DATA} not present (it is beside the repo only on dev/CI machines)")
@@ -76,13 +81,13 @@ def test_generated_sizes_follow_the_config() -> None:
     two_hop = [q for q in questions if q.id.startswith("2hop/")]
     assert len(questions) == 3 * 40
     assert len(two_hop) == round(0.25 * len(questions))
-    assert len({d.title for d in data.corpus if d.id.startswith("person/")}) == 40
+    assert len({d.title for d in _passages(data) if d.id.startswith("person/")}) == 40
     assert not [q for q in _questions(_all_questions(two_hop_fraction=0.0)) if "2hop" in q.id]
 
 
 def test_every_gold_document_is_in_the_corpus() -> None:
     data = _all_questions()
-    doc_ids = [d.id for d in data.corpus]
+    doc_ids = [d.id for d in _passages(data)]
     assert len(doc_ids) == len(set(doc_ids))
     for question in _questions(data):
         assert question.gold_doc_ids and set(question.gold_doc_ids) <= set(doc_ids)
@@ -92,7 +97,7 @@ def test_every_gold_document_is_in_the_corpus() -> None:
 
 def test_answers_are_in_the_gold_passage_that_holds_the_fact() -> None:
     data = _all_questions()
-    text = {d.id: d.text for d in data.corpus}
+    text = {d.id: d.text for d in _passages(data)}
     for question in _questions(data):
         passage = text[question.gold_doc_ids[-1]]  # two-hop: the last hop holds the answer
         for answer in question.answers:
@@ -109,7 +114,7 @@ def test_answers_carry_aliases_with_the_bare_name_first() -> None:
 
 def test_questions_do_not_reuse_the_wording_of_their_passages() -> None:
     data = _all_questions()
-    documents = {d.id: d for d in data.corpus}
+    documents = {d.id: d for d in _passages(data)}
     for question in _questions(data):
         for doc_id in question.gold_doc_ids:
             document = documents[doc_id]
@@ -147,7 +152,7 @@ def test_questions_do_not_reuse_the_wording_of_their_passages() -> None:
 def test_people_come_in_groups_of_look_alike_names() -> None:
     data = _all_questions()
     surnames: dict[str, list[str]] = defaultdict(list)
-    for title in {d.title for d in data.corpus if d.id.startswith("person/")}:
+    for title in {d.title for d in _passages(data) if d.id.startswith("person/")}:
         first, surname = title.split()
         surnames[first].append(surname)
 
@@ -170,7 +175,7 @@ def test_people_come_in_groups_of_look_alike_names() -> None:
 def test_passages_are_short_and_name_their_entity() -> None:
     data = _all_questions()
     by_title: dict[str, int] = defaultdict(int)
-    for document in data.corpus:
+    for document in _passages(data):
         assert 12 <= len(document.text.split()) <= 40, document
         assert document.title in document.text
         by_title[document.title] += 1
@@ -179,7 +184,7 @@ def test_passages_are_short_and_name_their_entity() -> None:
 
 def test_two_hop_questions_name_only_the_bridge_entity() -> None:
     data = _all_questions()
-    titles = {d.id: d.title for d in data.corpus}
+    titles = {d.id: d.title for d in _passages(data)}
     two_hop = [q for q in _questions(data) if q.id.startswith("2hop/")]
     assert two_hop
     for question in two_hop:
@@ -223,7 +228,7 @@ def test_a_test_split_is_held_out_without_changing_validation_or_train() -> None
 
 def test_split_seed_changes_the_split_and_the_fingerprint() -> None:
     first, second = load_data(DataConfig(split_seed=0)), load_data(DataConfig(split_seed=1))
-    assert first.corpus == second.corpus
+    assert _passages(first) == _passages(second)
     assert first.split_record() != second.split_record()
     assert first.fingerprint != second.fingerprint
 
@@ -242,9 +247,9 @@ def test_split_larger_than_the_data_is_refused() -> None:
 def test_popqa_local_subset_loads_with_gold_passages() -> None:
     data = load_data(DataConfig(source="popqa", path=str(_shared(POPQA_SUBSET)), n_train=None))
     questions = _questions(data)
-    text = {d.id: d.text.lower() for d in data.corpus}
+    text = {d.id: d.text.lower() for d in _passages(data)}
     assert len(questions) == 874
-    assert len(data.corpus) == len({(d.title, d.text) for d in data.corpus})  # deduplicated
+    assert len(data.corpus) == len({(d.title, d.text) for d in _passages(data)})  # deduplicated
     assert sum(bool(q.gold_doc_ids) for q in questions) >= 0.9 * len(questions)
     answered = sum(
         any(a.lower() in text[g] for a in q.answers for g in q.gold_doc_ids) for q in questions
@@ -259,7 +264,7 @@ def test_hotpotqa_local_sample_loads_with_gold_passages() -> None:
     assert len(questions) == 500
     assert all(q.answers for q in questions)
     assert sum(len(q.gold_doc_ids) >= 2 for q in questions) >= 0.9 * len(questions)
-    assert len(data.corpus) == len({(d.title, d.text) for d in data.corpus})
+    assert len(data.corpus) == len({(d.title, d.text) for d in _passages(data)})
     assert len(data.corpus) < 10 * len(questions)  # shared paragraphs appear once
 
 
@@ -316,7 +321,7 @@ def test_popqa_paragraphs_as_a_python_repr_string_are_parsed_not_evaluated(
     evil = {**row, "id": 2, "paragraphs": "__import__('os').getcwd()"}
     good = _write_jsonl(tmp_path / "good.jsonl", [row, {**row, "id": 3}])
     data = load_data(DataConfig(source="popqa", path=good, n_train=1, n_validation=1))
-    texts = {d.id: d.text for d in data.corpus}
+    texts = {d.id: d.text for d in _passages(data)}
     assert sorted(texts.values()) == ["Ada Quill drew maps.", "Maps show places."]
     assert [texts[g] for g in data.train[0].gold_doc_ids] == ["Ada Quill drew maps."]
     bad = _write_jsonl(tmp_path / "bad.jsonl", [row, evil])
@@ -342,7 +347,7 @@ def test_hotpotqa_hub_columns_load_from_a_local_copy(tmp_path: Path) -> None:
     other = {**row, "id": "h2", "supporting_facts": {"title": ["Cy"], "sent_id": [0]}}
     path = _write_jsonl(tmp_path / "hotpot.jsonl", [row, other])
     data = load_data(DataConfig(source="hotpotqa", path=path, n_train=1, n_validation=1))
-    texts = {d.id: d.text for d in data.corpus}
+    texts = {d.id: d.text for d in _passages(data)}
     by_id = {q.id: q for q in _questions(data)}
     assert sorted(texts.values()) == [
         "Ada learned from Bo. She was quick.",
@@ -369,13 +374,13 @@ def test_canonical_jsonl_round_trip_keeps_content_and_fingerprint(tmp_path: Path
     )
     corpus = _write_jsonl(
         tmp_path / "corpus.jsonl",
-        [{"id": d.id, "title": d.title, "text": d.text} for d in data.corpus],
+        [{"id": d.id, "title": d.title, "text": d.text} for d in _passages(data)],
     )
     loaded = load_data(DataConfig(source="jsonl", path=questions, corpus_path=corpus, n_train=None))
-    assert loaded.corpus == data.corpus
+    assert _passages(loaded) == _passages(data)
     assert loaded.train == data.train and loaded.validation == data.validation
     assert loaded.fingerprint == data.fingerprint
-    assert isinstance(loaded.corpus[0], Document)
+    assert isinstance(_passages(loaded)[0], Document)
 
 
 # --- errors ------------------------------------------------------------------------------------

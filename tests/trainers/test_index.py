@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from tests.tiny import TINY_TRAINING, tiny_config
 from trainers.config import EXACT_SEARCH_MAX_PASSAGES, IndexConfig, TrialConfig
-from trainers.data import Document
+from trainers.corpus import Corpus, Document
 from trainers.errors import ConfigError, DataError
 from trainers.index import DocumentIndex, _cache_key, build_index
 from trainers.models import load_embedder
@@ -26,8 +26,11 @@ def embedder(cache_dir: Path):
     return load_embedder("tiny", cache_dir=cache_dir, device=CPU)
 
 
-def _documents(n: int) -> list[Document]:
-    return [Document(id=f"d{i}", title=f"Title {i}", text=f"fact number {i}") for i in range(n)]
+def _documents(n: int) -> Corpus:
+    return Corpus.from_documents(
+        (Document(id=f"d{i}", title=f"Title {i}", text=f"fact number {i}") for i in range(n)),
+        where="the test corpus",
+    )
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -47,7 +50,7 @@ N_PASSAGES, DIMENSION = 5000, 64
 
 
 @pytest.fixture
-def corpus_cache(embedder, tmp_path: Path) -> tuple[list[Document], np.ndarray, Path]:
+def corpus_cache(embedder, tmp_path: Path) -> tuple[Corpus, np.ndarray, Path]:
     documents = _documents(N_PASSAGES)
     doc_vectors = _topical(N_PASSAGES, DIMENSION, seed=1)
     key = _cache_key(embedder, documents, TINY_TRAINING.embedder_max_length)
@@ -108,11 +111,11 @@ def test_a_damaged_cache_file_is_named_with_the_fix(damage, embedder, corpus_cac
     with pytest.raises(DataError, match="cannot read the document vectors .*delete the file"):
         _build(embedder, documents, cache_dir)
     vectors_file.unlink()
-    _build(embedder, documents[:30], cache_dir, IndexConfig(kind="hnsw"))
+    _build(embedder, _documents(30), cache_dir, IndexConfig(kind="hnsw"))
     (index_file,) = (cache_dir / "index").glob("*.faiss")
     index_file.write_bytes(damage)
     with pytest.raises(DataError, match="cannot read the FAISS index .*delete the file"):
-        _build(embedder, documents[:30], cache_dir, IndexConfig(kind="hnsw"))
+        _build(embedder, _documents(30), cache_dir, IndexConfig(kind="hnsw"))
 
 
 def test_flat_search_equals_a_plain_index_flat_ip(embedder, tmp_path):
@@ -192,6 +195,28 @@ def test_an_index_that_finds_fewer_than_k_passages_says_which_setting_to_raise(
     )
     with pytest.raises(ConfigError, match="fewer than 50 passages.*raise training.index.nprobe"):
         index.search(doc_vectors[:20], 50)
+
+
+def test_a_corpus_streamed_in_chunks_is_encoded_as_one_call_encodes_it(
+    embedder, tmp_path, monkeypatch
+):
+    whole = _build(embedder, _documents(30), tmp_path / "whole")
+    monkeypatch.setattr("trainers.index._ENCODE_CHUNK", 7)  # 5 chunks, the last of 2
+    streamed = _build(embedder, _documents(30), tmp_path / "streamed")
+    assert streamed.doc_vectors.shape == whole.doc_vectors.shape
+    assert streamed.encoded_tokens == whole.encoded_tokens
+    # Each call sorts and batches its own passages: the same vectors up to float rounding.
+    np.testing.assert_allclose(streamed.doc_vectors, whole.doc_vectors, rtol=0, atol=1e-5)
+    assert [p.name for p in (tmp_path / "streamed" / "index").iterdir()] == [
+        f"{_cache_key(embedder, _documents(30), TINY_TRAINING.embedder_max_length)}.npy"
+    ]
+
+
+def test_documents_are_read_by_position_in_the_shape_of_a_search(embedder, tmp_path):
+    index = _build(embedder, _documents(30), tmp_path)
+    found = index.documents(np.array([[3, 1], [29, 3]]))
+    assert [[d.id for d in row] for row in found] == [["d3", "d1"], ["d29", "d3"]]
+    assert found[1][0] == Document(id="d29", title="Title 29", text="fact number 29")
 
 
 def test_rows_gathers_only_the_asked_rows_in_their_shape(embedder, tmp_path):

@@ -116,7 +116,8 @@ def test_gathered_rows_give_the_loss_and_gradients_of_the_whole_matrix(
     data, pipeline = tiny_pipeline
     assert isinstance(pipeline.index.doc_vectors, np.memmap)
     embedder, generator = pipeline.embedder, pipeline.generator.model
-    negative = pipeline.index.documents[-1].id  # M > B candidates for MNRL
+    corpus = pipeline.index.corpus
+    negative = corpus.documents([len(corpus) - 1])[0].id  # M > B candidates for MNRL
     batch = [_Item(record, record.gold_doc_ids[0], (negative,)) for record in data.train[:4]]
 
     def scores_loss_and_embedder_gradients() -> tuple[torch.Tensor, ...]:

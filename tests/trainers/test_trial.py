@@ -176,7 +176,10 @@ def _partly_labelled(folder: Path, n_labelled: int) -> DataConfig:
         for q in (*everything.train, *everything.validation)
     ]
     questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    documents = [{"id": d.id, "title": d.title, "text": d.text} for d in data.corpus]
+    documents = [
+        {"id": d.id, "title": d.title, "text": d.text}
+        for d in data.corpus.documents(range(len(data.corpus)))
+    ]
     corpus.write_text("".join(json.dumps(row) + "\n" for row in documents))
     return TINY_DATA.model_copy(
         update={"source": "jsonl", "path": str(questions), "corpus_path": str(corpus)}
