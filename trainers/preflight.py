@@ -7,13 +7,11 @@ from pathlib import Path
 
 import torch
 
+from trainers.checks import require_context_labels, resolve_device
 from trainers.config import DataConfig, ModelsConfig, TrainingConfig
 from trainers.data import load_data
 from trainers.errors import ConfigError
-from trainers.index import build_index
 from trainers.methods import needs_context_labels
-from trainers.models import load_embedder, load_generator
-from trainers.trial import require_context_labels, resolve_device
 
 __all__ = ["prepare"]
 
@@ -40,6 +38,11 @@ def prepare(
     for method, training in trainings:
         if needs_context_labels(method, training):
             require_context_labels(method, rag_data)
+    # The model libraries (seconds to import) load only once the data has passed, so that a
+    # mistake in it is reported at once.
+    from trainers.index import build_index
+    from trainers.models import load_embedder, load_generator
+
     # Conversions and vectors do not depend on the device that computes them: the CPU always has
     # room, and a GPU is left to the trials.
     cpu = torch.device("cpu")

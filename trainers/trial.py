@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainers.checks import require_context_labels, resolve_device
 from trainers.config import TrialConfig
 from trainers.cost import CostMeter, PhaseCost, forward_flops
-from trainers.data import MIN_LABELLED_TRAIN, RagData, load_data
+from trainers.data import RagData, load_data
 from trainers.environment import environment_record, native_bf16
-from trainers.errors import ConfigError, or_list
+from trainers.errors import ConfigError
 from trainers.evaluate import (
     Evaluation,
     answer_logprobs,
@@ -27,7 +28,7 @@ from trainers.evaluate import (
 )
 from trainers.index import build_index
 from trainers.memory import bound_allocator
-from trainers.methods import Phase, label_free_embedder_methods, method_phases
+from trainers.methods import Phase, method_phases
 from trainers.models import (
     load_embedder,
     load_embedder_checkpoint,
@@ -46,9 +47,7 @@ from trainers.train import train_phase
 __all__ = [
     "TrialResult",
     "build_pipeline",
-    "require_context_labels",
     "run_trial",
-    "resolve_device",
 ]
 
 
@@ -61,17 +60,6 @@ class TrialResult:
     record: dict[str, object]
     predictions: list[str]
     questions: list[QuestionResult]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` means the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"training.device is '{name}' but no CUDA device is visible; use 'auto' or 'cpu'"
-        )
-    return torch.device(name)
 
 
 def run_trial(
@@ -257,21 +245,6 @@ def _check_data(config: TrialConfig, phases: tuple[Phase, ...], data: RagData) -
         raise ConfigError(
             f"training.k is {config.training.k} but the corpus has only {len(data.corpus)} documents; lower k"
         )
-
-
-def require_context_labels(method: str, data: RagData) -> None:
-    """Refuse ``method``, which trains the embedder on context labels (MNRL), when fewer than
-    ``MIN_LABELLED_TRAIN`` training questions have a gold document; partly labelled data is fine."""
-    if data.has_context_labels:
-        return
-    labelled, total = len(data.labelled_train), len(data.train)
-    share = f"only {labelled} of {total}" if labelled else f"none of the {total}"
-    raise ConfigError(
-        f"method '{method}' trains the embedder on context labels, but {share} training "
-        f"questions {'has' if labelled <= 1 else 'have'} a gold document (at least "
-        f"{MIN_LABELLED_TRAIN} are needed); label more questions (gold_doc_ids) or use "
-        f"{or_list(label_free_embedder_methods())} instead"
-    )
 
 
 def _quality(evaluation: Evaluation, prefix: str = "") -> dict[str, float]:

@@ -92,6 +92,8 @@ def launch(
     A second launch of the same spec is refused while this one runs; trials a dead launch left
     RUNNING are failed (retryable) and their points run again. ``on_ready`` is called once every
     check has passed, before anything is written (a launch with bad input writes nothing).
+    It starts a local Ray (or connects to ``address``) unless this process is already connected
+    to one, and leaves running a Ray it did not start.
     """
     started = time.perf_counter()
     # The database is storage_url; the spec's own URL, which may hold a password, goes no further
@@ -118,6 +120,8 @@ def launch(
     # Data, models and the Ray cluster are checked before anything is written, so bad input
     # leaves the database as it was.
     _prepare(spec, plan, cache_dir)
+    # A Ray the caller started (a notebook, a test session) is the caller's to stop.
+    ray_was_running = ray.is_initialized()
     try:
         start_ray(address, log_to_driver)
         check_resources(spec, plan)
@@ -138,7 +142,8 @@ def launch(
             summary,
         )
     finally:
-        ray.shutdown()  # stops a local Ray; only disconnects from a cluster given by address
+        if not ray_was_running:
+            ray.shutdown()  # stops a local Ray; only disconnects from a cluster given by address
     summary.wall_s = time.perf_counter() - started
     return summary
 

@@ -21,6 +21,7 @@ import yaml
 from search.launch._lease import LAUNCH_ATTR, LaunchOwner
 from search.spec import load_spec
 from search.store import open_stage_study, open_storage
+from tests.cli import ragsweep_process
 from tests.search.test_cli import assert_one_line_error, ragsweep
 from tests.tiny import TINY_SPEC
 
@@ -84,13 +85,21 @@ def _snapshot(folder: Path) -> dict[str, str]:
     return {str(path.relative_to(folder)): state(path) for path in sorted(folder.rglob("*"))}
 
 
-def _launch(tmp_path: Path, db: Path | None, spec: dict | str, *args: str, cache_dir: Path):
-    """Run ``ragsweep launch`` on ``spec`` against ``db`` (None: a new database file); assert
-    that nothing in ``tmp_path`` was created or changed."""
+def _launch(
+    tmp_path: Path,
+    db: Path | None,
+    spec: dict | str,
+    *args: str,
+    cache_dir: Path,
+    new_process: bool = False,
+):
+    """Run ``ragsweep launch`` on ``spec`` against ``db`` (None: a new database file), in this
+    process or (``new_process``) in a new interpreter; assert that nothing in ``tmp_path`` was
+    created or changed."""
     path = tmp_path / "spec.yaml"
     path.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec))
     before = _snapshot(tmp_path)
-    result = ragsweep(
+    command = [
         "launch",
         str(path),
         "--storage",
@@ -98,8 +107,11 @@ def _launch(tmp_path: Path, db: Path | None, spec: dict | str, *args: str, cache
         "--runs-dir",
         str(tmp_path / "runs"),
         *args,
-        cache_dir=cache_dir,
-    )
+    ]
+    if new_process:
+        result = ragsweep_process(*command, env={"RAGSWEEP_CACHE": str(cache_dir)})
+    else:
+        result = ragsweep(*command, cache_dir=cache_dir)
     assert _snapshot(tmp_path) == before, "the bad launch created or changed files"
     return result
 
@@ -199,6 +211,30 @@ SPEC_MISTAKES = {
     "prompt_without_context": (
         GOOD | {"training": TINY_SPEC["training"] | {"prompt_template": "Q: {question}"}},
         ["prompt_template", "{context}"],
+    ),
+    "two_corpora": (
+        GOOD
+        | {
+            "data": {
+                "source": "jsonl",
+                "path": "q.jsonl",
+                "corpus_path": "c.jsonl",
+                "corpus_hub_name": "MedRAG/wikipedia",
+            }
+        },
+        ["data", "corpus_path and data.corpus_hub_name both name a corpus; keep one"],
+    ),
+    "corpus_columns_unknown_key": (
+        GOOD
+        | {
+            "data": {
+                "source": "jsonl",
+                "path": "q.jsonl",
+                "corpus_path": "c.jsonl",
+                "corpus_columns": {"body": "content"},
+            }
+        },
+        ["unknown field 'data.corpus_columns.body'"],
     ),
     "jsonl_without_corpus": (
         GOOD | {"data": {"source": "jsonl", "path": "questions.jsonl"}},
@@ -324,6 +360,14 @@ def test_dataset_file_not_found(tmp_path, db, cache_dir):
     assert_one_line_error(result, "missing.jsonl", "does not exist", "fix the path")
 
 
+def test_a_refused_launch_in_a_new_interpreter_prints_one_line(tmp_path, db, cache_dir):
+    """As a user's shell runs it: nothing the libraries print as they load (only a new
+    interpreter loads them) gets beside the one line."""
+    spec = GOOD | {"data": {"source": "hotpotqa", "path": str(tmp_path / "missing.jsonl")}}
+    result = _launch(tmp_path, db, spec, cache_dir=cache_dir, new_process=True)
+    assert_one_line_error(result, "missing.jsonl", "does not exist", "fix the path")
+
+
 def test_data_path_override_not_found(tmp_path, db, cache_dir):
     spec = GOOD | {"data": {"source": "popqa", "path": "placeholder.jsonl"}}
     result = _launch(
@@ -336,6 +380,24 @@ def test_hub_dataset_offline(tmp_path, db, cache_dir):
     data = {"source": "popqa", "hub_name": "akariasai/PopQA", "corpus_path": str(_corpus(tmp_path))}
     result = _launch(tmp_path, db, GOOD | {"data": data}, cache_dir=cache_dir)
     assert_one_line_error(result, "akariasai/PopQA", "data.path")
+
+
+def test_hub_corpus_offline(tmp_path, db, cache_dir):
+    data = _unlabelled_data(tmp_path)
+    del data["corpus_path"]
+    data |= {"corpus_hub_name": "MedRAG/wikipedia", "corpus_columns": {"text": "content"}}
+    result = _launch(tmp_path, db, GOOD | {"methods": ["none"], "data": data}, cache_dir=cache_dir)
+    assert_one_line_error(
+        result, "cannot load corpus 'MedRAG/wikipedia'", "offline", "data.corpus_path"
+    )
+
+
+def test_corpus_columns_that_the_corpus_lacks(tmp_path, db, cache_dir):
+    data = _unlabelled_data(tmp_path) | {"corpus_columns": {"text": "content"}}
+    result = _launch(tmp_path, db, GOOD | {"methods": ["none"], "data": data}, cache_dir=cache_dir)
+    assert_one_line_error(
+        result, "data.corpus_path", "lacks the column(s) content", "corpus_columns"
+    )
 
 
 def test_dataset_missing_fields(tmp_path, db, cache_dir):
@@ -438,7 +500,9 @@ def test_a_trial_forecast_larger_than_any_node_is_refused(tmp_path, db, cache_di
         "models": {"embedder": "tiny", "generator": "smollm2-135m"},
         "training": training,
     }
-    result = _launch(tmp_path, db, spec, cache_dir=cache_dir)
+    # A new interpreter: SmolLM2's first conversion draws a tqdm bar where tqdm was imported
+    # before the command turns bars off, as in this test process.
+    result = _launch(tmp_path, db, spec, cache_dir=cache_dir, new_process=True)
     assert_one_line_error(result, "forecast peak", "lower training.", "resources.memory")
 
 
@@ -450,7 +514,11 @@ def test_gpus_per_trial_on_a_cluster_without_gpus(tmp_path, db, cache_dir):
 
 
 def test_unreachable_ray_cluster(tmp_path, db, cache_dir):
-    result = _launch(tmp_path, db, GOOD, "--address", "127.0.0.1:1", cache_dir=cache_dir)
+    # A new interpreter: this process is connected to its own Ray already (tests/search/
+    # conftest.py), and a launch uses the Ray its process is connected to.
+    result = _launch(
+        tmp_path, db, GOOD, "--address", "127.0.0.1:1", cache_dir=cache_dir, new_process=True
+    )
     assert_one_line_error(result, "no Ray cluster answers at '127.0.0.1:1'", "ray start --head")
 
 

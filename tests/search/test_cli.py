@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.cli import ragsweep as run_ragsweep
 from tests.tiny import TINY_SPEC
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def ragsweep(*args: str, cache_dir: Path) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"RAGSWEEP_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-c", "from search.cli import main; main()", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    """``ragsweep ARGS`` in this process (tests.cli), with its model/index cache in ``cache_dir``."""
+    return run_ragsweep(*args, env={"RAGSWEEP_CACHE": str(cache_dir)})
 
 
 def write_spec(tmp_path: Path, spec: dict, name: str = "spec.yaml") -> Path:

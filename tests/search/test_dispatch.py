@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import ray
 import yaml
 
 from search.launch.dispatch import StageEvent, launch
@@ -196,7 +197,10 @@ def test_quality_and_cost_as_two_objectives(tmp_path, cache_dir):
         objectives=objectives,
     )
     storage_url = f"sqlite:///{tmp_path / 'pareto.db'}"
+    node = ray.get_runtime_context().get_node_id()  # this process's Ray (tests/search/conftest.py)
     launch(spec, storage_url=storage_url, runs_dir=tmp_path / "runs", cache_dir=cache_dir)
+    # A launch leaves running the Ray it found: the caller's to stop.
+    assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node
     study = optuna.load_study(study_name="pareto/ft_gen", storage=open_storage(storage_url))
     assert [len(t.values) for t in study.trials] == [2, 2]
     assert study.trials[0].values[1] == study.trials[0].user_attrs["metrics"]["train_flops"] > 0

@@ -170,6 +170,7 @@ def start_ray_with_memory_monitor(headroom: int) -> int:
     """Start the local Ray a launch starts, its memory monitor set to kill once the node uses
     ``headroom`` bytes more than now; the threshold in bytes. Ray's monitor counts what psutil
     calls "used" (measured here: they agree within a few MB)."""
+    ray.shutdown()  # the shared one (tests/search/conftest.py): this test sets up its own
     memory = psutil.virtual_memory()
     threshold = memory.used + headroom
     if threshold > 0.9 * memory.total:

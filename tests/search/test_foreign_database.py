@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import socket
 import sqlite3
@@ -22,6 +21,7 @@ import optuna
 import pytest
 
 from search.store import GROUP_ATTR, SPEC_ATTR, STAGE_ATTR
+from tests.cli import ragsweep as run_ragsweep
 from tests.search.test_cli import assert_one_line_error
 from tests.search.test_store import fill_launch
 
@@ -49,9 +49,7 @@ _SAME_ANSWERS = ("studies json", "trials json", "trials csv", "best json", "pare
 
 
 def ragsweep(*args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-c", "from search.cli import main; main()", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return run_ragsweep(*args, env={"COLUMNS": "200"})  # in this process (tests.cli)
 
 
 def sha256(path: Path) -> str:

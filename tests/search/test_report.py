@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import socket
 import sqlite3
 import subprocess
@@ -27,6 +26,7 @@ import pytest
 from search.launch.dispatch import launch
 from search.spec import load_spec
 from search.store import open_storage
+from tests.cli import ragsweep as run_ragsweep
 from tests.search.test_cli import assert_one_line_error
 from tests.search.test_store import fill_launch
 from tests.storage import storage_url_for
@@ -80,9 +80,7 @@ def study(request, tmp_path_factory, cache_dir):
 
 
 def ragsweep(*args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-c", "from search.cli import main; main()", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return run_ragsweep(*args, env={"COLUMNS": "200"})  # in this process (tests.cli)
 
 
 def query_json(*args: str):

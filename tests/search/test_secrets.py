@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -17,7 +18,7 @@ import sqlalchemy
 import yaml
 from sqlalchemy.engine import make_url
 
-from tests.search.test_cli import ragsweep
+from tests.cli import ragsweep_process
 from tests.search.test_faults import RUNNING, launch_process, wait_for_states
 from tests.storage import storage_url_for
 from tests.tiny import TINY_SPEC
@@ -42,6 +43,12 @@ def ray_dir(monkeypatch):
     monkeypatch.delenv("RAGSWEEP_STORAGE", raising=False)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ragsweep(*args: str, cache_dir: Path) -> subprocess.CompletedProcess[str]:
+    # Each command in a process of its own: its Ray (in ray_dir) and every file it writes are
+    # searched for the password.
+    return ragsweep_process(*args, env={"RAGSWEEP_CACHE": str(cache_dir)})
 
 
 def _database_dump(url: str) -> str:
@@ -91,7 +98,7 @@ def test_the_password_appears_nowhere(postgres_url, tmp_path, cache_dir, ray_dir
     outputs += [out, err]
 
     # Relaunched with the URL from the spec only; the diverging trial fails with its reason.
-    done = ragsweep("launch", str(spec), "--runs-dir", str(runs), cache_dir=cache_dir)
+    done = _ragsweep("launch", str(spec), "--runs-dir", str(runs), cache_dir=cache_dir)
     assert done.returncode == 0, done.stderr
     outputs += [done.stdout, done.stderr]
 
@@ -107,7 +114,7 @@ def test_the_password_appears_nowhere(postgres_url, tmp_path, cache_dir, ray_dir
     ]
     results = {}
     for query in queries:
-        result = ragsweep(*query, "--storage", postgres_url, cache_dir=cache_dir)
+        result = _ragsweep(*query, "--storage", postgres_url, cache_dir=cache_dir)
         results[" ".join(query[:3])] = result
         outputs += [result.stdout, result.stderr]
     trials = json.loads(results[f"trials {name} --format"].stdout)
