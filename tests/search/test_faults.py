@@ -194,6 +194,15 @@ def start_ray_with_memory_monitor(headroom: int) -> int:
     return threshold
 
 
+def _until_one_dies(workers: list[psutil.Process], seconds: float) -> None:
+    """Wait ``seconds``, or less if a worker dies. Looked at often: the ballast must go before
+    Ray's monitor looks again (every 300 ms), or memory other processes took meanwhile (the
+    other test workers) keeps the node past the threshold and the second trial is killed too."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and all(alive(worker) for worker in workers):
+        time.sleep(0.02)
+
+
 class MemoryFiller(threading.Thread):
     """Once two trials train at once, grows this process's memory past Ray's threshold, step by
     step, until the memory monitor kills a trial worker, then frees it: a node running low."""
@@ -227,7 +236,7 @@ class MemoryFiller(threading.Thread):
             ballast.append(chunk)
             self.filled += step
             if step < 256 * 2**20:
-                time.sleep(0.4)
+                _until_one_dies(workers, 0.4)
         ballast.clear()
         time.sleep(1.5)  # a second kill would have come within the monitor's next looks
         self.killed = [worker.pid for worker in workers if not alive(worker)]
