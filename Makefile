@@ -21,10 +21,11 @@ demo: setup
 	$(VENV)/bin/ragsweep launch studies/demo.yaml
 	$(VENV)/bin/ragsweep compare demo --storage sqlite:///studies/demo.db
 
-# On every core with pytest-xdist (its options are in pyproject.toml); `.venv/bin/pytest -n0` runs
-# the suite in one process.
+# On every core with pytest-xdist (its options are in pyproject.toml), then the tests marked
+# `alone` by themselves; `.venv/bin/pytest -n0` runs the whole suite in one process.
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not alone"
+	$(VENV)/bin/pytest -q -n0 -m alone
 
 # ruff (lint and format) everywhere; mypy --strict (settings in pyproject.toml) on the two packages.
 lint: setup

@@ -308,6 +308,7 @@ def test_a_killed_worker_is_retried_by_ray_within_max_retries(tmp_path, cache_di
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # the node's memory is its signal: another test's growth kills both trials
 def test_a_trial_killed_by_rays_memory_monitor_reruns_and_the_one_beside_it_finishes(
     tmp_path, cache_dir
 ):
