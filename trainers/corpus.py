@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from trainers.config import CorpusColumns
 from trainers.errors import DataError, one_line
 
-__all__ = ["Corpus", "Document"]
+__all__ = ["Corpus", "Document", "check_utf8"]
 
 # Bumped when what a manifest holds changes: older manifests are then rebuilt, not misread.
 _MANIFEST_FORMAT = 1
@@ -318,7 +318,7 @@ def _manifest(
     read = _read_manifest(folder, len(dataset))
     if read is not None:
         return read
-    _check_text(dataset, where)
+    check_utf8(dataset, where)
     _check_rows(dataset, columns, where)
     ids, id_order = _id_index(dataset.data.column(columns.id), where)
     fingerprint = _files_digest(files, columns)
@@ -375,7 +375,8 @@ def _read_manifest(folder: Path, rows: int) -> tuple[str, np.ndarray, np.ndarray
     return str(manifest["fingerprint"]), ids, id_order
 
 
-def _check_text(dataset: datasets.Dataset, where: str) -> None:
+def check_utf8(dataset: datasets.Dataset, where: str) -> None:
+    """Refuse a table whose text is not valid UTF-8, naming ``where`` it comes from."""
     try:
         # Arrow keeps text as it found it and fails only when a row is read; a full validation
         # finds bytes that are not UTF-8 now, in C++, before any row is used.

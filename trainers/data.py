@@ -34,12 +34,11 @@ from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow
 from datasets.exceptions import DatasetNotFoundError
 
 from trainers._generated import generate_encyclopedia
 from trainers.config import DataConfig
-from trainers.corpus import Corpus, Document
+from trainers.corpus import Corpus, Document, check_utf8
 from trainers.errors import DataError, one_line
 
 __all__ = ["MIN_LABELLED_TRAIN", "Corpus", "Document", "QARecord", "RagData", "load_data"]
@@ -358,16 +357,8 @@ def _read_local(
             f"{field} '{path}' cannot be read as {builder} "
             f"({one_line(e)}): fix or re-export the file"
         ) from e
-    if not check_text:  # a corpus is checked once per version of its file (trainers.corpus)
-        return _require(rows, required, f"{field} '{path}'")
-    try:
-        # Arrow keeps text as it found it and fails only when a row is read; a full validation
-        # finds bytes that are not UTF-8 now, in C++, before any row is used.
-        rows.data.table.validate(full=True)
-    except pyarrow.ArrowInvalid as e:
-        raise DataError(
-            f"{field} '{path}' is not UTF-8 text ({one_line(e)}): save it as UTF-8"
-        ) from e
+    if check_text:  # a corpus is checked once per version of its file (trainers.corpus)
+        check_utf8(rows, f"{field} '{path}'")
     return _require(rows, required, f"{field} '{path}'")
 
 

@@ -26,6 +26,7 @@ from tests.search.test_cli import assert_one_line_error, ragsweep
 from tests.tiny import TINY_SPEC
 
 GOOD = TINY_SPEC | {"methods": ["ft_embed"], "search": {"lr_embedder": [1e-3]}}
+JSONL_DATA = {"source": "jsonl", "path": "q.jsonl", "corpus_path": "c.jsonl"}
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 
 
@@ -213,27 +214,11 @@ SPEC_MISTAKES = {
         ["prompt_template", "{context}"],
     ),
     "two_corpora": (
-        GOOD
-        | {
-            "data": {
-                "source": "jsonl",
-                "path": "q.jsonl",
-                "corpus_path": "c.jsonl",
-                "corpus_hub_name": "MedRAG/wikipedia",
-            }
-        },
+        GOOD | {"data": JSONL_DATA | {"corpus_hub_name": "MedRAG/wikipedia"}},
         ["data", "corpus_path and data.corpus_hub_name both name a corpus; keep one"],
     ),
     "corpus_columns_unknown_key": (
-        GOOD
-        | {
-            "data": {
-                "source": "jsonl",
-                "path": "q.jsonl",
-                "corpus_path": "c.jsonl",
-                "corpus_columns": {"body": "content"},
-            }
-        },
+        GOOD | {"data": JSONL_DATA | {"corpus_columns": {"body": "content"}}},
         ["unknown field 'data.corpus_columns.body'"],
     ),
     "jsonl_without_corpus": (

@@ -248,7 +248,7 @@ def test_an_unchanged_file_is_read_from_its_manifest_not_hashed_again(
     def not_again(*args: object, **kwargs: object) -> None:
         raise AssertionError("an unchanged corpus was checked, hashed or indexed again")
 
-    for name in ("_files_digest", "_rows_digest", "_id_index", "_check_rows", "_check_text"):
+    for name in ("_files_digest", "_rows_digest", "_id_index", "_check_rows", "check_utf8"):
         monkeypatch.setattr(trainers.corpus, name, not_again)
     # Nor is any passage read to load the data: the gold ids are looked up in the id index.
     monkeypatch.setattr(Corpus, "documents", not_again)
