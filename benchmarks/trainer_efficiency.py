@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from trainers.cost import training_flops
 from trainers.data import load_data
-from trainers.index import passage_text
+from trainers.encode import passage_text
 from trainers.models import load_generator, parameter_counts
 
 _BATCH, _SEQUENCE = 8, 128  # the reference step of a SmolLM2 LoRA batch: 8 x 128 tokens

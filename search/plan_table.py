@@ -293,7 +293,10 @@ def _encode_how(index: IndexForecast, spec: StudySpec) -> str:
             f"; the cache holds vectors of this shape ({index.cached_vectors.name}): nothing is "
             "encoded if they are this embedder's"
         )
-    return f"every passage at {tokens} tokens (training.embedder_max_length){cached}"
+    return (
+        f"every passage at {tokens} tokens (training.embedder_max_length) on one device{cached}; "
+        "`ragsweep index` shares it among a cluster's GPUs (or CPUs)"
+    )
 
 
 def _node_how(index: IndexForecast, spec: StudySpec) -> str:

@@ -41,7 +41,15 @@ from trainers.config import DataConfig
 from trainers.corpus import Corpus, Document, check_utf8
 from trainers.errors import DataError, one_line
 
-__all__ = ["MIN_LABELLED_TRAIN", "Corpus", "Document", "QARecord", "RagData", "load_data"]
+__all__ = [
+    "MIN_LABELLED_TRAIN",
+    "Corpus",
+    "Document",
+    "QARecord",
+    "RagData",
+    "load_corpus",
+    "load_data",
+]
 
 # The split each hub data set is usually evaluated on (data.hub_split overrides it): PopQA has only
 # "test"; HotPotQA's "validation" is the dev set, 7.4k questions, versus 90k in "train".
@@ -119,6 +127,14 @@ def load_data(config: DataConfig) -> RagData:
         fingerprint=_fingerprint(questions, corpus, train, validation, test),
         test=test,
     )
+
+
+def load_corpus(config: DataConfig) -> Corpus:
+    """The corpus ``config`` retrieves from: its corpus file or hub corpus read alone (memory-mapped),
+    else the one its source derives from the questions."""
+    if _has_corpus(config):
+        return _read_corpus(config)
+    return load_data(config).corpus
 
 
 # --- sources ---------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Only question vectors change when the embedder trains (the index is never re-encoded, as in the
 paper), so the vectors depend on (embedder weights, corpus, max length) alone; that triple is the
-cache key (the corpus by its fingerprint, never its rows). The corpus is encoded as a stream of
-chunks written one after the other into the cache file, so no trial holds it whole. The vectors
+cache key (the corpus by its fingerprint, never its rows). ``trainers.encode`` encodes the corpus:
+here as a stream of chunks into the cache file (no trial holds it whole), or beforehand shard by
+shard on a cluster (``ragsweep index``, which ``launch`` runs for a corpus of many shards). The vectors
 are read as a memory map of the cache file and an approximate FAISS index is built once per
 (vectors, kind, build parameters) and memory-mapped too, so the trials on a node share one copy of
 each through the page cache and hold in their own memory only the rows they use.
@@ -11,12 +12,10 @@ each through the page cache and hold in their own memory only the rows they use.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +26,15 @@ from sentence_transformers import SentenceTransformer
 
 from trainers.config import IndexConfig
 from trainers.corpus import Corpus, Document
+from trainers.encode import (
+    encode_corpus,
+    mapped_vectors,
+    passage_text,
+    unwritable,
+    vectors_path,
+    write_vectors,
+)
 from trainers.errors import ConfigError, DataError, one_line
-from trainers.models import weights_fingerprint
 
 __all__ = ["DocumentIndex", "build_index", "passage_text"]
 
@@ -81,11 +87,6 @@ class DocumentIndex:
         return torch.from_numpy(gathered).to(device).view(*wanted.shape, gathered.shape[-1])
 
 
-def passage_text(document: Document) -> str:
-    """What the embedder reads for a document: title and text, as sentence-transformers expects."""
-    return f"{document.title}: {document.text}"
-
-
 def build_index(
     embedder: SentenceTransformer,
     corpus: Corpus,
@@ -103,27 +104,31 @@ def build_index(
     and neither reads nor writes the cache.
     """
     start = time.perf_counter()
-    folder = cache_dir / "index"
-    key = _cache_key(embedder, corpus, max_length)
-    vectors_path = folder / f"{key}.npy"
-    vectors_hit = use_cache and vectors_path.exists()
+    vectors_file = vectors_path(cache_dir, embedder, corpus, max_length)
+    vectors_hit = use_cache and vectors_file.exists()
     encoded_tokens = 0
     if vectors_hit:
-        doc_vectors = _mapped_vectors(vectors_path)
+        doc_vectors = mapped_vectors(vectors_file)
     else:
         tokens: list[int] = []
-        chunks = _encoded_chunks(embedder, corpus, max_length, batch_size, tokens)
+        chunks = encode_corpus(
+            embedder, corpus, max_length=max_length, batch_size=batch_size, tokens=tokens
+        )
         if use_cache:
-            _stream_atomically(vectors_path, len(corpus), chunks)
+            write_vectors(vectors_file, len(corpus), chunks)
             # The encoding trial maps the file, as every other trial does: one copy per node.
-            doc_vectors = _mapped_vectors(vectors_path)
+            doc_vectors = mapped_vectors(vectors_file)
         else:
             doc_vectors = np.concatenate(list(chunks))
         encoded_tokens = sum(tokens)
     resolved = (index or IndexConfig()).resolve(
         passages=doc_vectors.shape[0], dimension=doc_vectors.shape[1]
     )
-    index_path = folder / f"{key}.{_index_name(resolved)}.faiss" if use_cache else None
+    index_path = (
+        vectors_file.with_name(f"{vectors_file.stem}.{_index_name(resolved)}.faiss")
+        if use_cache
+        else None
+    )
     search, index_hit = _searcher(doc_vectors, resolved, index_path)
     return DocumentIndex(
         corpus=corpus,
@@ -133,104 +138,6 @@ def build_index(
         cache_hit=vectors_hit and index_hit,
         encoded_tokens=encoded_tokens,
         _search=search,
-    )
-
-
-def _cache_key(embedder: SentenceTransformer, corpus: Corpus, max_length: int) -> str:
-    key = {
-        "weights": weights_fingerprint(embedder),
-        "corpus": corpus.fingerprint,
-        "max_length": max_length,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-
-
-# Passages encoded per call of SentenceTransformer.encode. It sorts each call's passages by length
-# before batching them, so the batches, and the last bits of a vector, depend on the call: every
-# corpus that fits in one call is encoded exactly as it was before streaming.
-_ENCODE_CHUNK = 65_536
-
-
-def _encoded_chunks(
-    embedder: SentenceTransformer,
-    corpus: Corpus,
-    max_length: int,
-    batch_size: int,
-    tokens: list[int],
-) -> Iterator[np.ndarray]:
-    """Unit-norm float32 vectors (n, D) of the corpus, chunk after chunk in corpus order; the
-    passage tokens of each chunk are appended to ``tokens``."""
-    previous_length = embedder.max_seq_length
-    embedder.max_seq_length = max_length
-    try:
-        for documents in corpus.batches(_ENCODE_CHUNK):
-            texts = [passage_text(document) for document in documents]
-            doc_vectors = embedder.encode(
-                texts,
-                batch_size=batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-            tokens.append(
-                sum(min(len(ids), max_length) for ids in embedder.tokenizer(texts).input_ids)
-            )
-            yield np.ascontiguousarray(doc_vectors, dtype=np.float32)
-    finally:
-        embedder.max_seq_length = previous_length
-
-
-def _mapped_vectors(path: Path) -> np.ndarray:
-    # Read-only: trials share the mapped pages, and none may write into another's vectors.
-    try:
-        doc_vectors: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
-        raise DataError(
-            f"cannot read the document vectors {path}: {one_line(e)}; delete the file to rebuild it"
-        ) from e
-    return doc_vectors
-
-
-def _save_atomically(path: Path, doc_vectors: np.ndarray) -> None:
-    _stream_atomically(path, doc_vectors.shape[0], [doc_vectors])
-
-
-def _stream_atomically(path: Path, rows: int, chunks: Iterable[np.ndarray]) -> None:
-    """Write the float32 vectors ``chunks`` hold, ``rows`` of them in order, as one .npy file
-    at ``path``: whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, suffix=f"{path.suffix}.tmp")
-    temporary = Path(name)
-    written = 0
-    try:
-        # Through write(), not a memory map: a full disk is then an OSError, not a SIGBUS. Encoding
-        # fails with other errors (torch's RuntimeError), which pass as they are.
-        with os.fdopen(handle, "wb") as file:
-            for doc_vectors in chunks:
-                if written == 0:
-                    header = {
-                        "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                        "fortran_order": False,
-                        "shape": (rows, doc_vectors.shape[1]),
-                    }
-                    np.lib.format.write_array_header_1_0(file, header)
-                file.write(np.ascontiguousarray(doc_vectors, dtype=np.float32).data)
-                written += doc_vectors.shape[0]
-        if written != rows:  # the corpus changed while it was read: keep nothing
-            raise DataError(
-                f"the corpus gave {written} passages where it has {rows}; rerun to encode it again"
-            )
-        os.replace(temporary, path)
-    except OSError as e:
-        raise _unwritable(path, e) from e
-    finally:
-        temporary.unlink(missing_ok=True)  # a partial file holds the space that ran out
-
-
-def _unwritable(path: Path, error: BaseException) -> DataError:
-    return DataError(
-        f"cannot write the index cache {path.parent}: {one_line(error)}; free space there or "
-        "point RAGSWEEP_CACHE at a larger disk"
     )
 
 
@@ -245,7 +152,7 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(temporary, path)
     except (OSError, RuntimeError) as e:  # FAISS reports a failed write as a RuntimeError
         temporary.unlink(missing_ok=True)  # a partial file holds the space that ran out
-        raise _unwritable(path, e) from e
+        raise unwritable(path, e) from e
 
 
 def _index_name(index: IndexConfig) -> str:

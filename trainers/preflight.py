@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,7 +14,16 @@ from trainers.data import load_data
 from trainers.errors import ConfigError
 from trainers.methods import needs_context_labels
 
-__all__ = ["prepare"]
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+    from trainers.corpus import Corpus
+
+# Encodes (embedder, corpus, max length) into the vectors cache before the index is built, where
+# it has a faster way than this process (a cluster); it may leave the work to build_index.
+Encoder = Callable[["SentenceTransformer", "Corpus", int], object]
+
+__all__ = ["Encoder", "prepare"]
 
 
 def prepare(
@@ -22,10 +32,14 @@ def prepare(
     trainings: Sequence[tuple[str, TrainingConfig]],
     *,
     cache_dir: Path,
+    encoder: Encoder | None = None,
+    convert_generator: bool = True,
 ) -> None:
     """Check ``data`` against every (method, training) of a study, convert the built-in models and
     build the frozen index in ``cache_dir`` once, before trials race to do it: a mistake found
-    here fails the study as it starts, not each of its trials."""
+    here fails the study as it starts, not each of its trials. ``encoder`` encodes the corpus
+    first where the vectors are not cached; ``convert_generator`` False leaves the generator alone
+    (an index job needs only the embedder)."""
     for device in dict.fromkeys(training.device for _, training in trainings):
         resolve_device(device)
     rag_data = load_data(data)
@@ -51,9 +65,11 @@ def prepare(
         (training.embedder_max_length, training.index) for _, training in trainings
     )
     for max_length, index in indexes:
+        if encoder is not None:
+            encoder(embedder, rag_data.corpus, max_length)
         build_index(
             embedder, rag_data.corpus, cache_dir=cache_dir, max_length=max_length, index=index
         )
     # A QLoRA generator is a hub model too large to load in full here; each trial loads it 4-bit.
-    if models.generator_finetune != "qlora":
+    if convert_generator and models.generator_finetune != "qlora":
         load_generator(models.generator, cache_dir=cache_dir, device=cpu, finetune="full")

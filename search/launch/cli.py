@@ -1,5 +1,6 @@
 """The commands that plan and run: ``train`` (one trial here), ``plan`` (what a study would run
-and cost) and ``launch`` (the whole study on Ray). Their flags are read here; ``search.cli`` adds
+and cost), ``index`` (the study's corpus encoded and indexed on Ray) and ``launch`` (the whole
+study on Ray). Their flags are read here; ``search.cli`` adds
 :data:`app`'s commands to ``ragsweep``.
 """
 
@@ -37,6 +38,12 @@ app = typer.Typer()
 # train and launch read the same data the same way.
 _DataPathOption = Annotated[
     str | None, typer.Option("--data-path", help="Override data.path (a local file).")
+]
+_AddressOption = Annotated[
+    str | None, typer.Option("--address", help="An existing Ray cluster (default: local Ray).")
+]
+_RayLogsOption = Annotated[
+    bool, typer.Option("--ray-logs", help="Show Ray's and the workers' own output.")
 ]
 
 
@@ -103,6 +110,61 @@ def plan(
 
 @app.command()
 @one_line_errors
+def index(
+    spec: Annotated[Path, typer.Argument(help="Study spec YAML.")],
+    address: _AddressOption = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", min=1, help="Encoder actors (default: one per GPU, else per CPU)."
+        ),
+    ] = None,
+    shard_passages: Annotated[
+        int | None,
+        typer.Option(
+            "--shard-passages",
+            min=1,
+            help="Passages a shard: the work a killed encode can lose (default: 65,536).",
+        ),
+    ] = None,
+    data_path: _DataPathOption = None,
+    settings: SetOption = None,
+    ray_logs: _RayLogsOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Encode the study's corpus on every worker of a Ray cluster and build its FAISS index into
+    the cache (RAGSWEEP_CACHE, shared by the nodes); a killed run resumes from its last shard."""
+    import ray
+
+    from search.launch._cluster import start_ray
+    from search.launch.dispatch import prepare_study
+    from search.launch.progress import encode_reporter
+    from search.plan import make_plan
+    from search.spec import load_spec
+
+    study = load_spec(spec, _spec_overrides(settings, {"data.path": data_path}))
+    quiet_libraries(debug)
+    _ray_environment()
+    ray_was_running = ray.is_initialized()
+    try:
+        prepare_study(
+            study,
+            make_plan(study),
+            cache_dir(),
+            connect=lambda: start_ray(address, ray_logs),
+            workers=workers,
+            shard_passages=shard_passages,
+            on_encode=encode_reporter(console),
+            convert_generator=False,
+        )
+    finally:
+        if not ray_was_running:
+            ray.shutdown()
+    console.print(f"index of study {study.name} ready in {cache_dir() / 'index'}")
+
+
+@app.command()
+@one_line_errors
 def launch(
     spec: Annotated[Path, typer.Argument(help="Study spec YAML.")],
     storage: Annotated[
@@ -112,9 +174,7 @@ def launch(
             help="Optuna storage URL (default: RAGSWEEP_STORAGE, the spec's, or studies/<name>.db).",
         ),
     ] = None,
-    address: Annotated[
-        str | None, typer.Option("--address", help="An existing Ray cluster (default: local Ray).")
-    ] = None,
+    address: _AddressOption = None,
     name: Annotated[
         str | None, typer.Option("--name", help="Study name (default: the spec's).")
     ] = None,
@@ -131,14 +191,12 @@ def launch(
     max_retries: Annotated[
         int, typer.Option("--max-retries", min=0, help="Retries of a trial whose worker died.")
     ] = 1,
-    ray_logs: Annotated[
-        bool, typer.Option("--ray-logs", help="Show Ray's and the workers' own output.")
-    ] = False,
+    ray_logs: _RayLogsOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Run every stage of the study's plan on Ray; trials already complete are not re-run."""
     from search.launch.dispatch import launch as run_launch
-    from search.launch.progress import LaunchProgress
+    from search.launch.progress import LaunchProgress, encode_reporter
     from search.plan import make_plan
     from search.spec import load_spec
     from search.store import mask_url
@@ -149,11 +207,7 @@ def launch(
     _check_folder_option("--runs-dir", runs_dir)
     url = storage_url(storage, study.storage, spec.parent / f"{study.name}.db")
     quiet_libraries(debug)
-    os.environ.setdefault(
-        "RAY_TMPDIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "ragsweep-ray")
-    )
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    _ray_environment()
     # Ctrl-C must stop a launch. A process inherits its parent's blocked signals: started from a
     # process that had SIGINT blocked (a pytest-xdist worker, after earlier tests had loaded their
     # libraries), the launch left Ctrl-C pending and ran to its end. Unblocked, not un-ignored: a
@@ -180,6 +234,7 @@ def launch(
                 address=address,
                 on_event=progress,
                 on_ready=show_progress,
+                on_encode=encode_reporter(console),
                 max_retries=max_retries,
                 log_to_driver=ray_logs,
             )
@@ -212,6 +267,15 @@ def launch(
         error_console.print(f"stage {stage} did not run: {reason}", highlight=False, soft_wrap=True)
     if summary.blocked:
         raise typer.Exit(1)
+
+
+def _ray_environment() -> None:
+    """Where a local Ray keeps its files, and Tune's output kept to what ragsweep shows."""
+    os.environ.setdefault(
+        "RAY_TMPDIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "ragsweep-ray")
+    )
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 def _check_folder_option(option: str, folder: Path) -> None:

@@ -42,6 +42,7 @@ from search.launch._scheduler import (
 )
 from search.launch._stage_results import remaining_points
 from search.launch._trainable import make_trainable
+from search.launch.encode import EncodeProgress, encode_on_cluster
 from search.plan import Plan, Stage, make_plan
 from search.spec import StudySpec
 from search.store import (
@@ -54,7 +55,7 @@ from search.store import (
 )
 from trainers.errors import RagsweepError, one_line
 
-__all__ = ["LaunchSummary", "StageEvent", "launch"]
+__all__ = ["LaunchSummary", "StageEvent", "launch", "prepare_study"]
 
 
 @dataclass
@@ -86,6 +87,7 @@ def launch(
     log_to_driver: bool = False,
     heartbeat_s: float = 30.0,
     on_ready: Callable[[], None] | None = None,
+    on_encode: Callable[[EncodeProgress], None] | None = None,
 ) -> LaunchSummary:
     """Run every stage of ``spec``'s plan that still has work; completed trials are kept.
 
@@ -93,7 +95,8 @@ def launch(
     RUNNING are failed (retryable) and their points run again. ``on_ready`` is called once every
     check has passed, before anything is written (a launch with bad input writes nothing).
     It starts a local Ray (or connects to ``address``) unless this process is already connected
-    to one, and leaves running a Ray it did not start.
+    to one, and leaves running a Ray it did not start. A corpus whose vectors are not cached is
+    encoded on the cluster first (``on_encode`` hears how far it is).
     """
     started = time.perf_counter()
     # The database is storage_url; the spec's own URL, which may hold a password, goes no further
@@ -117,12 +120,18 @@ def launch(
         summary.skipped = {stage.name: stage.n_trials for stage in plan.stages}
         summary.wall_s = time.perf_counter() - started
         return summary
-    # Data, models and the Ray cluster are checked before anything is written, so bad input
-    # leaves the database as it was.
-    _prepare(spec, plan, cache_dir)
     # A Ray the caller started (a notebook, a test session) is the caller's to stop.
     ray_was_running = ray.is_initialized()
     try:
+        # Data, models and the Ray cluster are checked before anything is written, so bad input
+        # leaves the database as it was.
+        prepare_study(
+            spec,
+            plan,
+            cache_dir,
+            connect=lambda: start_ray(address, log_to_driver),
+            on_encode=on_encode,
+        )
         start_ray(address, log_to_driver)
         check_resources(spec, plan)
         if on_ready is not None:
@@ -307,13 +316,47 @@ class _TrialStarts(tune.Callback):
         self._notify(StageEvent("trial_start", self._plan.stage(trial.config[STAGE_KEY])))
 
 
-def _prepare(spec: StudySpec, plan: Plan, cache_dir: Path) -> None:
-    """Check the data against every stage, convert built-in models and build the frozen index
-    once, before trials race to do it (a mistake found here fails the launch, not every trial)."""
+def prepare_study(
+    spec: StudySpec,
+    plan: Plan,
+    cache_dir: Path,
+    *,
+    connect: Callable[[], None],
+    workers: int | None = None,
+    shard_passages: int | None = None,
+    on_encode: Callable[[EncodeProgress], None] | None = None,
+    convert_generator: bool = True,
+) -> None:
+    """Check the data against every stage, convert built-in models, encode the corpus on the Ray
+    cluster ``connect`` joins (where its vectors are not cached and it has more than one shard)
+    and build the frozen index once, before trials race to do it (a mistake found here fails the
+    launch, not every trial)."""
     from trainers import prepare
 
     stage_trainings = [
         (stage.method, spec.training.model_copy(update=stage.training_overrides))
         for stage in plan.stages
     ]
-    prepare(spec.data, spec.models, stage_trainings, cache_dir=cache_dir)
+
+    def encode(embedder: Any, corpus: Any, max_length: int) -> None:
+        encode_on_cluster(
+            embedder,
+            corpus,
+            max_length,
+            data=spec.data,
+            models=spec.models,
+            cache_dir=cache_dir,
+            connect=connect,
+            workers=workers,
+            shard_passages=shard_passages,
+            on_progress=on_encode,
+        )
+
+    prepare(
+        spec.data,
+        spec.models,
+        stage_trainings,
+        cache_dir=cache_dir,
+        encoder=encode,
+        convert_generator=convert_generator,
+    )

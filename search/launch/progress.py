@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -11,10 +12,46 @@ from rich.live import Live
 from rich.table import Table
 
 from search.launch.dispatch import StageEvent
+from search.launch.encode import EncodeProgress
 from search.plan import Plan
 from search.store import rung_text
 
-__all__ = ["LaunchProgress"]
+__all__ = ["LaunchProgress", "encode_reporter"]
+
+# Seconds between two lines of an encode's progress (the first and last are always printed).
+_ENCODE_LINE_S = 10.0
+
+
+def encode_reporter(console: Console) -> Callable[[EncodeProgress], None]:
+    """Prints where an encode stands: a line as it starts, every few seconds, and at the end."""
+    last_line = [-_ENCODE_LINE_S]
+
+    def report(progress: EncodeProgress) -> None:
+        now = time.perf_counter()
+        done = progress.done_passages == progress.passages
+        if now - last_line[0] < _ENCODE_LINE_S and not done and progress.encoded_passages:
+            return
+        last_line[0] = now
+        console.print(_encode_line(progress), highlight=False, soft_wrap=True)
+
+    return report
+
+
+def _encode_line(progress: EncodeProgress) -> str:
+    stamp = time.strftime("%H:%M:%S")
+    if not progress.encoded_passages and progress.done_passages < progress.passages:
+        resumed = f", {progress.resumed_shards} already encoded" if progress.resumed_shards else ""
+        return (
+            f"{stamp} encoding {progress.passages:,} passages in {progress.shards} shards "
+            f"on {progress.workers} Ray workers{resumed}"
+        )
+    share = progress.done_passages / max(progress.passages, 1)
+    left = progress.seconds_left
+    remaining = "" if left is None or not left else f", ~{left / 60:.1f} min left"
+    return (
+        f"{stamp} encoded {progress.done_passages:,}/{progress.passages:,} passages "
+        f"({share:.0%}), {progress.passages_per_s:,.0f} passages/s{remaining}"
+    )
 
 
 @dataclass

@@ -26,8 +26,8 @@ from tests.search.test_faults import (
     unique,
     write_spec,
 )
+from trainers.encode import write_vectors
 from trainers.errors import DataError
-from trainers.index import _save_atomically
 
 # ft_embed's checkpoints are kept (independent loads the best one); ft_gen's too.
 REUSED = {
@@ -231,5 +231,5 @@ def test_document_vectors_that_do_not_fit_the_cache_leave_no_partial_file(tmp_pa
     doc_vectors = np.zeros((1000, 384), dtype=np.float32)  # 1.5 MB
     with tmpfs(tmp_path / "cache", "64k") as cache:
         with pytest.raises(DataError, match="cannot write the index cache .*free space there"):
-            _save_atomically(cache / "index" / "vectors.npy", doc_vectors)
+            write_vectors(cache / "index" / "vectors.npy", len(doc_vectors), [doc_vectors])
         assert list((cache / "index").iterdir()) == []

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 from tests.tiny import TINY_TRAINING, tiny_config
 from trainers.config import EXACT_SEARCH_MAX_PASSAGES, IndexConfig, TrialConfig
 from trainers.corpus import Corpus, Document
+from trainers.encode import vectors_path
 from trainers.errors import ConfigError, DataError
-from trainers.index import DocumentIndex, _cache_key, build_index
+from trainers.index import DocumentIndex, build_index
 from trainers.models import load_embedder
 
 CPU = torch.device("cpu")
@@ -53,9 +54,9 @@ N_PASSAGES, DIMENSION = 5000, 64
 def corpus_cache(embedder, tmp_path: Path) -> tuple[Corpus, np.ndarray, Path]:
     documents = _documents(N_PASSAGES)
     doc_vectors = _topical(N_PASSAGES, DIMENSION, seed=1)
-    key = _cache_key(embedder, documents, TINY_TRAINING.embedder_max_length)
-    (tmp_path / "index").mkdir()
-    np.save(tmp_path / "index" / f"{key}.npy", doc_vectors)
+    path = vectors_path(tmp_path, embedder, documents, TINY_TRAINING.embedder_max_length)
+    path.parent.mkdir()
+    np.save(path, doc_vectors)
     return documents, doc_vectors, tmp_path
 
 
@@ -201,14 +202,14 @@ def test_a_corpus_streamed_in_chunks_is_encoded_as_one_call_encodes_it(
     embedder, tmp_path, monkeypatch
 ):
     whole = _build(embedder, _documents(30), tmp_path / "whole")
-    monkeypatch.setattr("trainers.index._ENCODE_CHUNK", 7)  # 5 chunks, the last of 2
+    monkeypatch.setattr("trainers.encode._ENCODE_CHUNK", 7)  # 5 chunks, the last of 2
     streamed = _build(embedder, _documents(30), tmp_path / "streamed")
     assert streamed.doc_vectors.shape == whole.doc_vectors.shape
     assert streamed.encoded_tokens == whole.encoded_tokens
     # Each call sorts and batches its own passages: the same vectors up to float rounding.
     np.testing.assert_allclose(streamed.doc_vectors, whole.doc_vectors, rtol=0, atol=1e-5)
     assert [p.name for p in (tmp_path / "streamed" / "index").iterdir()] == [
-        f"{_cache_key(embedder, _documents(30), TINY_TRAINING.embedder_max_length)}.npy"
+        vectors_path(tmp_path, embedder, _documents(30), TINY_TRAINING.embedder_max_length).name
     ]
 
 
