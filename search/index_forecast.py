@@ -9,7 +9,7 @@ The model behind each figure, for N passages of D dimensions:
 - the kind: ``training.index`` resolved for N (:meth:`trainers.IndexConfig.resolve`).
 - encode: every passage at ``training.embedder_max_length`` tokens through the embedder
   (:func:`search.forecast.encode_seconds`).
-- disk: the vectors file, N x D x 4 bytes, and for approximate kinds the FAISS index file (FAISS's
+- disk: the vectors file, N x D x 4 bytes (2 in float16), and for approximate kinds the FAISS index file (FAISS's
   own figures per vector: IVF-Flat 4 D + 8, IVF-PQ m + 8, HNSW 4 D + 8 M + ~16; plus the IVF
   centroids).
 - memory per node: one copy of what searches touch, in the page cache and shared by the node's
@@ -99,7 +99,8 @@ def forecast_index(spec: StudySpec, *, cache_dir: Path | None = None) -> IndexFo
     mapped_ids = bool(data.corpus_path or data.corpus_hub_name)
     cached = None
     if cache_dir is not None and passages is not None and dimension is not None:
-        cached = _cached_vectors(cache_dir, passages, dimension)
+        dtype = np.dtype(training.index.vector_dtype)
+        cached = _cached_vectors(cache_dir, passages, dimension, dtype)
     return IndexForecast(
         corpus=_corpus_name(data),
         passages=passages,
@@ -133,7 +134,7 @@ class _Sizes:
 def _sizes(
     index: IndexConfig, passages: int, dimension: int, questions: int, spec: StudySpec
 ) -> _Sizes:
-    vectors = passages * dimension * 4
+    vectors = passages * dimension * np.dtype(index.vector_dtype).itemsize
     centroids = (index.nlist or 0) * dimension * 4
     training = spec.training
     # Rows gathered at once: a RAG step scores k passages of each question of a batch, MNRL the
@@ -253,17 +254,17 @@ def _datasets_cache_rows(
     return int(splits[split].num_examples)
 
 
-def _cached_vectors(cache_dir: Path, passages: int, dimension: int) -> Path | None:
-    """A cached vectors file of shape (passages, dimension). Its key (the embedder's weights, the
+def _cached_vectors(cache_dir: Path, passages: int, dimension: int, dtype: np.dtype) -> Path | None:
+    """A cached vectors file of shape (passages, dimension) and ``dtype``. Its key (the embedder's weights, the
     corpus fingerprint, the max length) needs the model, so a plan matches the shape alone."""
     for path in sorted((cache_dir / "index").glob("*.npy")):
         try:
             with path.open("rb") as file:
                 if np.lib.format.read_magic(file) != (1, 0):
                     continue
-                shape, _, dtype = np.lib.format.read_array_header_1_0(file)
+                shape, _, stored = np.lib.format.read_array_header_1_0(file)
         except (OSError, ValueError):
             continue  # a file being replaced, or not an array: not the vectors sought
-        if tuple(shape) == (passages, dimension) and dtype == np.float32:
+        if tuple(shape) == (passages, dimension) and stored == dtype:
             return path
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -239,7 +240,8 @@ def _index_table(index: IndexForecast, spec: StudySpec) -> Table:
     table.add_row(
         "disk",
         _bytes_text(index.disk_bytes or 0),
-        f"vectors {_bytes_text(index.vectors_bytes)} (N x D x 4 bytes)"
+        f"vectors {_bytes_text(index.vectors_bytes)} (N x D x "
+        f"{np.dtype(index.index.vector_dtype).itemsize} bytes, training.index.vector_dtype)"
         + (f" + {index.index.kind} index file {_bytes_text(file)}" if file else ""),
     )
     table.add_row("memory / node", _bytes_text(index.node_bytes or 0), _node_how(index, spec))
@@ -333,9 +335,10 @@ def _index_note() -> Text:
     return Text(
         "index: the vectors and FAISS index are cached by (embedder weights, corpus fingerprint, "
         "training.embedder_max_length) and shared by every study that uses them; each node "
-        "memory-maps them, so its trials share one copy through the page cache. Today launch's "
-        "preflight encodes the corpus once, in one process on the launch machine's CPUs (CPU-hours / "
-        "its cores), before any trial; `ragsweep train` encodes it in its own process. "
+        "memory-maps them, so its trials share one copy through the page cache. `ragsweep index` "
+        "(and launch, where the vectors are missing) encodes the corpus once on the Ray cluster, "
+        "in shards of 65,536 passages, one worker per GPU (else per CPU); a corpus of one shard is "
+        "encoded in the launch's own process, and `ragsweep train` encodes in its own. "
         f"{encode_note()}; disk and memory: FAISS's bytes per vector (IVF-Flat 4 D + 8, IVF-PQ "
         "m + 8, HNSW 4 D + 8 M), IVF lists visited as if drawn at random: 1 - (1 - nprobe / "
         "nlist) ^ questions",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +47,9 @@ class DocumentIndex:
     """Unit-norm document vectors and a FAISS inner-product search over them."""
 
     corpus: Corpus  # the passages, row i encoded as doc_vectors[i]
-    # (N, D) float32: a read-only memory map of the cache file (in RAM when the cache is off).
-    # Never copied whole: training takes the rows it scores through rows().
+    # (N, D) float32, or float16 (training.index.vector_dtype): a read-only memory map of the
+    # cache file (in RAM when the cache is off). Never copied whole: training takes the rows it
+    # scores through rows(), as float32.
     doc_vectors: np.ndarray
     index_config: IndexConfig  # the kind searched and its parameters, resolved (never auto)
     build_seconds: float  # time to encode the corpus and build the index (or to read the cache)
@@ -83,7 +84,7 @@ class DocumentIndex:
         for scores that carry a gradient to E: only these rows are read from the memory map and
         moved to ``device``, never the whole matrix."""
         wanted = np.asarray(positions, dtype=np.int64)
-        gathered = np.asarray(self.doc_vectors[wanted.reshape(-1)])  # (S..., D) rows, copied
+        gathered = np.asarray(self.doc_vectors[wanted.reshape(-1)], dtype=np.float32)  # (S, D)
         return torch.from_numpy(gathered).to(device).view(*wanted.shape, gathered.shape[-1])
 
 
@@ -104,7 +105,8 @@ def build_index(
     and neither reads nor writes the cache.
     """
     start = time.perf_counter()
-    vectors_file = vectors_path(cache_dir, embedder, corpus, max_length)
+    dtype = (index or IndexConfig()).vector_dtype
+    vectors_file = vectors_path(cache_dir, embedder, corpus, max_length, dtype)
     vectors_hit = use_cache and vectors_file.exists()
     encoded_tokens = 0
     if vectors_hit:
@@ -115,11 +117,11 @@ def build_index(
             embedder, corpus, max_length=max_length, batch_size=batch_size, tokens=tokens
         )
         if use_cache:
-            write_vectors(vectors_file, len(corpus), chunks)
+            write_vectors(vectors_file, len(corpus), chunks, dtype)
             # The encoding trial maps the file, as every other trial does: one copy per node.
             doc_vectors = mapped_vectors(vectors_file)
         else:
-            doc_vectors = np.concatenate(list(chunks))
+            doc_vectors = np.concatenate(list(chunks)).astype(dtype)
         encoded_tokens = sum(tokens)
     resolved = (index or IndexConfig()).resolve(
         passages=doc_vectors.shape[0], dimension=doc_vectors.shape[1]
@@ -203,8 +205,11 @@ def _exact_search(doc_vectors: np.ndarray) -> _Search:
         gpu_index = faiss.index_cpu_to_gpu(
             _gpu_resources[0], 0, faiss.IndexFlatIP(doc_vectors.shape[1])
         )
-        gpu_index.add(doc_vectors)
+        for rows in _float32_batches(doc_vectors):
+            gpu_index.add(rows)
         return gpu_index.search
+    if doc_vectors.dtype != np.float32:
+        return _exact_search_converting(doc_vectors)
 
     def search(question_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         # faiss.knn runs knn_inner_product, the very routine IndexFlatIP.search runs (the same
@@ -216,6 +221,35 @@ def _exact_search(doc_vectors: np.ndarray) -> _Search:
         return scores, positions
 
     return search
+
+
+def _exact_search_converting(doc_vectors: np.ndarray) -> _Search:
+    """Exact search over float16 vectors: FAISS searches each batch of rows as float32, and the
+    batches' top k are merged (a batch converted at a time: never the whole matrix)."""
+
+    def search(question_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        found_scores, found_positions = [], []
+        for start, rows in zip(
+            range(0, doc_vectors.shape[0], _ADD_BATCH), _float32_batches(doc_vectors), strict=True
+        ):
+            scores, positions = faiss.knn(
+                question_vectors, rows, min(k, rows.shape[0]), metric=faiss.METRIC_INNER_PRODUCT
+            )
+            found_scores.append(scores)
+            found_positions.append(positions + start)
+        scores, positions = np.hstack(found_scores), np.hstack(found_positions)
+        # Highest score first, equal scores by position (whichever batch found them).
+        order = np.lexsort((positions, -scores), axis=-1)[:, :k]
+        return np.take_along_axis(scores, order, -1), np.take_along_axis(positions, order, -1)
+
+    return search
+
+
+def _float32_batches(doc_vectors: np.ndarray) -> Iterator[np.ndarray]:
+    """The vectors ``_ADD_BATCH`` rows at a time, as C-contiguous float32 (a copy only where they
+    are float16)."""
+    for start in range(0, doc_vectors.shape[0], _ADD_BATCH):
+        yield np.ascontiguousarray(doc_vectors[start : start + _ADD_BATCH], dtype=np.float32)
 
 
 # Rows sampled to train IVF centroids: 64 a cell, above the 39 below which FAISS's k-means warns
@@ -233,7 +267,8 @@ def _build_faiss_index(doc_vectors: np.ndarray, index: IndexConfig) -> faiss.Ind
         graph = faiss.IndexHNSWFlat(
             dimension, _filled(index.hnsw_links), faiss.METRIC_INNER_PRODUCT
         )
-        graph.add(doc_vectors)
+        for rows in _float32_batches(doc_vectors):
+            graph.add(rows)
         return graph
     nlist = _filled(index.nlist)
     quantizer = faiss.IndexFlatIP(dimension)
@@ -250,8 +285,8 @@ def _build_faiss_index(doc_vectors: np.ndarray, index: IndexConfig) -> faiss.Ind
     else:
         ivf = faiss.IndexIVFFlat(quantizer, dimension, nlist, faiss.METRIC_INNER_PRODUCT)
     ivf.train(_training_sample(doc_vectors, max(_TRAIN_ROWS_PER_CELL * nlist, _MIN_TRAIN_ROWS)))
-    for start in range(0, doc_vectors.shape[0], _ADD_BATCH):
-        ivf.add(np.ascontiguousarray(doc_vectors[start : start + _ADD_BATCH]))
+    for rows in _float32_batches(doc_vectors):
+        ivf.add(rows)
     return ivf
 
 
@@ -264,9 +299,9 @@ def _filled(parameter: int | None) -> int:
 def _training_sample(doc_vectors: np.ndarray, size: int) -> np.ndarray:
     """At most ``size`` rows, the same ones in every build (seeded), read in file order."""
     if doc_vectors.shape[0] <= size:
-        return np.ascontiguousarray(doc_vectors)
+        return np.ascontiguousarray(doc_vectors, dtype=np.float32)
     rows = np.sort(np.random.default_rng(0).choice(doc_vectors.shape[0], size, replace=False))
-    return np.ascontiguousarray(doc_vectors[rows])
+    return np.ascontiguousarray(doc_vectors[rows], dtype=np.float32)
 
 
 def _read_mapped(path: Path, index: IndexConfig) -> faiss.Index:

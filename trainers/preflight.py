@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from trainers.checks import require_context_labels, resolve_device
-from trainers.config import DataConfig, ModelsConfig, TrainingConfig
+from trainers.config import DataConfig, ModelsConfig, TrainingConfig, VectorDtype
 from trainers.data import load_data
 from trainers.errors import ConfigError
 from trainers.methods import needs_context_labels
@@ -19,9 +19,9 @@ if TYPE_CHECKING:
 
     from trainers.corpus import Corpus
 
-# Encodes (embedder, corpus, max length) into the vectors cache before the index is built, where
-# it has a faster way than this process (a cluster); it may leave the work to build_index.
-Encoder = Callable[["SentenceTransformer", "Corpus", int], object]
+# Encodes (embedder, corpus, max length, vector dtype) into the vectors cache before the index is
+# built, where it has a faster way than this process (a cluster); it may leave it to build_index.
+Encoder = Callable[["SentenceTransformer", "Corpus", int, VectorDtype], object]
 
 __all__ = ["Encoder", "prepare"]
 
@@ -66,7 +66,7 @@ def prepare(
     )
     for max_length, index in indexes:
         if encoder is not None:
-            encoder(embedder, rag_data.corpus, max_length)
+            encoder(embedder, rag_data.corpus, max_length, index.vector_dtype)
         build_index(
             embedder, rag_data.corpus, cache_dir=cache_dir, max_length=max_length, index=index
         )

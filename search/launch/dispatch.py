@@ -53,6 +53,7 @@ from search.store import (
     open_stage_study,
     open_storage,
 )
+from trainers.config import VectorDtype
 from trainers.errors import RagsweepError, one_line
 
 __all__ = ["LaunchSummary", "StageEvent", "launch", "prepare_study"]
@@ -338,11 +339,12 @@ def prepare_study(
         for stage in plan.stages
     ]
 
-    def encode(embedder: Any, corpus: Any, max_length: int) -> None:
+    def encode(embedder: Any, corpus: Any, max_length: int, dtype: VectorDtype) -> None:
         encode_on_cluster(
             embedder,
             corpus,
             max_length,
+            dtype=dtype,
             data=spec.data,
             models=spec.models,
             cache_dir=cache_dir,

@@ -59,6 +59,12 @@ def test_flat_disk_is_n_by_d_float32_plus_the_npy_header(tmp_path):
     assert forecast.vectors_bytes == rows * dimension * 4 + 128
     assert forecast.vectors_bytes == (tmp_path / "v.npy").stat().st_size
     assert forecast.disk_bytes == forecast.vectors_bytes  # flat: no FAISS file
+    halved = forecast_index(
+        _with_corpus(tmp_path / "c.parquet", training__index__vector_dtype="float16")
+    )
+    np.save(tmp_path / "v16.npy", np.zeros((rows, dimension), dtype=np.float16))
+    assert halved.vectors_bytes == (tmp_path / "v16.npy").stat().st_size
+    assert (forecast.node_bytes or 0) - (halved.node_bytes or 0) == rows * dimension * 2
 
 
 @pytest.mark.parametrize(
@@ -216,7 +222,7 @@ def test_plan_of_the_paper_spec_names_kind_disk_and_memory_and_exits_0_offline()
     assert "GPU-hours" in out and "CPU-hours" in out
     assert "85.8 GiB" in out  # disk: 42.8 GiB of vectors + the ivf_flat file
     assert "memory / node" in out and "memory / trial" in out and "32.2 MiB" in out
-    assert "preflight encodes the corpus once" in out
+    assert "encodes the corpus once on the Ray cluster" in out
 
 
 def test_an_index_setting_that_cannot_fit_the_corpus_is_one_line_exit_2():

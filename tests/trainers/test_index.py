@@ -178,6 +178,35 @@ def test_each_kind_is_built_once_cached_and_agrees_with_exact_search(
         assert np.mean(shared) >= agreement
 
 
+FLOAT16 = "float16"
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf_flat"])
+def test_float16_vectors_halve_the_file_and_search_as_float32_does(
+    kind, embedder, corpus_cache, monkeypatch, one_faiss_thread
+):
+    documents, doc_vectors, cache_dir = corpus_cache
+    max_length = TINY_TRAINING.embedder_max_length
+    halved = vectors_path(cache_dir, embedder, documents, max_length, FLOAT16)
+    assert halved != vectors_path(cache_dir, embedder, documents, max_length)
+    np.save(halved, doc_vectors.astype(np.float16))
+    # Exact search converts 700 rows at a time and merges the batches' top k.
+    monkeypatch.setattr("trainers.index._ADD_BATCH", 700)
+    config = IndexConfig(kind=kind, vector_dtype=FLOAT16)
+    index = _build(embedder, documents, cache_dir, config)
+    assert index.doc_vectors.dtype == np.float16 and index.index_config.vector_dtype == FLOAT16
+    assert index.rows([3, 1], CPU).dtype == torch.float32
+
+    questions = _topical(300, DIMENSION, seed=3)
+    exact_scores, exact = faiss.knn(questions, doc_vectors, 5, metric=faiss.METRIC_INNER_PRODUCT)
+    scores, found = index.search(questions, 5)
+    shared = [len(set(a) & set(b)) / 5 for a, b in zip(found, exact, strict=True)]
+    assert np.mean(shared) >= (0.99 if kind == "flat" else 0.95)
+    if kind == "flat":
+        np.testing.assert_allclose(scores, exact_scores, rtol=0, atol=2e-3)
+        assert (np.diff(scores, axis=1) <= 0).all()  # merged batches: highest score first
+
+
 def test_a_search_setting_reuses_the_built_index(embedder, corpus_cache):
     documents, _, cache_dir = corpus_cache
     _build(embedder, documents, cache_dir, IndexConfig(kind="ivf_flat", nprobe=8))
