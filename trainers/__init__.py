@@ -23,6 +23,7 @@ from trainers.config import (
     ModelsConfig,
     TrainingConfig,
     TrialConfig,
+    VectorDtype,
 )
 from trainers.errors import (
     ConfigError,
@@ -57,8 +58,10 @@ from trainers.results import QuestionResult, questions_json
 from trainers.rungs import Rung, Rungs
 
 if TYPE_CHECKING:
+    from trainers.corpus import Corpus
     from trainers.cost import forward_flops, training_flops
     from trainers.data import load_data
+    from trainers.encode import SHARD_PASSAGES, ShardEncoder, assemble_shards, shard_job
     from trainers.environment import environment_record, native_bf16
     from trainers.memory import MiB, ModelShape, TrialMemory, token_caps, trial_memory
     from trainers.preflight import prepare
@@ -66,6 +69,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EMBEDDER_ALIASES",
+    "SHARD_PASSAGES",
+    "Corpus",
+    "ShardEncoder",
+    "VectorDtype",
+    "assemble_shards",
+    "shard_job",
     "EXACT_SEARCH_MAX_PASSAGES",
     "FT_GEN_OBJECTIVE",
     "GENERATOR_ALIASES",
@@ -123,6 +132,11 @@ __all__ = [
 # Public names whose modules load on first use (torch, transformers, FAISS or datasets behind them,
 # or simply not needed to import the package).
 _LAZY = {
+    "Corpus": "trainers.corpus",
+    "SHARD_PASSAGES": "trainers.encode",
+    "ShardEncoder": "trainers.encode",
+    "assemble_shards": "trainers.encode",
+    "shard_job": "trainers.encode",
     "forward_flops": "trainers.cost",
     "training_flops": "trainers.cost",
     "load_data": "trainers.data",

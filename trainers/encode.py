@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
-from trainers.config import VectorDtype
+from trainers.config import DataConfig, ModelsConfig, VectorDtype
 from trainers.corpus import Corpus, Document
 from trainers.errors import DataError, one_line
 from trainers.models import weights_fingerprint
@@ -30,12 +30,15 @@ from trainers.models import weights_fingerprint
 __all__ = [
     "SHARD_PASSAGES",
     "EncodedShard",
+    "ShardEncoder",
+    "ShardJob",
     "ShardPlan",
     "assemble_shards",
     "encode_corpus",
     "encode_shard",
     "mapped_vectors",
     "passage_text",
+    "shard_job",
     "shard_plan",
     "unwritable",
     "vectors_path",
@@ -183,6 +186,88 @@ def assemble_shards(plan: ShardPlan, vectors_file: Path) -> None:
     dtype: VectorDtype = "float16" if shards[0].dtype == np.float16 else "float32"
     write_vectors(vectors_file, total, (np.asarray(rows) for rows in shards), dtype)
     shutil.rmtree(plan.folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What every worker of a sharded encode needs, from the process that plans it: where the
+    vectors go, the shards, and the fingerprints its corpus and embedder must match."""
+
+    vectors_file: Path
+    plan: ShardPlan
+    shard_passages: int
+    max_length: int
+    dtype: VectorDtype
+    corpus_fingerprint: str
+    weights: str  # the embedder's weights_fingerprint
+
+
+def shard_job(
+    embedder: SentenceTransformer,
+    corpus: Corpus,
+    *,
+    cache_dir: Path,
+    max_length: int,
+    dtype: VectorDtype = "float32",
+    shard_passages: int = SHARD_PASSAGES,
+) -> ShardJob:
+    """The sharded encode of ``corpus`` into its vectors file, and which shards are done."""
+    vectors_file = vectors_path(cache_dir, embedder, corpus, max_length, dtype)
+    return ShardJob(
+        vectors_file=vectors_file,
+        plan=shard_plan(vectors_file, len(corpus), shard_passages),
+        shard_passages=shard_passages,
+        max_length=max_length,
+        dtype=dtype,
+        corpus_fingerprint=corpus.fingerprint,
+        weights=weights_fingerprint(embedder),
+    )
+
+
+class ShardEncoder:
+    """A worker of a sharded encode: the corpus and embedder loaded once (checked against the
+    job's fingerprints: a node with other files must not write into the shared cache), then a
+    shard encoded per call."""
+
+    def __init__(
+        self,
+        job: ShardJob,
+        *,
+        data: DataConfig,
+        models: ModelsConfig,
+        cache_dir: Path,
+        batch_size: int = 64,
+    ) -> None:
+        import torch
+
+        from trainers.data import load_corpus
+        from trainers.models import load_embedder
+
+        self._job, self._batch_size = job, batch_size
+        self._corpus = load_corpus(data)
+        if self._corpus.fingerprint != job.corpus_fingerprint:
+            raise DataError(
+                f"{self._corpus.where} differs on this node from the one the encode was planned "
+                "with; give every node the same corpus files"
+            )
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._embedder = load_embedder(models.embedder, cache_dir=cache_dir, device=device)
+        if weights_fingerprint(self._embedder) != job.weights:
+            raise DataError(
+                f"the embedder '{models.embedder}' differs on this node from the one the encode "
+                "was planned with; give every node the same model files"
+            )
+
+    def __call__(self, shard: tuple[int, int]) -> EncodedShard:
+        return encode_shard(
+            self._embedder,
+            self._corpus,
+            shard,
+            folder=self._job.plan.folder,
+            max_length=self._job.max_length,
+            batch_size=self._batch_size,
+            dtype=self._job.dtype,
+        )
 
 
 def mapped_vectors(path: Path) -> np.ndarray:

@@ -53,8 +53,7 @@ from search.store import (
     open_stage_study,
     open_storage,
 )
-from trainers.config import VectorDtype
-from trainers.errors import RagsweepError, one_line
+from trainers import RagsweepError, VectorDtype, one_line
 
 __all__ = ["LaunchSummary", "StageEvent", "launch", "prepare_study"]
 

@@ -12,20 +12,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from trainers.config import DataConfig, ModelsConfig, VectorDtype
-from trainers.errors import DataError, RagsweepError, causes, one_line
+from trainers import (
+    DataConfig,
+    DataError,
+    ModelsConfig,
+    RagsweepError,
+    VectorDtype,
+    causes,
+    one_line,
+)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-    from trainers.corpus import Corpus
+    from trainers import Corpus
 
 __all__ = ["EncodeProgress", "encode_on_cluster"]
 
@@ -74,12 +81,18 @@ def encode_on_cluster(
     ``workers`` None: one per GPU of the cluster, else one per CPU; ``dtype``: how the vectors
     are stored (training.index.vector_dtype).
     """
-    from trainers.encode import SHARD_PASSAGES, assemble_shards, shard_plan, vectors_path
+    from trainers import SHARD_PASSAGES, assemble_shards, shard_job
 
-    vectors_file = vectors_path(cache_dir, embedder, corpus, max_length, dtype)
-    shard_passages = shard_passages or SHARD_PASSAGES
-    plan = shard_plan(vectors_file, len(corpus), shard_passages)
-    if vectors_file.exists() or len(plan.ranges) <= 1:
+    job = shard_job(
+        embedder,
+        corpus,
+        cache_dir=cache_dir,
+        max_length=max_length,
+        dtype=dtype,
+        shard_passages=shard_passages or SHARD_PASSAGES,
+    )
+    plan = job.plan
+    if job.vectors_file.exists() or len(plan.ranges) <= 1:
         return None
     connect()
     import ray
@@ -87,13 +100,12 @@ def encode_on_cluster(
     gpus = int(ray.cluster_resources().get("GPU", 0))
     pool = min(workers or gpus or int(ray.cluster_resources().get("CPU", 1)), len(plan.pending))
     started = time.perf_counter()
-    resumed = sum(stop - start for start, stop in plan.finished)
     progress = EncodeProgress(
-        vectors_file=vectors_file,
+        vectors_file=job.vectors_file,
         passages=len(corpus),
         shards=len(plan.ranges),
         resumed_shards=len(plan.finished),
-        done_passages=resumed,
+        done_passages=sum(stop - start for start, stop in plan.finished),
         encoded_passages=0,
         workers=max(pool, 0),
         seconds=0.0,
@@ -101,23 +113,20 @@ def encode_on_cluster(
     report = on_progress or (lambda _: None)
     report(progress)
     if plan.pending:
-        from trainers.models import weights_fingerprint
-
-        constructor = {
-            "data": data,
-            "models": models,
-            "cache_dir": str(cache_dir),
-            "folder": str(plan.folder),
-            "max_length": max_length,
-            "batch_size": batch_size,
-            "dtype": dtype,
-            "corpus_fingerprint": corpus.fingerprint,
-            "weights": weights_fingerprint(embedder),
-        }
-        for encoded in _encoded_shards(plan.pending, constructor, pool, use_gpus=gpus > 0):
-            progress = _advanced(progress, encoded, time.perf_counter() - started)
+        settings = {"job": job, "data": data, "models": models, "cache_dir": cache_dir}
+        for passages in _encoded_shards(plan.pending, settings, pool, batch_size, gpus > 0):
+            progress = _advanced(progress, passages, time.perf_counter() - started)
             report(progress)
-    assemble_shards(shard_plan(vectors_file, len(corpus), shard_passages), vectors_file)
+    # The shards on disk now, whoever wrote them: a missing one is named, not assumed.
+    finished = shard_job(
+        embedder,
+        corpus,
+        cache_dir=cache_dir,
+        max_length=max_length,
+        dtype=dtype,
+        shard_passages=job.shard_passages,
+    )
+    assemble_shards(finished.plan, job.vectors_file)
     return progress
 
 
@@ -133,10 +142,16 @@ def _advanced(progress: EncodeProgress, passages: int, seconds: float) -> Encode
 
 
 def _encoded_shards(
-    pending: list[tuple[int, int]], constructor: dict[str, Any], pool: int, *, use_gpus: bool
-) -> Any:
+    pending: list[tuple[int, int]],
+    settings: dict[str, Any],
+    pool: int,
+    batch_size: int,
+    use_gpus: bool,
+) -> Iterator[int]:
     """The passages of each shard as the pool finishes it (in any order)."""
     import ray.data
+
+    from trainers import ShardEncoder
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the caller shows its own
@@ -147,14 +162,25 @@ def _encoded_shards(
         override_num_blocks=len(pending),  # a block a shard: every actor gets work at once
     )
 
-    class ShardEncoder(_ShardEncoder):
-        # The settings travel with the class (pickled by value), not as constructor arguments,
-        # which Ray keeps in its object store and could not give back to a restarted actor.
+    class RayShardEncoder:
+        """A Ray Data actor around the Ray-free ShardEncoder. The settings travel with the class
+        (pickled by value), not as constructor arguments, which Ray keeps in its object store."""
+
         def __init__(self) -> None:
-            super().__init__(**constructor)
+            import torch
+
+            # One CPU a worker, as Ray reserved: torch's default (every core) would oversubscribe
+            # the node the other workers share.
+            torch.set_num_threads(1)
+            self._encode = ShardEncoder(**settings, batch_size=batch_size)
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            for start, stop in zip(batch["start"], batch["stop"], strict=True):
+                self._encode((int(start), int(stop)))
+            return {"start": batch["start"], "stop": batch["stop"]}
 
     encoded = shards.map_batches(
-        ShardEncoder,
+        RayShardEncoder,
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=pool),
         num_gpus=1 if use_gpus else 0,
@@ -168,7 +194,7 @@ def _encoded_shards(
 
 
 def _encode_error(error: Exception) -> RagsweepError:
-    """The error an actor raised (ours, with its fix), else Ray's, with the way to resume."""
+    """The error a worker raised (ours, with its fix), else Ray's, with the way to resume."""
     for cause in causes(error):
         if isinstance(cause, RagsweepError):
             return type(cause)(str(cause))
@@ -176,59 +202,3 @@ def _encode_error(error: Exception) -> RagsweepError:
         f"encoding the corpus on Ray failed ({one_line(error)}); the shards already encoded are "
         "kept: run it again to finish the rest"
     )
-
-
-class _ShardEncoder:
-    """A Ray Data actor: the embedder loaded once, then one shard encoded per call."""
-
-    def __init__(
-        self,
-        *,
-        data: DataConfig,
-        models: ModelsConfig,
-        cache_dir: str,
-        folder: str,
-        max_length: int,
-        batch_size: int,
-        dtype: VectorDtype,
-        corpus_fingerprint: str,
-        weights: str,
-    ) -> None:
-        import torch
-
-        from trainers.data import load_corpus
-        from trainers.models import load_embedder, weights_fingerprint
-
-        # One CPU a worker, as Ray reserved: torch's default (every core) would oversubscribe the
-        # node the other workers share.
-        torch.set_num_threads(1)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self._corpus = load_corpus(data)
-        if self._corpus.fingerprint != corpus_fingerprint:
-            raise DataError(
-                f"{self._corpus.where} differs on this Ray node from the driver's copy; give every "
-                "node the same corpus files"
-            )
-        self._embedder = load_embedder(models.embedder, cache_dir=Path(cache_dir), device=device)
-        if weights_fingerprint(self._embedder) != weights:
-            raise DataError(
-                f"the embedder '{models.embedder}' differs on this Ray node from the driver's; give "
-                "every node the same model files"
-            )
-        self._folder, self._max_length, self._batch_size = Path(folder), max_length, batch_size
-        self._dtype = dtype
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from trainers.encode import encode_shard
-
-        for start, stop in zip(batch["start"], batch["stop"], strict=True):
-            encode_shard(
-                self._embedder,
-                self._corpus,
-                (int(start), int(stop)),
-                folder=self._folder,
-                max_length=self._max_length,
-                batch_size=self._batch_size,
-                dtype=self._dtype,
-            )
-        return {"start": batch["start"], "stop": batch["stop"]}
