@@ -10,6 +10,7 @@ A corpus of one shard is encoded by the process that needs it: a cluster has not
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -131,13 +132,11 @@ def encode_on_cluster(
 
 
 def _advanced(progress: EncodeProgress, passages: int, seconds: float) -> EncodeProgress:
-    return EncodeProgress(
-        **{
-            **progress.__dict__,
-            "done_passages": progress.done_passages + passages,
-            "encoded_passages": progress.encoded_passages + passages,
-            "seconds": seconds,
-        }
+    return dataclasses.replace(
+        progress,
+        done_passages=progress.done_passages + passages,
+        encoded_passages=progress.encoded_passages + passages,
+        seconds=seconds,
     )
 
 
