@@ -42,3 +42,24 @@ TINY_SPEC: dict[str, object] = {
     "models": TINY_MODELS.model_dump(mode="json", exclude_unset=True),
     "training": TINY_TRAINING.model_dump(mode="json", exclude_unset=True),
 }
+
+
+def tiny_rows() -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """The whole tiny data set (every question, train and validation) as canonical rows:
+    (passages, questions), for tests that give it to a study as files."""
+    from trainers.data import load_data
+
+    whole = load_data(TINY_DATA.model_copy(update={"n_train": None}))
+    passages: list[dict[str, object]] = [
+        vars(d) for d in whole.corpus.documents(range(len(whole.corpus)))
+    ]
+    questions: list[dict[str, object]] = [
+        {
+            "id": q.id,
+            "question": q.question,
+            "answers": list(q.answers),
+            "gold_doc_ids": list(q.gold_doc_ids),
+        }
+        for q in [*whole.train, *whole.validation]
+    ]
+    return passages, questions

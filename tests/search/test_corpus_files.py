@@ -12,26 +12,15 @@ import yaml
 from search.launch.dispatch import launch
 from search.spec import load_spec, trial_config
 from search.store import open_storage
-from tests.tiny import TINY_DATA, TINY_SPEC
+from tests.tiny import TINY_SPEC, tiny_rows
 from tests.trainers.test_corpus import _jsonl, _parquet
 from trainers import run_trial
-from trainers.data import load_data
 
 
 def test_a_study_gives_the_same_metrics_with_its_corpus_as_parquet_or_jsonl(tmp_path, cache_dir):
     """The corpus of the tiny data set as Parquet, launched on a real local Ray; then the same
     trial with the corpus as JSONL, in this process: the same metrics, to the last bit."""
-    whole = load_data(TINY_DATA.model_copy(update={"n_train": None}))
-    passages = [vars(d) for d in whole.corpus.documents(range(len(whole.corpus)))]
-    questions = [
-        {
-            "id": q.id,
-            "question": q.question,
-            "answers": list(q.answers),
-            "gold_doc_ids": list(q.gold_doc_ids),
-        }
-        for q in [*whole.train, *whole.validation]
-    ]
+    passages, questions = tiny_rows()
     data = TINY_SPEC["data"] | {"source": "jsonl", "path": _jsonl(tmp_path / "q.jsonl", questions)}
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(

@@ -3,7 +3,6 @@ encoding a corpus of many shards before its trials."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -22,8 +21,9 @@ from search.launch.dispatch import launch
 from search.launch.encode import EncodeProgress
 from search.spec import load_spec
 from tests.cli import ragsweep
-from tests.tiny import TINY_DATA, TINY_SPEC
-from trainers.data import load_corpus, load_data
+from tests.tiny import TINY_SPEC, tiny_rows
+from tests.trainers.test_corpus import _jsonl
+from trainers.data import load_corpus
 from trainers.encode import encode_corpus, vectors_path
 from trainers.models import load_embedder
 
@@ -33,27 +33,15 @@ pytestmark = pytest.mark.slow
 def _spec(folder: Path, fillers: int) -> Path:
     """The tiny data set with its corpus as a JSONL file, ``fillers`` passages added to it (the
     count makes the corpus, and so its vectors file, this test's own)."""
-    whole = load_data(TINY_DATA.model_copy(update={"n_train": None}))
-    passages = [vars(d) for d in whole.corpus.documents(range(len(whole.corpus)))]
+    passages, questions = tiny_rows()
     passages += [
         {"id": f"filler-{i}", "title": f"Filler {i}", "text": f"passage {i} about nothing much"}
         for i in range(fillers)
     ]
-    questions = [
-        {
-            "id": q.id,
-            "question": q.question,
-            "answers": list(q.answers),
-            "gold_doc_ids": list(q.gold_doc_ids),
-        }
-        for q in [*whole.train, *whole.validation]
-    ]
-    for name, rows in (("questions.jsonl", questions), ("corpus.jsonl", passages)):
-        (folder / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
     data = TINY_SPEC["data"] | {
         "source": "jsonl",
-        "path": str(folder / "questions.jsonl"),
-        "corpus_path": str(folder / "corpus.jsonl"),
+        "path": _jsonl(folder / "questions.jsonl", questions),
+        "corpus_path": _jsonl(folder / "corpus.jsonl", passages),
     }
     spec_file = folder / "spec.yaml"
     spec_file.write_text(
