@@ -65,9 +65,17 @@ def vectors_path(
     dtype: VectorDtype = "float32",
 ) -> Path:
     """The cache file of the corpus' vectors under this embedder and max length, in ``dtype``."""
+    return _vectors_file(
+        cache_dir, weights_fingerprint(embedder), corpus.fingerprint, max_length, dtype
+    )
+
+
+def _vectors_file(
+    cache_dir: Path, weights: str, corpus_fingerprint: str, max_length: int, dtype: VectorDtype
+) -> Path:
     key: dict[str, object] = {
-        "weights": weights_fingerprint(embedder),
-        "corpus": corpus.fingerprint,
+        "weights": weights,
+        "corpus": corpus_fingerprint,
         "max_length": max_length,
     }
     if dtype != "float32":  # float32 files keep the names they always had
@@ -173,18 +181,19 @@ def encode_shard(
     return EncodedShard(start, stop, sum(tokens), time.perf_counter() - began)
 
 
-def assemble_shards(plan: ShardPlan, vectors_file: Path) -> None:
-    """Stream every shard, in order, into ``vectors_file`` (atomically), then delete the shards."""
+def assemble_shards(job: ShardJob) -> None:
+    """Stream every shard of ``job``, in order, into its vectors file (atomically), then delete
+    the shards. The shards on disk now are what counts, whoever wrote them: one missing is named."""
+    passages = job.plan.ranges[-1][1] if job.plan.ranges else 0
+    plan = shard_plan(job.vectors_file, passages, job.shard_passages)
     unfinished = plan.pending
     if unfinished:
         raise DataError(
-            f"{len(unfinished)} of {len(plan.ranges)} shards of {vectors_file.name} are not "
+            f"{len(unfinished)} of {len(plan.ranges)} shards of {job.vectors_file.name} are not "
             "encoded yet; run the encode again to finish them"
         )
-    total = plan.ranges[-1][1] if plan.ranges else 0
-    shards = [mapped_vectors(_shard_file(plan.folder, shard)) for shard in plan.ranges]
-    dtype: VectorDtype = "float16" if shards[0].dtype == np.float16 else "float32"
-    write_vectors(vectors_file, total, (np.asarray(rows) for rows in shards), dtype)
+    shards = (mapped_vectors(_shard_file(plan.folder, shard)) for shard in plan.ranges)
+    write_vectors(job.vectors_file, passages, (np.asarray(rows) for rows in shards), job.dtype)
     shutil.rmtree(plan.folder, ignore_errors=True)
 
 
@@ -212,7 +221,8 @@ def shard_job(
     shard_passages: int = SHARD_PASSAGES,
 ) -> ShardJob:
     """The sharded encode of ``corpus`` into its vectors file, and which shards are done."""
-    vectors_file = vectors_path(cache_dir, embedder, corpus, max_length, dtype)
+    weights = weights_fingerprint(embedder)  # hashed once: it names the file and checks workers
+    vectors_file = _vectors_file(cache_dir, weights, corpus.fingerprint, max_length, dtype)
     return ShardJob(
         vectors_file=vectors_file,
         plan=shard_plan(vectors_file, len(corpus), shard_passages),
@@ -220,7 +230,7 @@ def shard_job(
         max_length=max_length,
         dtype=dtype,
         corpus_fingerprint=corpus.fingerprint,
-        weights=weights_fingerprint(embedder),
+        weights=weights,
     )
 
 

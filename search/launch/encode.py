@@ -118,16 +118,7 @@ def encode_on_cluster(
         for passages in _encoded_shards(plan.pending, settings, pool, batch_size, gpus > 0):
             progress = _advanced(progress, passages, time.perf_counter() - started)
             report(progress)
-    # The shards on disk now, whoever wrote them: a missing one is named, not assumed.
-    finished = shard_job(
-        embedder,
-        corpus,
-        cache_dir=cache_dir,
-        max_length=max_length,
-        dtype=dtype,
-        shard_passages=job.shard_passages,
-    )
-    assemble_shards(finished.plan, job.vectors_file)
+    assemble_shards(job)
     return progress
 
 
