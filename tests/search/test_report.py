@@ -61,11 +61,11 @@ def demo_spec(name: str, **changes: object):
     return load_spec(DEMO, overrides | changes)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def study(request, tmp_path_factory, cache_dir):
-    """(study name, storage URL): the tiny demo and a joint Cartesian study, in one database."""
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, cache_dir):
+    """(study name, SQLite URL): the tiny demo and a joint Cartesian study, in one database."""
     tmp_path = tmp_path_factory.mktemp("report")
-    url = storage_url_for(request.param, tmp_path)
+    url = storage_url_for("sqlite", tmp_path)
     name = f"demo-{uuid.uuid4().hex[:8]}"  # unique: a PostgreSQL database outlives test sessions
     for spec in (
         demo_spec(name),
@@ -76,6 +76,26 @@ def study(request, tmp_path_factory, cache_dir):
         ),
     ):
         launch(spec, storage_url=url, runs_dir=tmp_path / "runs", cache_dir=cache_dir)
+    return name, url
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def study(request, tmp_path_factory, launched):
+    """(study name, storage URL) of the launched studies, on each backend.
+
+    PostgreSQL gets the SQLite launch's studies copied with Optuna's own ``copy_study``: what
+    this module tests is the queries on each backend (SQLite's are read without Optuna); a launch
+    writing to PostgreSQL is test_dispatch's and test_faults'.
+    """
+    name, sqlite_url = launched
+    if request.param == "sqlite":
+        return launched
+    url = storage_url_for("postgresql", tmp_path_factory.mktemp("report-postgresql"))
+    source = open_storage(sqlite_url)
+    for study_name in optuna.get_all_study_names(source):  # in the order they were created
+        optuna.copy_study(
+            from_study_name=study_name, from_storage=source, to_storage=open_storage(url)
+        )
     return name, url
 
 
