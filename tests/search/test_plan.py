@@ -322,14 +322,22 @@ def test_forecast_peak_memory_is_within_30_percent_of_a_real_demo_trial(cache_di
     # questions (one evaluation batch): the peak does not grow with more steps or batches.
     overrides = {"data.n_train": 8, "data.n_validation": 16}
     spec = load_spec(DEMO, overrides)
-    env = os.environ | {"RAGSWEEP_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    # One thread each, as a demo trial of 1 CPU runs on Ray.
+    env = os.environ | {
+        "RAGSWEEP_CACHE": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     # Each trial in a fresh process (a worker's high-water mark is its own). none first: it
     # converts the generator and encodes the index into the cache, once, where three trials
-    # started together would each do it; then the two training trials side by side (their
-    # peaks do not depend on the cores they share).
+    # started together would each do it; its peak is the evaluation's. Then the two training
+    # trials side by side (their peaks do not depend on the cores they share), each evaluating
+    # one question: their peak is the training step's, and the forecast does not depend on
+    # data.n_validation.
     first, *together = _MEASURED_METHODS
     measured = _peak_bytes([_demo_trial(first, overrides, env)])
-    measured |= _peak_bytes([_demo_trial(method, overrides, env) for method in together])
+    one_question = overrides | {"data.n_validation": 1}
+    measured |= _peak_bytes([_demo_trial(method, one_question, env) for method in together])
     assert set(measured) == set(_MEASURED_METHODS)
     for method, peak in measured.items():
         forecast = method_memory(spec, method)
