@@ -91,11 +91,9 @@ def study(request, tmp_path_factory, launched):
     if request.param == "sqlite":
         return launched
     url = storage_url_for("postgresql", tmp_path_factory.mktemp("report-postgresql"))
-    source = open_storage(sqlite_url)
+    source, target = open_storage(sqlite_url), open_storage(url)
     for study_name in optuna.get_all_study_names(source):  # in the order they were created
-        optuna.copy_study(
-            from_study_name=study_name, from_storage=source, to_storage=open_storage(url)
-        )
+        optuna.copy_study(from_study_name=study_name, from_storage=source, to_storage=target)
     return name, url
 
 
