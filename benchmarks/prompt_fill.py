@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import setup_environment
+from transformers import PreTrainedTokenizerBase
 
 from search.spec import StudySpec, load_spec
 from trainers.corpus import Document
@@ -32,7 +33,7 @@ DATA_SETS = {
 }
 
 
-def _prompt_tokens(spec: StudySpec, tokenizer) -> np.ndarray:  # noqa: ANN001 (a transformers tokenizer)
+def _prompt_tokens(spec: StudySpec, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     """Prompt + first answer tokens of each validation question's evaluation prompt."""
     data = load_data(spec.data)
     training = spec.training
@@ -75,11 +76,8 @@ def main() -> None:
                 spec.models.generator, cache_dir=cache_dir, device=torch.device("cpu")
             ).tokenizer
         lengths = _prompt_tokens(spec, tokenizer)
-        forecast = token_caps(spec.training).concat_prompt
-        print(
-            f"{name:<9} {len(lengths):>9} {lengths.mean():>14.0f} {forecast:>9.0f} "
-            f"{lengths.mean() / forecast:>6.2f}"
-        )
+        mean, forecast = lengths.mean(), token_caps(spec.training).concat_prompt
+        print(f"{name:<9} {len(lengths):>9} {mean:>14.0f} {forecast:>9.0f} {mean / forecast:>6.2f}")
 
 
 if __name__ == "__main__":
