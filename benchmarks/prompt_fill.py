@@ -1,13 +1,15 @@
-"""Benchmark: how full real prompts are, against what the memory and time forecasts assume.
+"""Benchmark: how long real prompts are, against the length the memory and time forecasts assume.
 
-trainers.memory sizes a trial's activations from its token caps filled to ``CAP_FILL`` (measured
-on the demo's data). This builds the evaluation prompts a trial builds (``PromptBuilder``: the
-spec's template, each passage cut to ``max_doc_tokens``, the question to ``max_question_tokens``)
-for each validation question, with its gold passages first and the corpus's next passages after
-them up to k (retrieval picks other passages, of the same corpus's lengths), tokenizes them with
-the generator's tokenizer and prints, per data set, the mean prompt + answer tokens, the
-forecast's ``token_caps(...).concat_prompt``, and their ratio (above 1: the forecast is low).
-The PopQA and HotPotQA samples are read from ../shared/data when they are there.
+trainers.memory sizes a trial's activations from its token caps filled to ``training.prompt_fill``:
+a launch measures it on the training questions (``trainers.prompts.prompt_fill``, the 90th
+percentile of 64 prompts), and a plan made without the data assumes the demo's ``CAP_FILL``. This
+builds the evaluation prompt a trial builds for every validation question (the spec's template,
+its gold passages first, then the corpus's next ones up to k: retrieval picks other passages of
+the same corpus's lengths), tokenizes it with the generator's tokenizer and prints, per data set,
+the validation prompts' 90th percentile of prompt + answer tokens (a batch pads to its long rows),
+the forecast's ``concat_prompt`` at CAP_FILL and at the measured fill, and the ratio of the real
+length to each (above 1: the forecast is low). The PopQA and HotPotQA samples are read from
+../shared/data when they are there.
 Run: .venv/bin/python benchmarks/prompt_fill.py
 """
 
@@ -17,13 +19,11 @@ from pathlib import Path
 
 import numpy as np
 from _common import setup_environment
-from transformers import PreTrainedTokenizerBase
 
-from search.spec import StudySpec, load_spec
-from trainers.corpus import Document
-from trainers.data import load_data
+from search.spec import load_spec
+from trainers.data import RagData, load_data
 from trainers.memory import token_caps
-from trainers.prompts import PromptBuilder
+from trainers.prompts import PromptBuilder, prompt_fill
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA_SETS = {
@@ -33,26 +33,17 @@ DATA_SETS = {
 }
 
 
-def _prompt_tokens(spec: StudySpec, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
-    """Prompt + first answer tokens of each validation question's evaluation prompt."""
-    data = load_data(spec.data)
-    training = spec.training
-    builder = PromptBuilder(
-        tokenizer,
-        training.prompt_template,
-        max_doc_tokens=training.max_doc_tokens,
-        max_question_tokens=training.max_question_tokens,
-    )
+def _prompt_tokens(data: RagData, prompts: PromptBuilder, k: int, answer_cap: int) -> np.ndarray:
+    """Prompt + answer tokens of each validation question's evaluation prompt."""
+    corpus = data.corpus
     lengths = []
     for question in data.validation:
-        rows = [int(row) for row in data.corpus.lookup(question.gold_doc_ids) if row >= 0]
+        rows = [int(row) for row in corpus.lookup(question.gold_doc_ids) if row >= 0]
         after = max(rows, default=-1) + 1
-        rows += [row % len(data.corpus) for row in range(after, after + training.k)]
-        documents: list[Document] = data.corpus.documents(rows[: training.k])
-        prompt = builder.prompt(question.question, documents)
-        answer = tokenizer(question.answers[0], add_special_tokens=False).input_ids
-        prompt_ids = tokenizer(prompt).input_ids
-        lengths.append(len(prompt_ids) + min(len(answer), training.max_answer_tokens))
+        rows += [row % len(corpus) for row in range(after, after + k)]
+        prompt = prompts.prompt(question.question, corpus.documents(rows[:k]))
+        answer = min(prompts.n_tokens(question.answers[0]), answer_cap)
+        lengths.append(prompts.n_tokens(prompt) + answer)
     return np.asarray(lengths)
 
 
@@ -63,7 +54,10 @@ def main() -> None:
     from trainers.models import load_generator
 
     root = Path(__file__).resolve().parents[1]
-    print(f"{'data':<9} {'questions':>9} {'tokens (mean)':>14} {'forecast':>9} {'ratio':>6}")
+    print(
+        f"{'data':<9} {'questions':>9} {'p90 tokens':>10} {'fill':>6} "
+        f"{'at CAP_FILL':>11} {'ratio':>6} {'at fill':>8} {'ratio':>6}"
+    )
     tokenizer = None
     for name, (spec_name, path) in DATA_SETS.items():
         if path is not None and not path.exists():
@@ -75,9 +69,18 @@ def main() -> None:
             tokenizer = load_generator(
                 spec.models.generator, cache_dir=cache_dir, device=torch.device("cpu")
             ).tokenizer
-        lengths = _prompt_tokens(spec, tokenizer)
-        mean, forecast = lengths.mean(), token_caps(spec.training).concat_prompt
-        print(f"{name:<9} {len(lengths):>9} {mean:>14.0f} {forecast:>9.0f} {mean / forecast:>6.2f}")
+        training = spec.training
+        data = load_data(spec.data)
+        prompts = PromptBuilder.for_training(tokenizer, training)
+        lengths = _prompt_tokens(data, prompts, training.k, training.max_answer_tokens)
+        real = float(np.percentile(lengths, 90))
+        fill = prompt_fill(data.train, data.corpus, prompts, training)
+        assumed = token_caps(training).concat_prompt
+        measured = token_caps(training.model_copy(update={"prompt_fill": fill})).concat_prompt
+        print(
+            f"{name:<9} {len(data.validation):>9} {real:>10.0f} {fill:>6.3f} {assumed:>11.0f} "
+            f"{real / assumed:>6.2f} {measured:>8.0f} {real / measured:>6.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from search.forecast import (
 from search.index_forecast import IndexForecast
 from search.plan import Plan, Stage
 from search.spec import EarlyStopping, StudySpec
-from trainers import EXACT_SEARCH_MAX_PASSAGES, method_declaration
+from trainers import CAP_FILL, EXACT_SEARCH_MAX_PASSAGES, method_declaration
 
 __all__ = ["render_plan"]
 
@@ -215,7 +215,19 @@ def _memory_note(spec: StudySpec) -> str:
         "of a training forward with gradient checkpointing "
         + ("on" if spec.training.gradient_checkpointing else "off")
         + ", evaluation), asked of Ray so it queues trials that would not fit; "
-        "resources.memory overrides it"
+        "resources.memory overrides it; " + _fill_text(spec)
+    )
+
+
+def _fill_text(spec: StudySpec) -> str:
+    """The prompt fill the memory and time forecasts assume, and where it comes from."""
+    fill = spec.training.prompt_fill
+    if fill is not None:
+        return f"prompts fill {fill:.0%} of the token caps (training.prompt_fill)"
+    return (
+        f"prompts assumed to fill {CAP_FILL:.0%} of the token caps (the demo's fill 49%, passages "
+        "cut at max_doc_tokens up to ~85%: more memory); a launch measures its data's, "
+        "training.prompt_fill sets it here"
     )
 
 

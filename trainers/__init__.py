@@ -63,11 +63,12 @@ if TYPE_CHECKING:
     from trainers.data import load_data
     from trainers.encode import SHARD_PASSAGES, ShardEncoder, assemble_shards, shard_job
     from trainers.environment import environment_record, native_bf16
-    from trainers.memory import MiB, ModelShape, TrialMemory, token_caps, trial_memory
+    from trainers.memory import CAP_FILL, MiB, ModelShape, TrialMemory, token_caps, trial_memory
     from trainers.preflight import prepare
     from trainers.trial import TrialResult, run_trial
 
 __all__ = [
+    "CAP_FILL",
     "EMBEDDER_ALIASES",
     "SHARD_PASSAGES",
     "Corpus",
@@ -142,6 +143,7 @@ _LAZY = {
     "load_data": "trainers.data",
     "environment_record": "trainers.environment",
     "native_bf16": "trainers.environment",
+    "CAP_FILL": "trainers.memory",
     "MiB": "trainers.memory",
     "ModelShape": "trainers.memory",
     "TrialMemory": "trainers.memory",

@@ -325,6 +325,12 @@ class TrainingConfig(_Strict):
     rag_questions_per_forward: PositiveInt | None = Field(None, exclude_if=lambda n: n is None)
     # The activation memory one training forward of the generator may hold, in MiB.
     activation_memory_mb: PositiveInt = Field(1024, exclude_if=lambda mb: mb == 1024)
+    # How full the data's prompts fill the token caps (question, k passages, answer), for the
+    # memory and time forecasts (trainers.memory.token_caps): PopQA's passages fill
+    # max_doc_tokens almost to the cap, the demo's half. None: measured from the training
+    # questions (trainers.prompts.prompt_fill), once by a launch for the memory each trial asks
+    # Ray for, and by a trial itself where it runs without a launch; left out of dumps then.
+    prompt_fill: float | None = Field(None, gt=0.0, le=4.0, exclude_if=lambda fill: fill is None)
     # Activation checkpointing of the generator while it trains: each decoder layer keeps only its
     # input and recomputes the rest in the backward pass. A RAG-Token step of SmolLM2-135M on 40
     # prompt rows held ~10 GB of activations in fp32 without it (every layer's attention and MLP

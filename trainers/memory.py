@@ -3,7 +3,8 @@
 One model serves two callers: a trial picks how many questions a RAG step forwards at once from it
 (``training.rag_questions_per_forward`` left unset), and ``search``'s plan asks Ray for each
 stage's peak with it, so Ray queues a trial that would not fit instead of starting it. Token counts
-are taken at the spec's caps, filled as on real prompts (``_CAP_FILL``); the per-layer activation
+are taken at the spec's caps, filled as the data's prompts fill them (``training.prompt_fill``, else
+``CAP_FILL``); the per-layer activation
 counts were calibrated against peaks measured on the demo models (``benchmarks/memory.py``,
 SmolLM2-135M + MiniLM, fp32 and bf16, with and without checkpointing).
 """
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # the model is pure arithmetic: search's plan uses it without
     import torch
 
 __all__ = [
+    "CAP_FILL",
     "MiB",
     "bound_allocator",
     "ModelShape",
@@ -38,8 +40,10 @@ MiB = 2**20
 
 # The paper prompt's instruction, section headers and passage titles, in generator tokens.
 PROMPT_OVERHEAD_TOKENS = 40
-# Texts fill their token caps only partly: on the demo data a concatenated prompt held 240 of the
-# 448 tokens the caps allow.
+# Texts fill their token caps only partly: the demo's prompts 49% (90th percentile), PopQA's and
+# HotPotQA's, whose passages reach max_doc_tokens, 82-86% (benchmarks/prompt_fill.py). Where the
+# data's own fill is not known (``training.prompt_fill`` unset: a plan made without reading the
+# data), the forecast assumes this, a little above the demo's.
 CAP_FILL = 0.55
 
 # Activations a decoder layer keeps per token for its backward pass, in elements of the hidden
@@ -116,13 +120,14 @@ class TokenCaps:
 
 
 def token_caps(training: TrainingConfig) -> TokenCaps:
-    """Tokens per row for ``training``'s caps."""
+    """Tokens per row for ``training``'s caps, filled to ``training.prompt_fill`` (else
+    ``CAP_FILL``)."""
     question, answer = training.max_question_tokens, training.max_answer_tokens
+    fill = CAP_FILL if training.prompt_fill is None else training.prompt_fill
     return TokenCaps(
-        single_prompt=PROMPT_OVERHEAD_TOKENS
-        + CAP_FILL * (question + training.max_doc_tokens + answer),
+        single_prompt=PROMPT_OVERHEAD_TOKENS + fill * (question + training.max_doc_tokens + answer),
         concat_prompt=PROMPT_OVERHEAD_TOKENS
-        + CAP_FILL * (question + training.k * training.max_doc_tokens + answer),
+        + fill * (question + training.k * training.max_doc_tokens + answer),
         answer=answer,
     )
 

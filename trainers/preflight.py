@@ -34,12 +34,17 @@ def prepare(
     cache_dir: Path,
     encoder: Encoder | None = None,
     convert_generator: bool = True,
-) -> None:
+) -> float | None:
     """Check ``data`` against every (method, training) of a study, convert the built-in models and
     build the frozen index in ``cache_dir`` once, before trials race to do it: a mistake found
     here fails the study as it starts, not each of its trials. ``encoder`` encodes the corpus
     first where the vectors are not cached; ``convert_generator`` False leaves the generator alone
-    (an index job needs only the embedder)."""
+    (an index job needs only the embedder).
+
+    Returns how full the data's prompts fill the first training's token caps
+    (:func:`trainers.prompts.prompt_fill`, what each trial measures for itself), for the memory
+    forecast; None where the generator is not loaded here (QLoRA, or ``convert_generator`` False).
+    """
     for device in dict.fromkeys(training.device for _, training in trainings):
         resolve_device(device)
     rag_data = load_data(data)
@@ -56,6 +61,7 @@ def prepare(
     # mistake in it is reported at once.
     from trainers.index import build_index
     from trainers.models import load_embedder, load_generator
+    from trainers.prompts import PromptBuilder, prompt_fill
 
     # Conversions and vectors do not depend on the device that computes them: the CPU always has
     # room, and a GPU is left to the trials.
@@ -71,5 +77,9 @@ def prepare(
             embedder, rag_data.corpus, cache_dir=cache_dir, max_length=max_length, index=index
         )
     # A QLoRA generator is a hub model too large to load in full here; each trial loads it 4-bit.
-    if convert_generator and models.generator_finetune != "qlora":
-        load_generator(models.generator, cache_dir=cache_dir, device=cpu, finetune="full")
+    if not convert_generator or models.generator_finetune == "qlora":
+        return None
+    generator = load_generator(models.generator, cache_dir=cache_dir, device=cpu, finetune="full")
+    training = trainings[0][1]  # stages differ in objectives, not in token caps
+    prompts = PromptBuilder.for_training(generator.tokenizer, training)
+    return prompt_fill(rag_data.train, rag_data.corpus, prompts, training)

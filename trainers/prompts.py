@@ -10,14 +10,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from trainers.corpus import Document
+from trainers.config import TrainingConfig
+from trainers.corpus import Corpus, Document
+from trainers.memory import PROMPT_OVERHEAD_TOKENS
 
-__all__ = ["PromptBuilder", "AnswerBatch", "build_answer_batch", "left_padded", "position_ids"]
+if TYPE_CHECKING:
+    from trainers.data import QARecord
+
+__all__ = [
+    "PromptBuilder",
+    "AnswerBatch",
+    "build_answer_batch",
+    "left_padded",
+    "position_ids",
+    "prompt_fill",
+]
+
+# Questions whose prompts prompt_fill measures: a few hundred milliseconds of tokenizing.
+_FILL_QUESTIONS = 64
+# A batch pads to its longest row, so its memory follows the long prompts, not the mean one: the
+# 90th percentile stands for the longest of a batch of 8-16.
+_FILL_PERCENTILE = 90
 
 
 class PromptBuilder:
@@ -37,12 +56,28 @@ class PromptBuilder:
         self._max_question_tokens = max_question_tokens
         self._passages: dict[str, str] = {}  # doc id -> "title: text", cut to max_doc_tokens
 
+    @classmethod
+    def for_training(
+        cls, tokenizer: PreTrainedTokenizerBase, training: TrainingConfig
+    ) -> PromptBuilder:
+        """The builder with ``training``'s template and token caps."""
+        return cls(
+            tokenizer,
+            training.prompt_template,
+            max_doc_tokens=training.max_doc_tokens,
+            max_question_tokens=training.max_question_tokens,
+        )
+
     def prompt(self, question: str, documents: Sequence[Document]) -> str:
         """The template with the documents concatenated in retrieval order."""
         context = "\n".join(self._passage(document) for document in documents)
         return self._template.format(
             context=context, question=self._cut(question, self._max_question_tokens)
         )
+
+    def n_tokens(self, text: str) -> int:
+        """Tokens of ``text`` with the generator's tokenizer (no special tokens)."""
+        return len(self._tokenizer(text, add_special_tokens=False).input_ids)
 
     def _passage(self, document: Document) -> str:
         if document.id not in self._passages:
@@ -56,6 +91,37 @@ class PromptBuilder:
         if len(token_ids) <= max_tokens:
             return text
         return cast(str, self._tokenizer.decode(token_ids[:max_tokens]))  # one sequence: one str
+
+
+def prompt_fill(
+    questions: Sequence[QARecord],
+    corpus: Corpus,
+    prompts: PromptBuilder,
+    training: TrainingConfig,
+) -> float | None:
+    """How full these questions' prompts fill ``training``'s token caps, as
+    :func:`trainers.memory.token_caps` takes it: (the 90th percentile of prompt + answer tokens,
+    less the template's overhead) / (question + k passages + answer caps), over the first 64
+    questions; None without questions. Each prompt holds the question's gold passages, then the
+    corpus's next ones up to k: retrieval picks other passages, of the same corpus's lengths, and
+    this needs no index."""
+    lengths = []
+    for question in questions[:_FILL_QUESTIONS]:
+        rows = [int(row) for row in corpus.lookup(question.gold_doc_ids) if row >= 0]
+        after = max(rows, default=-1) + 1
+        rows += [row % len(corpus) for row in range(after, after + training.k)]
+        prompt = prompts.prompt(question.question, corpus.documents(rows[: training.k]))
+        answer = min(prompts.n_tokens(question.answers[0]), training.max_answer_tokens)
+        lengths.append(prompts.n_tokens(prompt) + answer)
+    if not lengths:
+        return None
+    caps = (
+        training.max_question_tokens
+        + training.k * training.max_doc_tokens
+        + training.max_answer_tokens
+    )
+    long_prompt = float(np.percentile(lengths, _FILL_PERCENTILE))
+    return round(max(long_prompt - PROMPT_OVERHEAD_TOKENS, 1.0) / caps, 3)
 
 
 @dataclass(frozen=True)

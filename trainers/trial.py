@@ -39,7 +39,7 @@ from trainers.models import (
     save_generator,
 )
 from trainers.pipeline import Pipeline
-from trainers.prompts import PromptBuilder
+from trainers.prompts import PromptBuilder, prompt_fill
 from trainers.results import QuestionResult, questions_json
 from trainers.rungs import Rung, Rungs, Signal, rung_taker
 from trainers.train import train_phase
@@ -148,6 +148,8 @@ def run_trial(
         "labelled_train_questions": len(data.labelled_train),
         "phases": [phase.name for phase in phases],
         "reused_phases": sorted(config.reuse),
+        # How full this data's prompts fill the token caps, as the memory model took it.
+        "prompt_fill": pipeline.training.prompt_fill,
         "final_losses": final_losses,
         # Ties the per-question results stored beside the record to it (and a rerun's to them).
         "questions_sha256": hashlib.sha256(
@@ -200,17 +202,19 @@ def build_pipeline(
         )
         cost.tokens = index.encoded_tokens
         cost.flops = forward_flops(parameter_counts(embedder)[0], index.encoded_tokens)
+    training = config.training
+    prompts = PromptBuilder.for_training(generator.tokenizer, training)
+    if training.prompt_fill is None:
+        # RAG steps forward as many questions as fit at the prompts' real fill; a launch measures
+        # the same questions the same way for the memory it asks Ray for.
+        fill = prompt_fill(data.train, data.corpus, prompts, training)
+        training = training.model_copy(update={"prompt_fill": fill})
     pipeline = Pipeline(
         embedder=embedder,
         generator=generator,
         index=index,
-        prompts=PromptBuilder(
-            generator.tokenizer,
-            config.training.prompt_template,
-            max_doc_tokens=config.training.max_doc_tokens,
-            max_question_tokens=config.training.max_question_tokens,
-        ),
-        training=config.training,
+        prompts=prompts,
+        training=training,
         device=device,
         autocast_dtype=_autocast_dtype(config.training.precision, device),
     )

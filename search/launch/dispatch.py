@@ -104,7 +104,8 @@ def launch(
     spec = spec.model_copy(update={"storage": None})
     # Tune runs each trial in its own working directory: relative paths would land there.
     runs_dir, cache_dir = runs_dir.resolve(), cache_dir.resolve()
-    plan = make_plan(spec)
+    # The stages only: forecasts wait for the prompts' fill, which the preflight measures.
+    plan = make_plan(spec, forecast=False)
     # A new SQLite file is created only once every check has passed.
     storage = open_storage(storage_url) if database_exists(storage_url) else None
     if storage is not None:
@@ -125,21 +126,26 @@ def launch(
     try:
         # Data, models and the Ray cluster are checked before anything is written, so bad input
         # leaves the database as it was.
-        prepare_study(
+        fill = prepare_study(
             spec,
             plan,
             cache_dir,
             connect=lambda: start_ray(address, log_to_driver),
             on_encode=on_encode,
         )
+        # Trials run with the data's own prompt fill: it sizes the memory each asks Ray for, and
+        # each trial sizes its RAG forwards by it. The studies keep the spec as it was given.
+        trial_spec = _with_prompt_fill(spec, fill)
+        plan = make_plan(trial_spec)
         start_ray(address, log_to_driver)
-        check_resources(spec, plan)
+        check_resources(trial_spec, plan)
         if on_ready is not None:
             on_ready()
         storage = storage or open_storage(storage_url)
         studies = {stage.name: open_stage_study(storage, spec, stage.name) for stage in plan.stages}
         _run_claimed(
             spec,
+            trial_spec,
             plan,
             storage,
             studies,
@@ -159,6 +165,7 @@ def launch(
 
 def _run_claimed(
     spec: StudySpec,
+    trial_spec: StudySpec,
     plan: Plan,
     storage: optuna.storages.RDBStorage,
     studies: dict[str, optuna.Study],
@@ -169,7 +176,8 @@ def _run_claimed(
     heartbeat_s: float,
     summary: LaunchSummary,
 ) -> None:
-    """Run the stages while this launch holds the studies; fail what a dead launch left running."""
+    """Run the stages while this launch holds the studies; fail what a dead launch left running.
+    Trials get ``trial_spec``: ``spec`` with what the launch measured filled in."""
     previous = {name: study.user_attrs.get(LAUNCH_ATTR) for name, study in studies.items()}
     owner = LaunchOwner.this_process()
     claim_studies(list(studies.values()), owner)
@@ -186,7 +194,7 @@ def _run_claimed(
         }
         search = StagedSearch(plan, spec, storage, studies, points, notify)
         if search.has_work:
-            trainable = make_trainable(spec, plan, runs_dir, cache_dir)
+            trainable = make_trainable(trial_spec, plan, runs_dir, cache_dir)
             starts = _TrialStarts(plan, notify)
             _run_tuner(spec, trainable, search, starts, studies, max_retries, runs_dir)
         summary.ran = dict(search.started)
@@ -218,6 +226,14 @@ class _Heartbeat(threading.Thread):
     def stop(self) -> None:
         self._stopped.set()
         self.join()
+
+
+def _with_prompt_fill(spec: StudySpec, fill: float | None) -> StudySpec:
+    """``spec`` with ``training.prompt_fill`` set to ``fill``, unless the spec sets it itself."""
+    if fill is None or spec.training.prompt_fill is not None:
+        return spec
+    training = spec.training.model_copy(update={"prompt_fill": fill})
+    return spec.model_copy(update={"training": training})
 
 
 def _has_work(stage: Stage, spec: StudySpec, study: optuna.Study | None) -> bool:
@@ -326,11 +342,11 @@ def prepare_study(
     shard_passages: int | None = None,
     on_encode: Callable[[EncodeProgress], None] | None = None,
     convert_generator: bool = True,
-) -> None:
+) -> float | None:
     """Check the data against every stage, convert built-in models, encode the corpus on the Ray
     cluster ``connect`` joins (where its vectors are not cached and it has more than one shard)
     and build the frozen index once, before trials race to do it (a mistake found here fails the
-    launch, not every trial)."""
+    launch, not every trial). Returns the data's prompt fill (:func:`trainers.prepare`)."""
     from trainers import prepare
 
     stage_trainings = [
@@ -353,7 +369,7 @@ def prepare_study(
             on_progress=on_encode,
         )
 
-    prepare(
+    return prepare(
         spec.data,
         spec.models,
         stage_trainings,

@@ -15,9 +15,10 @@ import yaml
 
 from search.launch.dispatch import StageEvent, launch
 from search.spec import StudySpec, load_spec
-from search.store import open_storage
+from search.store import open_storage, spec_hash
 from tests.storage import storage_url_for
 from tests.tiny import TINY_SPEC
+from trainers import prepare
 from trainers.errors import ConfigError
 
 TINY_STUDY = TINY_SPEC | {
@@ -111,6 +112,22 @@ def test_trials_carry_metrics_record_and_method(launched):
     assert record["config"]["lr_embedder"] == trial.params["lr_embedder"]
     assert record["data_fingerprint"] and record["environment"]["packages"]["torch"]
     assert studies["ft_embed"].user_attrs["ragsweep.group"] == launched[0].name
+
+
+def test_every_trial_runs_with_the_prompt_fill_the_launch_measured(launched, cache_dir):
+    spec, _, studies, _, _ = launched
+    measured = prepare(spec.data, spec.models, [("none", spec.training)], cache_dir=cache_dir)
+    assert measured is not None and measured > 0
+    complete = optuna.trial.TrialState.COMPLETE
+    completed = [t for study in studies.values() for t in study.trials if t.state == complete]
+    for trial in completed:
+        record = trial.user_attrs["record"]
+        # The memory Ray reserved and the trial's own RAG forwards came from the same fill.
+        assert record["config"]["training"]["prompt_fill"] == measured
+        assert record["prompt_fill"] == measured
+    # The studies keep the spec as given: a relaunch of it matches them.
+    for study in studies.values():
+        assert study.user_attrs["ragsweep.spec_hash"] == spec_hash(spec)
 
 
 def test_a_diverging_trial_is_failed_with_its_reason_and_the_study_goes_on(launched):

@@ -276,6 +276,18 @@ def test_plan_shows_each_stages_forecast_memory_and_resources_memory_overrides_i
     assert "resources.memory = 3.0 GiB" in _text(make_plan(fixed), fixed)
 
 
+def test_fuller_prompts_forecast_more_memory_and_time_and_the_plan_says_which_fill():
+    assumed, full = load_spec(DEMO), load_spec(DEMO, {"training.prompt_fill": 0.85})
+    for name in ("none", "ft_gen", "rag_token"):
+        short, long = make_plan(assumed).stage(name), make_plan(full).stage(name)
+        assert short.trial_memory and long.trial_memory and short.trial_forecast_s
+        assert long.trial_forecast_s and long.trial_forecast_s > short.trial_forecast_s, name
+        if name != "rag_token":  # its step forwards fewer questions at once instead
+            assert long.trial_memory.host_bytes > short.trial_memory.host_bytes, name
+    assert "assumed to fill 55%" in " ".join(_text(make_plan(assumed), assumed).split())
+    assert "prompts fill 85% of the token caps" in " ".join(_text(make_plan(full), full).split())
+
+
 def test_fp32_forecasts_more_memory_and_time_than_bf16():
     fp32, bf16 = (load_spec(DEMO, {"training.precision": p}) for p in ("fp32", "bf16"))
     slow, fast = make_plan(fp32).stage("ft_gen"), make_plan(bf16).stage("ft_gen")
@@ -322,7 +334,6 @@ def test_forecast_peak_memory_is_within_30_percent_of_a_real_demo_trial(cache_di
     # questions (one evaluation batch). The peak grows little with more of them: none's was
     # 1,641 MiB on one batch and 1,801 on six (one thread), inside the 30%.
     overrides = {"data.n_train": 8, "data.n_validation": 16}
-    spec = load_spec(DEMO, overrides)
     # One thread each, as a demo trial of 1 CPU runs on Ray.
     env = os.environ | {
         "RAGSWEEP_CACHE": str(cache_dir),
@@ -340,8 +351,11 @@ def test_forecast_peak_memory_is_within_30_percent_of_a_real_demo_trial(cache_di
     one_question = overrides | {"data.n_validation": 1}
     measured |= _peak_bytes([_demo_trial(method, one_question, env) for method in together])
     assert set(measured) == set(_MEASURED_METHODS)
-    for method, peak in measured.items():
-        forecast = method_memory(spec, method)
+    for method, (peak, fill) in measured.items():
+        # At the prompt fill the trial measured on the demo's data, as a launch forecasts.
+        forecast = method_memory(
+            load_spec(DEMO, overrides | {"training.prompt_fill": fill}), method
+        )
         assert forecast is not None
         assert forecast.host_bytes == pytest.approx(peak, rel=0.3), method
 
@@ -366,13 +380,16 @@ def _demo_trial(
     return method, process
 
 
-def _peak_bytes(trials: list[tuple[str, subprocess.Popen[str]]]) -> dict[str, float]:
-    """Each finished trial's measured peak resident memory, by method."""
+def _peak_bytes(
+    trials: list[tuple[str, subprocess.Popen[str]]],
+) -> dict[str, tuple[float, float]]:
+    """Each finished trial's measured peak resident memory and its prompt fill, by method."""
     peaks = {}
     for method, process in trials:
         output, _ = process.communicate(timeout=900)
         assert process.returncode == 0, f"the {method} trial failed"
-        peaks[method] = json.loads(output)["metrics"]["peak_mem_mb"] * 2**20
+        result = json.loads(output)
+        peaks[method] = (result["metrics"]["peak_mem_mb"] * 2**20, result["record"]["prompt_fill"])
     return peaks
 
 

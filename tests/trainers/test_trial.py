@@ -9,6 +9,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from trainers.cost import CostMeter
 from trainers.data import load_data
 from trainers.errors import ConfigError
 from trainers.evaluate import evaluate_pipeline, gold_reciprocal_ranks
+from trainers.memory import token_caps
 from trainers.methods import method_phases
 from trainers.results import questions_json
 from trainers.rungs import Rung, Rungs
@@ -312,3 +314,32 @@ def test_the_passage_signal_ranks_as_evaluation_retrieves(cache_dir):
             assert rank == pytest.approx(1 / (question.retrieved.index(gold) + 1))
         else:
             assert rank < 1 / len(question.retrieved)
+
+
+def test_a_trial_measures_how_full_its_prompts_fill_the_token_caps(cache_dir):
+    """Passages cut to a small cap fill it; under a large cap they fill a small part of it. The
+    fill is the 90th percentile of the prompts' token counts, beyond the template's overhead."""
+    fills = {}
+    for max_doc_tokens in (4, 256):
+        training = TINY_TRAINING.model_copy(update={"max_doc_tokens": max_doc_tokens})
+        meter = CostMeter(torch.device("cpu"))
+        config = tiny_config("none", training=training)
+        data, pipeline = build_pipeline(config, cache_dir=cache_dir, meter=meter)
+        fills[max_doc_tokens] = fill = pipeline.training.prompt_fill
+        # Tokenized here as a trial tokenizes a prompt, not through the builder's own count.
+        tokenizer, k = pipeline.generator.tokenizer, training.k
+        lengths = []
+        for question in data.train:
+            rows = [int(row) for row in data.corpus.lookup(question.gold_doc_ids)]
+            rows += [row % len(data.corpus) for row in range(max(rows) + 1, max(rows) + 1 + k)]
+            prompt = pipeline.prompts.prompt(question.question, data.corpus.documents(rows[:k]))
+            answer = tokenizer(question.answers[0], add_special_tokens=False).input_ids
+            lengths.append(len(tokenizer(prompt, add_special_tokens=False).input_ids) + len(answer))
+        caps = training.max_question_tokens + k * max_doc_tokens + training.max_answer_tokens
+        assert fill == pytest.approx((np.percentile(lengths, 90) - 40) / caps, abs=1e-3)
+        # The forecast's prompt length: what the data's long prompts hold.
+        assert token_caps(pipeline.training).concat_prompt == pytest.approx(
+            np.percentile(lengths, 90), abs=caps * 1e-3
+        )
+        assert config.training.prompt_fill is None  # the config as given: a rerun measures again
+    assert fills[4] > 2 * fills[256]
