@@ -3,9 +3,9 @@
 trainers.memory sizes a trial's activations from its token caps filled to ``training.prompt_fill``:
 a launch measures it on the training questions (``trainers.prompts.prompt_fill``, the 90th
 percentile of 64 prompts), and a plan made without the data assumes the demo's ``CAP_FILL``. This
-builds the evaluation prompt a trial builds for every validation question (the spec's template,
-its gold passages first, then the corpus's next ones up to k: retrieval picks other passages of
-the same corpus's lengths), tokenizes it with the generator's tokenizer and prints, per data set,
+builds the evaluation prompt a trial builds for every validation question
+(``trainers.prompts.prompt_lengths``: the spec's template, its gold passages first, then the
+corpus's next ones up to k), tokenizes it with the generator's tokenizer and prints, per data set,
 the validation prompts' 90th percentile of prompt + answer tokens (a batch pads to its long rows),
 the forecast's ``concat_prompt`` at CAP_FILL and at the measured fill, and the ratio of the real
 length to each (above 1: the forecast is low). The PopQA and HotPotQA samples are read from
@@ -21,9 +21,9 @@ import numpy as np
 from _common import setup_environment
 
 from search.spec import load_spec
-from trainers.data import RagData, load_data
+from trainers.data import load_data
 from trainers.memory import token_caps
-from trainers.prompts import PromptBuilder, prompt_fill
+from trainers.prompts import PromptBuilder, prompt_fill, prompt_lengths
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA_SETS = {
@@ -31,20 +31,6 @@ DATA_SETS = {
     "popqa": ("popqa-cpu", SHARED_DATA / "popqa_hipporag2_subset" / "popqa.json"),
     "hotpotqa": ("hotpotqa-cpu", SHARED_DATA / "hotpotqa_ircot_dev500" / "dev_subsampled.jsonl"),
 }
-
-
-def _prompt_tokens(data: RagData, prompts: PromptBuilder, k: int, answer_cap: int) -> np.ndarray:
-    """Prompt + answer tokens of each validation question's evaluation prompt."""
-    corpus = data.corpus
-    lengths = []
-    for question in data.validation:
-        rows = [int(row) for row in corpus.lookup(question.gold_doc_ids) if row >= 0]
-        after = max(rows, default=-1) + 1
-        rows += [row % len(corpus) for row in range(after, after + k)]
-        prompt = prompts.prompt(question.question, corpus.documents(rows[:k]))
-        answer = min(prompts.n_tokens(question.answers[0]), answer_cap)
-        lengths.append(prompts.n_tokens(prompt) + answer)
-    return np.asarray(lengths)
 
 
 def main() -> None:
@@ -72,7 +58,7 @@ def main() -> None:
         training = spec.training
         data = load_data(spec.data)
         prompts = PromptBuilder.for_training(tokenizer, training)
-        lengths = _prompt_tokens(data, prompts, training.k, training.max_answer_tokens)
+        lengths = prompt_lengths(data.validation, data.corpus, prompts, training)
         real = float(np.percentile(lengths, 90))
         fill = prompt_fill(data.train, data.corpus, prompts, training)
         assumed = token_caps(training).concat_prompt

@@ -3,10 +3,10 @@
 One model serves two callers: a trial picks how many questions a RAG step forwards at once from it
 (``training.rag_questions_per_forward`` left unset), and ``search``'s plan asks Ray for each
 stage's peak with it, so Ray queues a trial that would not fit instead of starting it. Token counts
-are taken at the spec's caps, filled as the data's prompts fill them (``training.prompt_fill``, else
-``CAP_FILL``); the per-layer activation
-counts were calibrated against peaks measured on the demo models (``benchmarks/memory.py``,
-SmolLM2-135M + MiniLM, fp32 and bf16, with and without checkpointing).
+are taken at the spec's caps, filled as the data's prompts fill them (``training.prompt_fill``,
+else ``CAP_FILL``); the per-layer activation counts were calibrated against peaks measured on the
+demo models (``benchmarks/memory.py``, SmolLM2-135M + MiniLM, fp32 and bf16, with and without
+checkpointing).
 """
 
 from __future__ import annotations

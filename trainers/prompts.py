@@ -30,6 +30,7 @@ __all__ = [
     "left_padded",
     "position_ids",
     "prompt_fill",
+    "prompt_lengths",
 ]
 
 # Questions whose prompts prompt_fill measures: a few hundred milliseconds of tokenizing.
@@ -93,6 +94,27 @@ class PromptBuilder:
         return cast(str, self._tokenizer.decode(token_ids[:max_tokens]))  # one sequence: one str
 
 
+def prompt_lengths(
+    questions: Sequence[QARecord],
+    corpus: Corpus,
+    prompts: PromptBuilder,
+    training: TrainingConfig,
+) -> list[int]:
+    """Prompt + answer tokens of each question's evaluation prompt (the answer cut at
+    ``max_answer_tokens``). Each prompt holds the question's gold passages, then the corpus's
+    next ones up to k: retrieval picks other passages, of the same corpus's lengths, and this
+    needs no index."""
+    lengths = []
+    for question in questions:
+        rows = [int(row) for row in corpus.lookup(question.gold_doc_ids) if row >= 0]
+        after = max(rows, default=-1) + 1
+        rows += [row % len(corpus) for row in range(after, after + training.k)]
+        prompt = prompts.prompt(question.question, corpus.documents(rows[: training.k]))
+        answer = min(prompts.n_tokens(question.answers[0]), training.max_answer_tokens)
+        lengths.append(prompts.n_tokens(prompt) + answer)
+    return lengths
+
+
 def prompt_fill(
     questions: Sequence[QARecord],
     corpus: Corpus,
@@ -100,19 +122,10 @@ def prompt_fill(
     training: TrainingConfig,
 ) -> float | None:
     """How full these questions' prompts fill ``training``'s token caps, as
-    :func:`trainers.memory.token_caps` takes it: (the 90th percentile of prompt + answer tokens,
-    less the template's overhead) / (question + k passages + answer caps), over the first 64
-    questions; None without questions. Each prompt holds the question's gold passages, then the
-    corpus's next ones up to k: retrieval picks other passages, of the same corpus's lengths, and
-    this needs no index."""
-    lengths = []
-    for question in questions[:_FILL_QUESTIONS]:
-        rows = [int(row) for row in corpus.lookup(question.gold_doc_ids) if row >= 0]
-        after = max(rows, default=-1) + 1
-        rows += [row % len(corpus) for row in range(after, after + training.k)]
-        prompt = prompts.prompt(question.question, corpus.documents(rows[: training.k]))
-        answer = min(prompts.n_tokens(question.answers[0]), training.max_answer_tokens)
-        lengths.append(prompts.n_tokens(prompt) + answer)
+    :func:`trainers.memory.token_caps` takes it: (the 90th percentile of
+    :func:`prompt_lengths` over the first 64 questions, less the template's overhead) /
+    (question + k passages + answer caps); None without questions."""
+    lengths = prompt_lengths(questions[:_FILL_QUESTIONS], corpus, prompts, training)
     if not lengths:
         return None
     caps = (
