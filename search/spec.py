@@ -198,6 +198,18 @@ class StudySpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _retrieval_evaluation_ranks_by_recall(self) -> StudySpec:
+        # Nothing is generated: a trial would train fully and then have no EM or F1 to report.
+        unscored = [o.metric for o in self.objectives if o.metric in ("em", "f1")]
+        if self.training.evaluate == "retrieval" and unscored:
+            raise ValueError(
+                f"training.evaluate is retrieval, which scores Recall@k only, but the objectives "
+                f"ask for {', '.join(unscored)}; use {{metric: recall_at_k, direction: maximize}} "
+                "or evaluate answers"
+            )
+        return self
+
     @field_validator("methods")
     @classmethod
     def _methods_not_empty(cls, methods: list[str]) -> list[str]:

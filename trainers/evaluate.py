@@ -100,37 +100,60 @@ def answer_text(generated: str) -> str:
 def evaluate_pipeline(
     pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseCost
 ) -> Evaluation:
-    """Retrieve top-k with E, generate greedily from the concatenated prompt, and score."""
+    """Retrieve top-k with E, generate greedily from the concatenated prompt, and score; with
+    ``training.evaluate`` "retrieval", retrieve and score Recall@k only."""
+    if pipeline.training.evaluate == "retrieval":
+        with torch.no_grad():
+            retrieved = [
+                documents
+                for _, batch_documents in _retrieved_batches(pipeline, records, cost)
+                for documents in batch_documents
+            ]
+        return _scored(records, [None] * len(records), retrieved)
     n_generator, _ = parameter_counts(pipeline.generator.model)
-    predictions: list[str] = []
-    retrieved_ids: list[list[str]] = []
+    predictions: list[str | None] = []
+    retrieved = []
     with torch.no_grad():
         for _, documents, prompts in _prompted_batches(pipeline, records, cost):
             generations, generator_tokens = pipeline.generate(prompts)
             predictions += [answer_text(text) for text in generations]
-            retrieved_ids += [[document.id for document in docs] for docs in documents]
+            retrieved += documents
             cost.tokens += generator_tokens
             cost.flops += forward_flops(n_generator, generator_tokens)
             cost.steps += 1
+    return _scored(records, predictions, retrieved)
+
+
+def _scored(
+    records: Sequence[QARecord],
+    predictions: Sequence[str | None],
+    retrieved: Sequence[Sequence[Document]],
+) -> Evaluation:
+    """Each question's result and their means; EM and F1 None where nothing was generated."""
     questions = [
         QuestionResult(
             id=record.id,
             prediction=prediction,
-            em=exact_match(prediction, record.answers),
-            f1=f1_score(prediction, record.answers),
-            recall=gold_found(retrieved, record.gold_doc_ids),
-            retrieved=tuple(retrieved),
+            em=None if prediction is None else exact_match(prediction, record.answers),
+            f1=None if prediction is None else f1_score(prediction, record.answers),
+            recall=gold_found([document.id for document in documents], record.gold_doc_ids),
+            retrieved=tuple(document.id for document in documents),
         )
-        for record, prediction, retrieved in zip(records, predictions, retrieved_ids, strict=True)
+        for record, prediction, documents in zip(records, predictions, retrieved, strict=True)
     ]
-    labelled = [question.recall for question in questions if question.recall is not None]
     return Evaluation(
-        em=sum(question.em for question in questions) / len(questions),
-        f1=sum(question.f1 for question in questions) / len(questions),
-        recall_at_k=sum(labelled) / len(labelled) if labelled else None,  # as recall_at_k
-        predictions=predictions,
+        em=_mean([question.em for question in questions]),
+        f1=_mean([question.f1 for question in questions]),
+        recall_at_k=_mean([question.recall for question in questions]),  # as recall_at_k
+        predictions=[prediction for prediction in predictions if prediction is not None],
         questions=questions,
     )
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that are there; None when none is."""
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None
 
 
 def answer_logprobs(
@@ -195,11 +218,11 @@ def _eval_mode(*models: torch.nn.Module) -> Iterator[None]:
             model.train(training)
 
 
-def _prompted_batches(
+def _retrieved_batches(
     pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseCost
-) -> Iterator[tuple[Sequence[QARecord], list[list[Document]], list[str]]]:
-    """``records`` in evaluation batches, each with its top-k documents and the prompts
-    evaluation reads (the passages concatenated); the retrieval is metered to ``cost``."""
+) -> Iterator[tuple[Sequence[QARecord], list[list[Document]]]]:
+    """``records`` in evaluation batches, each with its top-k documents; the retrieval is
+    metered to ``cost``."""
     n_embedder, _ = parameter_counts(pipeline.embedder)
     batch_size = pipeline.training.eval_batch_size
     for start in range(0, len(records), batch_size):
@@ -207,7 +230,14 @@ def _prompted_batches(
         retrieved = pipeline.retrieve([record.question for record in batch])
         cost.tokens += retrieved.question_tokens
         cost.flops += forward_flops(n_embedder, retrieved.question_tokens)
-        documents = retrieved.documents(pipeline.index)
+        yield batch, retrieved.documents(pipeline.index)
+
+
+def _prompted_batches(
+    pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseCost
+) -> Iterator[tuple[Sequence[QARecord], list[list[Document]], list[str]]]:
+    """:func:`_retrieved_batches` with the prompts evaluation reads (the passages concatenated)."""
+    for batch, documents in _retrieved_batches(pipeline, records, cost):
         prompts = [
             pipeline.prompts.prompt(record.question, docs)
             for record, docs in zip(batch, documents, strict=True)
@@ -217,11 +247,11 @@ def _prompted_batches(
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Validation scores: EM and F1 in [0, 1], Recall@k (None without context labels), and
-    each question's."""
+    """Validation scores: EM and F1 in [0, 1] (None where retrieval alone was scored), Recall@k
+    (None without context labels), and each question's."""
 
-    em: float
-    f1: float
+    em: float | None
+    f1: float | None
     recall_at_k: float | None
-    predictions: list[str]
+    predictions: list[str]  # empty where retrieval alone was scored
     questions: list[QuestionResult]

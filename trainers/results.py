@@ -18,9 +18,10 @@ class QuestionResult:
     """One validation question as a trial answered it: what per-question statistics read."""
 
     id: str
-    prediction: str
-    em: float
-    f1: float
+    # None where evaluation scored retrieval only (training.evaluate: retrieval)
+    prediction: str | None
+    em: float | None
+    f1: float | None
     recall: float | None  # gold_found of its top-k; None without context labels
     retrieved: tuple[str, ...]  # the top-k document ids, best first
 

@@ -245,6 +245,13 @@ def _check_data(config: TrialConfig, phases: tuple[Phase, ...], data: RagData) -
     )
     if needs_labels:
         require_context_labels(config.method, data)
+    if config.training.evaluate == "retrieval" and not any(
+        record.gold_doc_ids for record in data.validation
+    ):
+        raise ConfigError(
+            "training.evaluate is retrieval, which scores Recall@k only, but no validation "
+            "question has a gold document; label them (gold_doc_ids) or evaluate answers"
+        )
     if config.training.k > len(data.corpus):
         raise ConfigError(
             f"training.k is {config.training.k} but the corpus has only {len(data.corpus)} documents; lower k"
@@ -252,11 +259,10 @@ def _check_data(config: TrialConfig, phases: tuple[Phase, ...], data: RagData) -
 
 
 def _quality(evaluation: Evaluation, prefix: str = "") -> dict[str, float]:
-    """EM, F1 and (with context labels) Recall@k, named with ``prefix``."""
-    quality = {f"{prefix}em": evaluation.em, f"{prefix}f1": evaluation.f1}
-    if evaluation.recall_at_k is not None:
-        quality[f"{prefix}recall_at_k"] = evaluation.recall_at_k
-    return quality
+    """EM and F1 (where answers were generated) and Recall@k (with context labels), named with
+    ``prefix``."""
+    scores = {"em": evaluation.em, "f1": evaluation.f1, "recall_at_k": evaluation.recall_at_k}
+    return {f"{prefix}{name}": score for name, score in scores.items() if score is not None}
 
 
 def _rung_signal(

@@ -40,6 +40,10 @@ _StudyArgument = Annotated[
     typer.Argument(help="Study name (the spec's name), or one stage study such as demo/ft_gen."),
 ]
 # The bootstrap behind every 95% interval (search.query.intervals).
+_MetricOption = Annotated[
+    str | None,
+    typer.Option("--metric", help="f1, em or recall; default: the study's objective, else f1."),
+]
 _ResamplesOption = Annotated[int, typer.Option("--resamples", min=100, help="Bootstrap resamples.")]
 _SeedOption = Annotated[int, typer.Option("--seed", help="Bootstrap seed.")]
 _FORMATS = ("table", "markdown", "json", "csv")
@@ -116,7 +120,7 @@ def trials(
 @one_line_errors
 def best(
     study: _StudyArgument,
-    metric: Annotated[str, typer.Option("--metric", help="f1, em or recall.")] = "f1",
+    metric: _MetricOption = None,
     method: Annotated[str | None, typer.Option("--method", help="Only this method.")] = None,
     resamples: _ResamplesOption = RESAMPLES,
     seed: _SeedOption = SEED,
@@ -127,10 +131,11 @@ def best(
     """The best completed trial on a validation metric, with the 95% intervals of its scores and
     everything recorded about it."""
     from search.query._views import as_json, interval_record, trial_detail, trial_record
-    from search.query.report import best_of, export_row
+    from search.query.report import best_of, export_row, objective_metric
 
     _check_format(fmt, ("table", "json"))
     report = _load_report(study, storage)
+    metric = metric or objective_metric(report)
     row = best_of(report, metric, method)
     intervals = interval_record(row.questions, resamples=resamples, seed=seed)
     if fmt == "json":
@@ -150,16 +155,17 @@ def pareto(
             "--cost", help="train_flops, train_device_s, train_wall_s, wall_s, peak_mem_mb, ..."
         ),
     ] = "train_flops",
-    metric: Annotated[str, typer.Option("--metric", help="f1, em or recall.")] = "f1",
+    metric: _MetricOption = None,
     storage: StorageOption = None,
     fmt: _FormatOption = "table",
     debug: DebugOption = False,
 ) -> None:
     """The trials no other trial beats on both quality and cost, across methods, cheapest first."""
     from search.query._views import pareto_records
-    from search.query.report import pareto_front
+    from search.query.report import objective_metric, pareto_front
 
     report = _load_report(study, storage)
+    metric = metric or objective_metric(report)
     points, front = pareto_front(report, metric=metric, cost=cost)
     records, columns = pareto_records(front, metric=metric, cost=cost)
     title = f"study {report.name}: {len(front)} of {len(points)} completed trials on the {metric}-{cost} front"
@@ -242,7 +248,7 @@ def export(
 def plot(
     study: _StudyArgument,
     out: Annotated[Path, typer.Option("-o", "--out", help="A .png, .svg or .pdf file.")],
-    metric: Annotated[str, typer.Option("--metric", help="f1, em or recall.")] = "f1",
+    metric: _MetricOption = None,
     cost: Annotated[
         str, typer.Option("--cost", help="train_flops, train_device_s, ...")
     ] = "train_flops",
@@ -254,8 +260,10 @@ def plot(
     """Quality against cost for every trial (front marked, each method's chosen run with its 95%
     interval as an error bar), and heat maps of coupled LR grids."""
     from search.query.plots import plot_study
+    from search.query.report import objective_metric
 
     report = _load_report(study, storage)
+    metric = metric or objective_metric(report)
     written = plot_study(report, out, metric=metric, cost=cost, resamples=resamples, seed=seed)
     console.print(escape(f"wrote {written}"))
 
@@ -267,7 +275,9 @@ def reproduce(
     trial: Annotated[
         str | None, typer.Option("--trial", help="<stage>/<number> as `ragsweep trials` shows.")
     ] = None,
-    best_trial: Annotated[bool, typer.Option("--best", help="The best trial on F1.")] = False,
+    best_trial: Annotated[
+        bool, typer.Option("--best", help="The best trial on the study's objective, else F1.")
+    ] = False,
     out: Annotated[
         Path | None, typer.Option("--out", help="Save the trained embedder and generator here.")
     ] = None,

@@ -19,8 +19,8 @@ from search.query.intervals import (
     question_scores,
     questions_needed,
 )
-from search.query.report import StudyReport, quality_key, run_cost
-from search.store import QUALITY_METRICS, TrialRecord, best_trial
+from search.query.report import StudyReport, objective_metric, quality_key, run_cost
+from search.store import TrialRecord, best_trial
 from trainers import QuestionResult
 
 __all__ = ["Comparison", "EarlyStopped", "MethodResult", "compare"]
@@ -127,7 +127,7 @@ def compare(
     ``resamples`` and ``seed``); each method is paired with the best method's run on ``metric``.
     """
     report.needs_plan("compare", "the stages each method's search ran")
-    metric_key = quality_key(metric or _first_objective(report))
+    metric_key = quality_key(metric or objective_metric(report))
     chosen = {
         method: best_trial(
             [row for row in report.trials if row.method == method and row.stage == method],
@@ -323,11 +323,6 @@ def _recommendation(
             f"lr_generator {_rate(known.lr_generator)}), the paper's advice for more data of this "
             "kind is one joint run (rag_token) instead of an n x m grid"
         )
-
-
-def _first_objective(report: StudyReport) -> str:
-    metric = report.spec.objectives[0].metric if report.spec else "f1"
-    return metric if metric in QUALITY_METRICS else "f1"
 
 
 def _rate(value: float | None) -> str:

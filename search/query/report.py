@@ -26,6 +26,7 @@ from search.spec import StudySpec
 from search.store import (
     COST_METRICS,
     METRIC_NAMES,
+    QUALITY_METRICS,
     StoredStudy,
     StudyDatabase,
     TrialRecord,
@@ -41,6 +42,7 @@ __all__ = [
     "export_row",
     "export_rows",
     "load_study",
+    "objective_metric",
     "pareto_front",
     "quality_key",
     "question_rows",
@@ -210,9 +212,19 @@ def select_trials(
     return sorted(rows, key=key)
 
 
-def best_of(report: StudyReport, metric: str = "f1", method: str | None = None) -> TrialRecord:
-    """The completed trial with the highest ``metric`` (f1, em or recall); ties go to the earliest."""
-    key = quality_key(metric)
+def objective_metric(report: StudyReport) -> str:
+    """The quality metric the study ranks by: its first objective when that is one (a study that
+    scores retrieval alone ranks by recall_at_k), else f1."""
+    metric = report.spec.objectives[0].metric if report.spec else "f1"
+    return metric if metric in QUALITY_METRICS else "f1"
+
+
+def best_of(
+    report: StudyReport, metric: str | None = None, method: str | None = None
+) -> TrialRecord:
+    """The completed trial with the highest ``metric`` (f1, em or recall; None: the study's
+    :func:`objective_metric`); ties go to the earliest."""
+    key = quality_key(metric or objective_metric(report))
     best = best_trial(select_trials(report, method=method), key)
     if best is None:
         which = f" of method '{method}'" if method else ""
@@ -224,14 +236,15 @@ def best_of(report: StudyReport, metric: str = "f1", method: str | None = None) 
 
 
 def pareto_front(
-    report: StudyReport, *, metric: str = "f1", cost: str = "train_flops"
+    report: StudyReport, *, metric: str | None = None, cost: str = "train_flops"
 ) -> tuple[list[tuple[TrialRecord, float, float]], list[tuple[TrialRecord, float, float]]]:
-    """(every completed trial, the front) as (trial, quality, cost), front sorted by cost.
+    """(every completed trial, the front) as (trial, quality, cost), front sorted by cost;
+    ``metric`` None is the study's :func:`objective_metric`.
 
     A trial is on the front when no other trial is at least as good on quality and at least as
     cheap, and strictly better on one. Cost is :func:`run_cost`, reused phases included.
     """
-    metric_key = quality_key(metric)
+    metric_key = quality_key(metric or objective_metric(report))
     _check_cost(cost)
     points = []
     for row in select_trials(report, state="complete"):

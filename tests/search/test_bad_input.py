@@ -187,6 +187,14 @@ SPEC_MISTAKES = {
         },
         ["search.early_stopping needs one objective", "turn early stopping off"],
     ),
+    "retrieval_evaluation_ranked_by_f1": (
+        GOOD | {"training": TINY_SPEC["training"] | {"evaluate": "retrieval"}},
+        ["training.evaluate is retrieval", "objectives ask for f1", "metric: recall_at_k"],
+    ),
+    "unknown_evaluation": (
+        GOOD | {"training": TINY_SPEC["training"] | {"evaluate": "generation"}},
+        ["training.evaluate", "'answers'"],
+    ),
     "early_stopping_rung_past_the_end": (
         GOOD | {"search": {"early_stopping": {"rungs": [0.5, 1.0]}}},
         ["search.early_stopping.rungs", "between 0 and 1"],

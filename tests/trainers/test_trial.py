@@ -161,12 +161,14 @@ def test_a_diverging_phase_raises_a_training_error(cache_dir):
         run_trial(tiny_config("ft_gen", lr_generator=1e30), cache_dir=cache_dir)
 
 
-def _partly_labelled(folder: Path, n_labelled: int) -> DataConfig:
+def _partly_labelled(folder: Path, n_labelled: int, validation: bool = True) -> DataConfig:
     """TINY_DATA's questions as JSONL (the same split), with gold documents on only
-    ``n_labelled`` of its training questions; the validation questions keep theirs."""
+    ``n_labelled`` of its training questions; the validation questions keep theirs unless
+    ``validation`` is False."""
     data = load_data(TINY_DATA)
     everything = load_data(TINY_DATA.model_copy(update={"n_train": None}))  # the same shuffle
-    keep = {q.id for q in data.train[:n_labelled]} | {q.id for q in data.validation}
+    keep = {q.id for q in data.train[:n_labelled]}
+    keep |= {q.id for q in data.validation} if validation else set()
     questions, corpus = folder / "questions.jsonl", folder / "corpus.jsonl"
     rows = [
         {
@@ -241,6 +243,38 @@ def test_a_test_split_is_scored_apart_and_changes_nothing_on_validation(default_
     assert held_out.metrics["test.device_s"] > 0 and held_out.metrics["test.tokens"] > 0
     assert len(held_out.record["split"]["test_ids"]) == 6
     assert held_out.questions == plain.questions  # the per-question results are validation's
+
+
+def test_retrieval_evaluation_scores_recall_alone_and_retrieves_as_answers_do(
+    default_trial, cache_dir
+):
+    answered = default_trial("ft_embed")
+    training = TINY_TRAINING.model_copy(update={"evaluate": "retrieval"})
+    data = TINY_DATA.model_copy(update={"n_test": 6})
+    retrieved = run_trial(
+        tiny_config("ft_embed", training=training, data=data), cache_dir=cache_dir
+    )
+    # The same embedder training, so the same passages and Recall@k; nothing generated.
+    assert [q.retrieved for q in retrieved.questions] == [q.retrieved for q in answered.questions]
+    assert [q.recall for q in retrieved.questions] == [q.recall for q in answered.questions]
+    assert retrieved.metrics["recall_at_k"] == answered.metrics["recall_at_k"]
+    assert {q.prediction for q in retrieved.questions} == {None} and retrieved.predictions == []
+    assert {q.em for q in retrieved.questions} == {q.f1 for q in retrieved.questions} == {None}
+    assert not {"em", "f1", "test_em", "test_f1"} & set(retrieved.metrics)
+    assert 0 <= retrieved.metrics["test_recall_at_k"] <= 1
+    # Encoding the questions is all evaluation costs: a small part of generating answers, even
+    # with a tiny generator that writes 4 tokens (7x here).
+    assert 0 < retrieved.metrics["eval.flops"] < answered.metrics["eval.flops"] / 5
+    assert retrieved.metrics["eval.steps"] == 0
+    assert retrieved.record["config"]["training"]["evaluate"] == "retrieval"
+    assert "evaluate" not in answered.record["config"]["training"]  # older configs hash alike
+
+
+def test_retrieval_evaluation_needs_labelled_validation_questions(tmp_path, cache_dir):
+    data = _partly_labelled(tmp_path, n_labelled=6, validation=False)
+    training = TINY_TRAINING.model_copy(update={"evaluate": "retrieval"})
+    with pytest.raises(ConfigError, match="no validation question has a gold document"):
+        run_trial(tiny_config("none", data=data, training=training), cache_dir=cache_dir)
 
 
 def test_the_record_counts_labelled_questions_for_a_fully_labelled_set(default_trial):
