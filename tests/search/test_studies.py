@@ -98,3 +98,25 @@ def test_spec_runs_every_method_and_answers_compare(spec_name, tmp_path, cache_d
         "ft_gen": len(spec.search.lr_generator),
         "two_phase": len(spec.search.lr_embedder),
     }
+
+
+def test_the_embedder_spec_scores_retrieval_alone_over_its_grid(tmp_path, cache_dir):
+    data_path = SPECS["popqa-cpu"]
+    if not data_path.exists():
+        pytest.skip(f"{data_path} not present (it is beside the repo only on dev/CI machines)")
+    spec = _tiny("popqa-embedder", data_path, f"popqa-embedder-{uuid.uuid4().hex[:8]}")
+    assert spec.methods == ["none", "ft_embed"] and spec.training.evaluate == "retrieval"
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    launch(spec, storage_url=url, runs_dir=tmp_path / "runs", cache_dir=cache_dir)
+    storage = open_storage(url)
+    trials = {
+        (name.split("/", 1)[1], trial.params.get("lr_embedder")): trial
+        for name in optuna.get_all_study_names(storage)
+        for trial in optuna.load_study(study_name=name, storage=storage).trials
+    }
+    assert set(trials) == {("none", None)} | {("ft_embed", lr) for lr in spec.search.lr_embedder}
+    for trial in trials.values():
+        assert trial.state.name == "COMPLETE", trial.user_attrs.get("fail_reason")
+        metrics = trial.user_attrs["metrics"]
+        assert trial.value == metrics["recall_at_k"] and "f1" not in metrics
+        assert "test_recall_at_k" in metrics  # the spec's 300 held-out questions, retrieved only
