@@ -69,6 +69,7 @@ def run_trial(
     out_dir: Path | None = None,
     merge_generator: bool = False,
     rungs: Rungs | None = None,
+    train_missing_reuse: bool = False,
 ) -> TrialResult:
     """Run ``config.method`` with its learning rates and return validation metrics and cost.
 
@@ -76,21 +77,30 @@ def run_trial(
     trained phase saves its models under ``out_dir/<phase>`` and the record goes to
     ``out_dir/trial.json``; ``merge_generator`` also saves each trained generator with its adapter
     merged in (``<phase>/generator/merged``). With ``rungs``, each trained phase reports a
-    validation signal part-way (:mod:`trainers.rungs`); their report may stop the trial.
+    validation signal part-way (:mod:`trainers.rungs`); their report may stop the trial. With
+    ``train_missing_reuse``, a phase in ``config.reuse`` whose checkpoint folder lacks its models
+    (a launch resumed on a machine without the earlier runs' disk) is trained here instead: from
+    the same phase seed, as the lost checkpoint was (on CPU, the same weights).
     """
     phases = method_phases(config.method, config.training)
-    _check_learning_rates(config, phases)
+    loaded = {
+        phase.name
+        for phase in phases
+        if phase.name in config.reuse
+        and not (train_missing_reuse and _missing_models(phase, Path(config.reuse[phase.name])))
+    }
+    _check_learning_rates(config, phases, loaded)
     bound_allocator()
     _seed_everything(config.seed)
     meter = CostMeter(resolve_device(config.training.device))
     data, pipeline = build_pipeline(config, cache_dir=cache_dir, meter=meter)
     index = pipeline.index
-    trained_phases = {phase.name for phase in phases if phase.name not in config.reuse}
+    trained_phases = {phase.name for phase in phases if phase.name not in loaded}
     taken: list[Rung] = []
 
     final_losses: dict[str, float | None] = {}
     for phase in phases:
-        if phase.name in config.reuse:
+        if phase.name in loaded:
             _load_phase(phase, pipeline, Path(config.reuse[phase.name]), config, cache_dir)
             continue
         # Each phase draws from its own seed, so a phase trains the same whichever method runs it:
@@ -147,7 +157,9 @@ def run_trial(
         # (the others train the generator only).
         "labelled_train_questions": len(data.labelled_train),
         "phases": [phase.name for phase in phases],
-        "reused_phases": sorted(config.reuse),
+        "reused_phases": sorted(loaded),
+        # Phases the config reused whose checkpoints were gone, trained here instead.
+        "retrained_phases": sorted(set(config.reuse) - loaded),
         # How full this data's prompts fill the token caps, as the memory model took it.
         "prompt_fill": pipeline.training.prompt_fill,
         "final_losses": final_losses,
@@ -221,14 +233,14 @@ def build_pipeline(
     return data, pipeline
 
 
-def _check_learning_rates(config: TrialConfig, phases: tuple[Phase, ...]) -> None:
+def _check_learning_rates(config: TrialConfig, phases: tuple[Phase, ...], loaded: set[str]) -> None:
     unknown = set(config.reuse) - {phase.name for phase in phases}
     if unknown:
         names = ", ".join(phase.name for phase in phases) or "none"
         raise ConfigError(
             f"reuse names phase(s) {sorted(unknown)} that method '{config.method}' does not have; its phases: {names}"
         )
-    trained = [phase for phase in phases if phase.name not in config.reuse]
+    trained = [phase for phase in phases if phase.name not in loaded]
     if any(phase.trains_embedder for phase in trained) and config.lr_embedder is None:
         raise ConfigError(
             f"method '{config.method}' trains the embedder: set lr_embedder (--lr-embedder)"
@@ -336,15 +348,7 @@ def _load_phase(
     phase: Phase, pipeline: Pipeline, folder: Path, config: TrialConfig, cache_dir: Path
 ) -> None:
     """Take a phase's output from an earlier run's checkpoint instead of training it again."""
-    wanted = [
-        name
-        for name, trained in (
-            ("embedder", phase.trains_embedder),
-            ("generator", phase.trains_generator),
-        )
-        if trained
-    ]
-    missing = [name for name in wanted if not (folder / name).is_dir()]
+    missing = _missing_models(phase, folder)
     if missing:
         raise ConfigError(
             f"reuse.{phase.name}: {folder} has no {' or '.join(missing)} folder; point it at the phase folder of an earlier run"
@@ -370,3 +374,16 @@ def _load_phase(
             lora_alpha=config.models.lora_alpha,
             lora_dropout=config.models.lora_dropout,
         )
+
+
+def _missing_models(phase: Phase, folder: Path) -> list[str]:
+    """The models ``phase`` trains (embedder, generator) that ``folder`` has no folder for."""
+    wanted = [
+        name
+        for name, trained in (
+            ("embedder", phase.trains_embedder),
+            ("generator", phase.trains_generator),
+        )
+        if trained
+    ]
+    return [name for name in wanted if not (folder / name).is_dir()]

@@ -121,6 +121,8 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
             rungs=_rungs(spec, replace(outcome, record={"config": trial.model_dump(mode="json")}))
             if stage["rungs"]
             else None,
+            # A relaunch on a machine without the earlier stages' checkpoints trains them again.
+            train_missing_reuse=True,
         )
         outcome = replace(
             outcome,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -178,6 +179,32 @@ def test_relaunching_a_finished_study_adds_no_trials(launched, tmp_path, cache_d
         name: len(optuna.load_study(study_name=f"{spec.name}/{name}", storage=storage).trials)
         for name in studies
     } == {name: len(study.trials) for name, study in studies.items()}
+
+
+def test_a_relaunch_without_the_checkpoints_trains_the_reused_phase_again(tmp_path, cache_dir):
+    spec = tiny_spec(
+        tmp_path,
+        name="lost-checkpoints",
+        methods=["ft_gen", "two_phase"],
+        search={"lr_embedder": [1e-3], "lr_generator": [1e-3]},
+    )
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    runs_dir = tmp_path / "runs"
+    launch(spec, storage_url=url, runs_dir=runs_dir, cache_dir=cache_dir)
+    storage = open_storage(url)
+    first = optuna.load_study(study_name="lost-checkpoints/two_phase", storage=storage).trials[0]
+    assert first.user_attrs["record"]["reused_phases"] == ["generator"]
+    # As after a resume on a new machine: ft_gen's stage is stored, its checkpoints are gone and
+    # two_phase has yet to run.
+    shutil.rmtree(runs_dir)
+    optuna.delete_study(study_name="lost-checkpoints/two_phase", storage=storage)
+    summary = launch(spec, storage_url=url, runs_dir=runs_dir, cache_dir=cache_dir)
+    assert summary.ran == {"two_phase": 1}
+    again = optuna.load_study(study_name="lost-checkpoints/two_phase", storage=storage).trials[0]
+    assert again.state == optuna.trial.TrialState.COMPLETE, again.user_attrs.get("fail_reason")
+    assert again.user_attrs["record"]["retrained_phases"] == ["generator"]
+    for metric in ("em", "f1", "recall_at_k"):  # the same weights on CPU as the lost checkpoint's
+        assert again.user_attrs["metrics"][metric] == first.user_attrs["metrics"][metric]
 
 
 def test_a_different_spec_under_the_same_name_is_refused(launched, cache_dir):

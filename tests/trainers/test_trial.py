@@ -132,6 +132,24 @@ def test_independent_composed_from_checkpoints_equals_independent_trained(
     assert ft_gen.record["final_losses"]["generator"] == trained.record["final_losses"]["generator"]
 
 
+def test_a_reused_phase_whose_checkpoint_is_gone_is_trained_again_to_the_same_result(
+    default_trial, tmp_path, cache_dir
+):
+    trained = default_trial("two_phase")
+    gone = {"generator": str(tmp_path / "deleted" / "generator")}
+    with pytest.raises(ConfigError, match="has no generator folder"):
+        run_trial(tiny_config("two_phase", reuse=gone), cache_dir=cache_dir)
+    again = run_trial(
+        tiny_config("two_phase", reuse=gone), cache_dir=cache_dir, train_missing_reuse=True
+    )
+    # Phase 1 draws from its own seed, so training it here gives the lost checkpoint's weights.
+    assert again.record["retrained_phases"] == ["generator"]
+    assert again.record["reused_phases"] == []
+    assert again.record["final_losses"] == trained.record["final_losses"]
+    assert again.predictions == trained.predictions
+    assert again.metrics["generator.steps"] == trained.metrics["generator.steps"] > 0
+
+
 def test_two_phase_refuses_a_phase_one_trained_with_another_objective(
     default_trial, trial_dir, cache_dir
 ):
