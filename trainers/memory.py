@@ -219,7 +219,7 @@ def trial_memory(
 ) -> TrialMemory:
     """The peak of a trial that trains ``phases`` (reused phases left out) and then evaluates:
     both models' weights, and the largest of the phases' optimizer state plus step activations and
-    the evaluation's generation; on a CPU all of it plus the runtime is resident, on a GPU the
+    the evaluation's generation (none with ``training.evaluate`` retrieval); on a CPU all of it plus the runtime is resident, on a GPU the
     process holds the runtime and the weights while it loads them. ``quantized``: the generator's
     base weights are 4-bit (QLoRA)."""
     caps = token_caps(training)
@@ -234,7 +234,8 @@ def trial_memory(
         grad=False,
         checkpointing=False,
     ) + _kv_cache_bytes(generator, training, caps, bf16)
-    peaks = [evaluation]
+    # Retrieval-only evaluation encodes the questions and generates nothing.
+    peaks = [evaluation if training.evaluate == "answers" else 0.0]
     for phase in phases:
         trained = (embedder.params if phase.trains_embedder else 0) + (
             generator_trainable if phase.trains_generator else 0

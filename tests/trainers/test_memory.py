@@ -69,3 +69,26 @@ def test_a_larger_budget_never_runs_fewer_questions_and_checkpointing_runs_more(
     counts = [chosen(budget, True) for budget in budgets]
     assert counts == sorted(counts) and counts[0] < counts[-1]
     assert chosen(1024, False) < chosen(1024, True)
+
+
+def test_retrieval_only_evaluation_forecasts_the_weights_and_no_generation():
+    from trainers.memory import _RUNTIME_BYTES, trial_memory
+    from trainers.methods import method_phases
+
+    minilm = ModelShape(22_713_216, layers=6, hidden=384, intermediate=1536, kv_hidden=384, vocab=0)
+    weights = (minilm.params + SMOLLM2.params) * 4
+    answers, retrieval = (
+        TrainingConfig(evaluate=mode, prompt_fill=0.8) for mode in ("answers", "retrieval")
+    )
+
+    def peak(method: str, training: TrainingConfig) -> float:
+        phases = method_phases(method, training)
+        return trial_memory(
+            phases, embedder=minilm, generator=SMOLLM2, generator_trainable=0,
+            training=training, bf16=False, on_gpu=False,
+        ).host_bytes  # fmt: skip
+
+    # `none` trains nothing: retrieving alone holds the runtime and the weights, nothing more.
+    assert peak("none", retrieval) == _RUNTIME_BYTES + weights < peak("none", answers)
+    # ft_embed's peak is then its training step, which generating answers outweighed.
+    assert peak("none", retrieval) < peak("ft_embed", retrieval) < peak("ft_embed", answers)
