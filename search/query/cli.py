@@ -39,11 +39,11 @@ _StudyArgument = Annotated[
     str,
     typer.Argument(help="Study name (the spec's name), or one stage study such as demo/ft_gen."),
 ]
-# The bootstrap behind every 95% interval (search.query.intervals).
 _MetricOption = Annotated[
     str | None,
     typer.Option("--metric", help="f1, em or recall; default: the study's objective, else f1."),
 ]
+# The bootstrap behind every 95% interval (search.query.intervals).
 _ResamplesOption = Annotated[int, typer.Option("--resamples", min=100, help="Bootstrap resamples.")]
 _SeedOption = Annotated[int, typer.Option("--seed", help="Bootstrap seed.")]
 _FORMATS = ("table", "markdown", "json", "csv")
