@@ -131,7 +131,8 @@ def best(
     """The best completed trial on a validation metric, with the 95% intervals of its scores and
     everything recorded about it."""
     from search.query._views import as_json, interval_record, trial_detail, trial_record
-    from search.query.report import best_of, export_row, objective_metric
+    from search.query.export import export_row
+    from search.query.report import best_of, objective_metric
 
     _check_format(fmt, ("table", "json"))
     report = _load_report(study, storage)
@@ -224,7 +225,7 @@ def export(
     """Every trial with every recorded attribute, or with --per-question each trial's answer to
     each validation question, to JSON or CSV (by the file's suffix)."""
     from search.query._views import as_csv, as_json
-    from search.query.report import export_rows, question_rows
+    from search.query.export import export_rows, question_rows
 
     if out.suffix.lower() not in (".json", ".csv"):
         raise _bad_suffix(out, (".json", ".csv"))
@@ -337,24 +338,9 @@ def dashboard(
     debug: DebugOption = False,
 ) -> None:
     """optuna-dashboard on the study database, on 127.0.0.1 unless --host says otherwise."""
-    from search.store import mask_url, open_database, open_storage
+    from search.query.dashboard import serve
 
-    try:
-        from optuna_dashboard import run_server
-    except ImportError as e:
-        raise ConfigError(
-            "optuna-dashboard is not installed; pip install 'ragsweep[dashboard]'"
-        ) from e
-    url = _query_url(storage, study)
-    # Read first, as every query does: Optuna's storage would add its tables to a file that has
-    # none (an empty file, another program's database) rather than refuse it.
-    open_database(url).studies()
-    opened = open_storage(url, create=False)
-    console.print(
-        escape(f"optuna-dashboard for {mask_url(url)} on http://{host}:{port} (Ctrl-C stops it)"),
-        highlight=False,
-    )
-    run_server(opened, host=host, port=port)
+    serve(_query_url(storage, study), host=host, port=port)
 
 
 def _query_url(explicit: str | None, study: str | None) -> str:
