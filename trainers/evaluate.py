@@ -77,11 +77,12 @@ def recall_at_k(
 
     Questions without context labels are left out; None when none has any.
     """
-    found = [
-        gold_found(retrieved, gold) for retrieved, gold in zip(retrieved_ids, gold_ids, strict=True)
-    ]
-    labelled = [fraction for fraction in found if fraction is not None]
-    return sum(labelled) / len(labelled) if labelled else None
+    return _mean(
+        [
+            gold_found(retrieved, gold)
+            for retrieved, gold in zip(retrieved_ids, gold_ids, strict=True)
+        ]
+    )
 
 
 def gold_found(retrieved_ids: Sequence[str], gold_ids: Sequence[str]) -> float | None:
