@@ -340,9 +340,9 @@ class TrainingConfig(_Strict):
     eval_batch_size: _Count = 16
     # What evaluation scores. "answers": retrieve top-k, generate, and score EM, F1 and Recall@k.
     # "retrieval": retrieve only and score Recall@k, for studies of the embedder (objective
-    # recall_at_k): on PopQA at fp32 on one CPU thread generating an answer costs ~5 s a question,
-    # retrieving it a few milliseconds. Left out of dumps when "answers", so older configs hash
-    # as they did.
+    # recall_at_k): on PopQA at fp32 on one CPU thread generating an answer costs ~5 s a
+    # question, retrieving it ~12 ms (benchmarks/retrieval_eval.py: 445x). Left out of dumps
+    # when "answers", so older configs hash as they did.
     evaluate: Literal["answers", "retrieval"] = Field(
         "answers", exclude_if=lambda mode: mode == "answers"
     )
