@@ -348,13 +348,13 @@ def _trial_flops(stage: Stage, spec: StudySpec) -> _TrialFlops | None:
     n_train = _n_train(spec) if per_example else 0
     if n_train is None:
         return None
-    # The held-out test split (data.n_test) is scored as validation is; retrieval-only
-    # evaluation encodes the questions and generates nothing.
+    # The test split (data.n_test) is scored by trials that lead their stage when they finish:
+    # the stage's best at least, taken as one a stage. Retrieval-only evaluation generates nothing.
     generation = forward_flops(
         generator.params, concat - training.max_answer_tokens + training.max_new_tokens
     )
-    answers = training.evaluate == "answers"
-    evaluation = (spec.data.n_validation + spec.data.n_test) * (asked + answers * generation)
+    evaluated = spec.data.n_validation + spec.data.n_test / max(stage.n_trials, 1)
+    evaluation = evaluated * (asked + (training.evaluate == "answers") * generation)
     return _TrialFlops(
         phases=tuple(n_train * training.epochs * flops for flops in per_example),
         evaluation=evaluation,

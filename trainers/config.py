@@ -128,9 +128,9 @@ class DataConfig(_Strict):
     corpus_columns: CorpusColumns = _unset(CorpusColumns())
     n_train: _Count | None = 96  # None: all that remain after validation
     n_validation: _Count = 48
-    # Held out from the search: the trials are scored on it too (test_em, test_f1,
-    # test_recall_at_k) but learning rates are picked on validation alone, so the chosen run's
-    # test figure is not the selection's own. 0: no test split.
+    # Held out from the search: scored too (test_em, test_f1, test_recall_at_k; a launch scores
+    # the trials that lead their stage) but learning rates are picked on validation alone, so the
+    # chosen run's test figure is not the selection's own. 0: no test split.
     n_test: int = Field(0, ge=0, le=1_000_000)
     split_seed: int = 0
     generated: GeneratedDataConfig = GeneratedDataConfig()

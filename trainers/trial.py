@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -70,6 +71,7 @@ def run_trial(
     merge_generator: bool = False,
     rungs: Rungs | None = None,
     train_missing_reuse: bool = False,
+    score_test: Callable[[dict[str, float]], bool] | None = None,
 ) -> TrialResult:
     """Run ``config.method`` with its learning rates and return validation metrics and cost.
 
@@ -80,7 +82,9 @@ def run_trial(
     validation signal part-way (:mod:`trainers.rungs`); their report may stop the trial. With
     ``train_missing_reuse``, a phase in ``config.reuse`` whose checkpoint folder lacks its models
     (a launch resumed on a machine without the earlier runs' disk) is trained here instead: from
-    the same phase seed, as the lost checkpoint was (on CPU, the same weights).
+    the same phase seed, as the lost checkpoint was (on CPU, the same weights). With a test split
+    (``data.n_test``), ``score_test`` gets the validation scores and says whether to score it too
+    (a search asks whether the trial leads its stage); without it, the test split is always scored.
     """
     phases = method_phases(config.method, config.training)
     loaded = {
@@ -130,7 +134,8 @@ def run_trial(
     with meter.phase("eval") as cost:
         evaluation = evaluate_pipeline(pipeline, data.validation, cost)
     quality = _quality(evaluation)
-    if data.test:
+    test_scored = bool(data.test) and (score_test is None or score_test(quality))
+    if test_scored:
         # Scored as validation is, but no search reads it: the chosen run's figure that its
         # selection did not pick.
         with meter.phase("test") as cost:
@@ -160,6 +165,9 @@ def run_trial(
         "reused_phases": sorted(loaded),
         # Phases the config reused whose checkpoints were gone, trained here instead.
         "retrained_phases": sorted(set(config.reuse) - loaded),
+        # With a test split: whether this trial scored it (a search skips it where the trial
+        # trailed its stage's best when it finished).
+        **({"test_scored": test_scored} if data.test else {}),
         # How full this data's prompts fill the token caps, as the memory model took it.
         "prompt_fill": pipeline.training.prompt_fill,
         "final_losses": final_losses,

@@ -22,6 +22,7 @@ from ray import tune
 from search.forecast import trial_memory_ask
 from search.launch._pruning import RUNG_KEY, rung_report
 from search.launch._scheduler import OUTCOME_KEY, REUSE_KEY, STAGE_KEY
+from search.launch._test_scoring import TestClaim
 from search.plan import Plan
 from search.spec import StudySpec, trial_config
 from search.store import TrialOutcome, encode_questions, stage_study_name
@@ -38,8 +39,12 @@ from trainers import (
 __all__ = ["make_trainable"]
 
 
-def make_trainable(spec: StudySpec, plan: Plan, runs_dir: Path, cache_dir: Path) -> Any:
-    """The Tune trainable with what every trial needs besides its config, as plain data."""
+def make_trainable(
+    spec: StudySpec, plan: Plan, runs_dir: Path, cache_dir: Path, stage_leads: Any = None
+) -> Any:
+    """The Tune trainable with what every trial needs besides its config, as plain data;
+    ``stage_leads`` (:func:`search.launch._test_scoring.start_stage_leads`) decides which trials
+    score the test split."""
     stages = {
         stage.name: {
             "method": stage.method,
@@ -62,6 +67,7 @@ def make_trainable(spec: StudySpec, plan: Plan, runs_dir: Path, cache_dir: Path)
         # Methods registered in the driver after import (register_method) travel with the job:
         # a worker process knows only the built-in ones.
         "methods": method_declarations(),
+        "stage_leads": stage_leads,
     }
     # Per stage: memory is the stage's forecast peak (or resources.memory), so Ray starts a
     # trial only where it fits and queues it otherwise, instead of starting it and killing it.
@@ -95,6 +101,11 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     )
     out_dir: Path | None = None
     stopped = False
+    test_claim = (
+        TestClaim(job["stage_leads"], config[STAGE_KEY], tune.get_context().get_trial_id())
+        if job["stage_leads"] is not None
+        else None
+    )
     try:
         for declaration in job["methods"]:
             register_method(declaration)
@@ -123,6 +134,7 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
             else None,
             # A relaunch on a machine without the earlier stages' checkpoints trains them again.
             train_missing_reuse=True,
+            score_test=test_claim,
         )
         outcome = replace(
             outcome,
@@ -146,6 +158,8 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         else:
             reason = str(e) if isinstance(e, RagsweepError) else one_line(e)
             outcome = replace(outcome, fail_reason=reason)
+    if outcome.fail_reason and test_claim is not None:
+        test_claim.release()  # a failed trial is never its stage's best
     if (outcome.fail_reason or stopped) and out_dir is not None:
         # No stage loads a failed or stopped trial's models, and a half-written checkpoint holds
         # the space the next trials need.

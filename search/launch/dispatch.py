@@ -41,6 +41,7 @@ from search.launch._scheduler import (
     ignore_event,
 )
 from search.launch._stage_results import remaining_points
+from search.launch._test_scoring import start_stage_leads
 from search.launch._trainable import make_trainable
 from search.launch.encode import EncodeProgress, encode_on_cluster
 from search.plan import Plan, Stage, make_plan
@@ -194,9 +195,14 @@ def _run_claimed(
         }
         search = StagedSearch(plan, spec, storage, studies, points, notify)
         if search.has_work:
-            trainable = make_trainable(trial_spec, plan, runs_dir, cache_dir)
+            stage_leads = start_stage_leads(spec, studies)
+            trainable = make_trainable(trial_spec, plan, runs_dir, cache_dir, stage_leads)
             starts = _TrialStarts(plan, notify)
-            _run_tuner(spec, trainable, search, starts, studies, max_retries, runs_dir)
+            try:
+                _run_tuner(spec, trainable, search, starts, studies, max_retries, runs_dir)
+            finally:
+                if stage_leads is not None:
+                    ray.kill(stage_leads)  # a worker process; a test's next launch starts its own
         summary.ran = dict(search.started)
         summary.failed = {name: search.failed[name] for name in search.started}
         summary.pruned = {name: search.pruned[name] for name in search.started}

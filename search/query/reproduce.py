@@ -125,7 +125,15 @@ def reproduce_trial(
     threads = hardware.get("torch_threads") if isinstance(hardware, dict) else None
     if type(threads) is int and threads > 0:
         torch.set_num_threads(threads)
-    result = run_trial(config, cache_dir=cache_dir, out_dir=out_dir, merge_generator=merged)
+    # The test split where the trial scored it (a launch skips it for a trial that trailed).
+    scored = trial.record.get("test_scored", True) is not False
+    result = run_trial(
+        config,
+        cache_dir=cache_dir,
+        out_dir=out_dir,
+        merge_generator=merged,
+        score_test=lambda _validation: scored,
+    )
     return Reproduction(
         trial=trial,
         recorded={k: float(trial.metrics[k]) for k in QUALITY_METRICS if k in trial.metrics},

@@ -18,6 +18,7 @@ from search.launch._pruning import RungPruner, signal_attr
 from search.launch.dispatch import launch
 from search.spec import StudySpec, load_spec
 from search.store import open_storage, read_trials
+from tests.held_out import assert_leaders_scored_test
 from tests.search.test_cli import assert_one_line_error, ragsweep
 from tests.tiny import TINY_SPEC
 
@@ -88,6 +89,9 @@ def test_trailing_trials_are_stored_pruned_with_their_rung_and_cost(pruned_study
     )
     assert 0 <= complete.metrics["test_f1"] <= 1 and complete.metrics["test.device_s"] > 0
     assert len(complete.record["split"]["test_ids"]) == 4
+    # 3e-3 ran first; 1e-30, which cannot train, finished after it and skipped the test split
+    # unless it tied.
+    assert_leaders_scored_test(trials, "f1", one_at_a_time=True)
 
 
 @pytest.mark.slow

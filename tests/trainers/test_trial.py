@@ -259,8 +259,29 @@ def test_a_test_split_is_scored_apart_and_changes_nothing_on_validation(default_
         assert 0 <= held_out.metrics[f"test_{name}"] <= 1
         assert f"test_{name}" not in plain.metrics
     assert held_out.metrics["test.device_s"] > 0 and held_out.metrics["test.tokens"] > 0
+    assert held_out.record["test_scored"] is True and "test_scored" not in plain.record
     assert len(held_out.record["split"]["test_ids"]) == 6
     assert held_out.questions == plain.questions  # the per-question results are validation's
+
+
+def test_a_trial_told_not_to_score_the_test_split_skips_it_after_validation(
+    default_trial, cache_dir
+):
+    plain = default_trial("ft_gen")
+    data = TINY_DATA.model_copy(update={"n_test": 6})
+    asked: list[dict[str, float]] = []
+
+    def trails(validation: dict[str, float]) -> bool:
+        asked.append(validation)
+        return False
+
+    skipped = run_trial(tiny_config("ft_gen", data=data), cache_dir=cache_dir, score_test=trails)
+    # Asked once, with the validation scores; nothing of the test split scored or costed.
+    assert asked == [{name: plain.metrics[name] for name in ("em", "f1", "recall_at_k")}]
+    assert not {name for name in skipped.metrics if name.startswith("test")}
+    assert skipped.record["test_scored"] is False
+    assert len(skipped.record["split"]["test_ids"]) == 6  # still held out of training
+    assert skipped.questions == plain.questions
 
 
 def test_retrieval_evaluation_scores_recall_alone_and_retrieves_as_answers_do(
