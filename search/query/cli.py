@@ -56,7 +56,7 @@ _TABLE_ROWS = 100
 def studies(
     storage: StorageOption = None, fmt: _FormatOption = "table", debug: DebugOption = False
 ) -> None:
-    """Every study in the database: methods, trials by state, best F1 and compute spent."""
+    """Every study in the database: methods, trials by state, best score and compute spent."""
     from search.query._views import STUDIES_COLUMNS, studies_records
     from search.query.report import summarize_studies
     from search.store import mask_url, open_database

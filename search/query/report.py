@@ -144,13 +144,15 @@ class StudySummary:
     name: str
     methods: tuple[str, ...]
     states: Mapping[str, int]
-    best_f1: float | None
+    objective: str  # the quality metric it ranks by (objective_metric)
+    best: float | None  # the best completed trial's value of it
     train_flops: float
     train_device_s: float
 
 
 def summarize_studies(database: StudyDatabase) -> list[StudySummary]:
-    """Every study in the database, launches grouped: methods, trials by state, best F1, compute."""
+    """Every study in the database, launches grouped: methods, trials by state, the best value of
+    the metric it ranks by, compute."""
     groups: dict[str, list[StoredStudy]] = {}
     for study in database.studies():
         groups.setdefault(study.group, []).append(study)
@@ -332,12 +334,14 @@ def _spec_problem(name: str, why: str | None) -> str | None:
 
 
 def _summarize(name: str, report: StudyReport) -> StudySummary:
-    completed = [row for row in report.trials if row.state == "COMPLETE" and "f1" in row.metrics]
+    metric = objective_metric(report)
+    completed = [row for row in report.trials if row.state == "COMPLETE" and metric in row.metrics]
     return StudySummary(
         name=name,
         methods=report.methods,
         states=Counter(row.state for row in report.trials),
-        best_f1=max((row.metrics["f1"] for row in completed), default=None),
+        objective=metric,
+        best=max((row.metrics[metric] for row in completed), default=None),
         train_flops=report.spent(report.stages, "train_flops"),
         train_device_s=report.spent(report.stages, "train_device_s"),
     )

@@ -32,8 +32,10 @@ def test_a_log_gets_a_line_per_event_and_the_estimate_follows_the_pace():
         ft_gen = plan.stage("ft_gen")
         progress(StageEvent("trial_start", ft_gen))
         progress(StageEvent("trial_start", ft_gen))
-        # One ft_gen trial ends after 60 s while the other runs: half of it counts as done.
-        progress._started = time.perf_counter() - 60.0
+        # One ft_gen trial ends 60 s after the first started, while the other runs: half of it
+        # counts as done. The 10 minutes before them (encoding the index) set no pace.
+        progress._started = time.perf_counter() - 660.0
+        progress._first_trial = time.perf_counter() - 60.0
         progress(StageEvent("trial_end", ft_gen, objective=0.25))
         blocked = plan.stage("independent")
         progress(

@@ -119,7 +119,7 @@ def optuna_trials(url: str, name: str) -> dict[str, optuna.trial.FrozenTrial]:
     return trials
 
 
-def test_studies_lists_each_launch_with_states_best_f1_and_compute(study):
+def test_studies_lists_each_launch_with_states_best_score_and_compute(study):
     name, url = study
     listed = {row["study"]: row for row in query_json("studies", "--storage", url)}
     trials = optuna_trials(url, name).values()
@@ -127,7 +127,8 @@ def test_studies_lists_each_launch_with_states_best_f1_and_compute(study):
     assert row["methods"].split(",") == load_spec(DEMO).methods
     assert (row["complete"], row["failed"], row["running"]) == (9, 1, 0)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert row["best_f1"] == max(t.user_attrs["metrics"]["f1"] for t in complete)
+    assert row["objective"] == "f1"
+    assert row["best"] == max(t.user_attrs["metrics"]["f1"] for t in complete)
     assert row["train_flops"] == pytest.approx(
         sum(t.user_attrs.get("metrics", {}).get("train_flops", 0) for t in trials)
     )

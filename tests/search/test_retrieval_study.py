@@ -65,6 +65,9 @@ def test_queries_rank_by_recall_and_show_its_intervals(study):
         ragsweep("trials", "retrieval", "--storage", url, "--format", "json").stdout
     )
     best_recall = max(trial["recall_at_k"] for trial in trials)
+    # studies lists it by its objective: its F1 was never scored.
+    (listed,) = json.loads(ragsweep("studies", "--storage", url, "--format", "json").stdout)
+    assert (listed["objective"], listed["best"]) == ("recall_at_k", best_recall)
     # best ranks by the study's objective when no --metric is given: F1 was never scored.
     best = ragsweep("best", "retrieval", "--storage", url, "--format", "json")
     assert best.returncode == 0, best.stderr
