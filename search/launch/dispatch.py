@@ -9,6 +9,7 @@ Optuna user attributes. Decisions (which stages, which grid points, what is reus
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -202,7 +203,9 @@ def _run_claimed(
                 _run_tuner(spec, trainable, search, starts, studies, max_retries, runs_dir)
             finally:
                 if stage_leads is not None:
-                    ray.kill(stage_leads)  # a worker process; a test's next launch starts its own
+                    # A worker process, not kept for the next launch; Ray may be gone with the run.
+                    with contextlib.suppress(Exception):
+                        ray.kill(stage_leads)
         summary.ran = dict(search.started)
         summary.failed = {name: search.failed[name] for name in search.started}
         summary.pruned = {name: search.pruned[name] for name in search.started}
