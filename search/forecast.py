@@ -22,6 +22,12 @@ import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
+from search.throughput import (
+    GPU_FLOPS_PER_GPU,
+    cpu_flops_per_cpu,
+    throughput_text,
+    trains_in_bf16,
+)
 from trainers import (
     MiB,
     ModelShape,
@@ -29,7 +35,6 @@ from trainers import (
     TrialMemory,
     forward_flops,
     method_phases,
-    native_bf16,
     token_caps,
     training_flops,
     trial_memory,
@@ -54,17 +59,6 @@ __all__ = [
     "trial_seconds",
 ]
 
-# Achieved throughput per CPU that a trial asks Ray for. Measured here (2-core CPU, one trial alone,
-# one thread): demo trials of SmolLM2-135M (LoRA training, RAG-Token, greedy evaluation) ran at
-# 1.0e11 to 1.3e11 FLOP per CPU-second by trainers.cost's count in bf16 autocast (AVX512-BF16),
-# and the whole demo study (2 trials at once) at 0.65x its bf16 rate in fp32 (training.precision:
-# fp32 on the same AVX-512 CPU; a CPU with AVX2 only is slower still): the forecasts then match
-# the measured demo, 6.4 min in bf16 and 8.2 min in fp32, within 5%.
-_CPU_FLOPS_PER_CPU = 1e11
-_FP32_CPU_FLOPS_PER_CPU = 6.5e10
-# An A10-class card (125 TFLOP/s bf16 dense peak) at ~25% utilisation, usual for LoRA/QLoRA
-# fine-tuning with short sequences and 4-bit dequantisation (the paper ran on 8 x A10).
-_GPU_FLOPS_PER_GPU = 3e13
 # Per trial, whatever it trains: loading both models and opening (or building) the cached index.
 _TRIAL_OVERHEAD_S = 30.0
 
@@ -193,14 +187,14 @@ def encode_seconds(spec: StudySpec, passages: int) -> tuple[float, float] | None
     if embedder is None:
         return None
     flops = forward_flops(embedder.params, passages * spec.training.embedder_max_length)
-    return flops / _GPU_FLOPS_PER_GPU, flops / _FP32_CPU_FLOPS_PER_CPU
+    return flops / GPU_FLOPS_PER_GPU, flops / cpu_flops_per_cpu(bf16=False)
 
 
 def encode_note() -> str:
     """How the encode time of the index is forecast."""
     return (
         "encode: analytic FLOPs (2 x embedder parameters x passages x tokens) at "
-        f"{_GPU_FLOPS_PER_GPU:.0e} FLOP/s per GPU or {_FP32_CPU_FLOPS_PER_CPU:.1e} per CPU in "
+        f"{GPU_FLOPS_PER_GPU:.0e} FLOP/s per GPU or {cpu_flops_per_cpu(bf16=False):.1e} per CPU in "
         "fp32 (the index is encoded without autocast)"
     )
 
@@ -235,15 +229,6 @@ def method_memory(
     )
 
 
-def trains_in_bf16(spec: StudySpec) -> bool:
-    """Whether the spec's trials train in bf16 autocast: ``precision: bf16``, or ``auto`` on GPUs
-    and on CPUs with native bf16 (this machine's CPU stands for the cluster's)."""
-    precision = spec.training.precision
-    if precision != "auto":
-        return precision == "bf16"
-    return spec.resources.gpus > 0 or native_bf16("cpu")
-
-
 def trial_memory_ask(stage: Stage, spec: StudySpec) -> int | None:
     """Bytes of memory a trial of ``stage`` asks Ray for: ``resources.memory``, else the stage's
     forecast peak (rounded up to 64 MiB, so stages of one size share warm workers); None when
@@ -266,7 +251,7 @@ def forecast_note(spec: StudySpec) -> str:
     return (
         "forecast: analytic FLOPs per trial (trainers.cost rules; n_train x epochs examples per "
         "trained phase at the spec's token caps, k single-passage prompts for RAG objectives, "
-        f"n_validation generations) / {_throughput_text(spec)}, + {_TRIAL_OVERHEAD_S:.0f} s per "
+        f"n_validation generations) / {throughput_text(spec)}, + {_TRIAL_OVERHEAD_S:.0f} s per "
         "trial for loading; a stage alone runs trials / min(concurrency, trials) waves"
     )
 
@@ -294,9 +279,8 @@ def forecast_gaps(spec: StudySpec) -> list[str]:
 
 def _trial_throughput(spec: StudySpec) -> float:
     if spec.resources.gpus > 0:
-        return _GPU_FLOPS_PER_GPU * spec.resources.gpus
-    per_cpu = _CPU_FLOPS_PER_CPU if trains_in_bf16(spec) else _FP32_CPU_FLOPS_PER_CPU
-    return per_cpu * spec.resources.cpus
+        return GPU_FLOPS_PER_GPU * spec.resources.gpus
+    return cpu_flops_per_cpu(trains_in_bf16(spec)) * spec.resources.cpus
 
 
 class _TrialFlops(NamedTuple):
@@ -390,11 +374,3 @@ def _gold_per_question(spec: StudySpec) -> float:
     if spec.data.source == "generated":
         return 1.0 + spec.data.generated.two_hop_fraction
     return 1.0
-
-
-def _throughput_text(spec: StudySpec) -> str:
-    if spec.resources.gpus > 0:
-        return f"{_GPU_FLOPS_PER_GPU:.0e} FLOP/s per GPU (A10-class at ~25% of bf16 peak)"
-    if trains_in_bf16(spec):
-        return f"{_CPU_FLOPS_PER_CPU:.0e} FLOP/s per CPU (SmolLM2 LoRA in bf16 autocast, measured on a 2-core CPU)"
-    return f"{_FP32_CPU_FLOPS_PER_CPU:.1e} FLOP/s per CPU (SmolLM2 LoRA in fp32: no native bf16 here, or precision fp32; measured on a 2-core AVX-512 CPU, slower with AVX2 only)"

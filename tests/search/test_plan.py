@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from search import forecast, throughput
 from search.forecast import gib_text, method_memory, trial_memory_ask
 from search.plan import Plan, grid_points, make_plan
 from search.plan_table import render_plan
@@ -574,3 +575,21 @@ def _duration_text(seconds: float | None) -> str:
     from search.plan_table import _duration
 
     return _duration(seconds)
+
+
+def test_an_fp32_forecast_runs_at_the_rate_measured_for_this_cpus_vector_instructions(
+    monkeypatch,
+):
+    spec = load_spec(DEMO, {"training.precision": "fp32"})
+    monkeypatch.setattr(throughput, "_has_avx512", lambda: True)
+    wide = make_plan(spec).stage("ft_gen").trial_forecast_s
+    monkeypatch.setattr(throughput, "_has_avx512", lambda: False)
+    narrow = make_plan(spec).stage("ft_gen").trial_forecast_s
+    assert wide and narrow
+    # Only the compute scales; loading a trial's models takes what it takes.
+    overhead = forecast._TRIAL_OVERHEAD_S
+    assert (narrow - overhead) / (wide - overhead) == pytest.approx(
+        throughput._AVX512_FP32_CPU_FLOPS_PER_CPU / throughput.cpu_flops_per_cpu(False)
+    )
+    assert throughput.cpu_flops_per_cpu(False) < throughput._AVX512_FP32_CPU_FLOPS_PER_CPU / 2
+    assert "an AVX2 CPU (this CPU has no AVX-512)" in forecast.forecast_note(spec)
