@@ -1,6 +1,5 @@
 """The rates a time forecast divides analytic FLOPs by: per GPU, and per CPU by precision and by
-the vector instructions torch uses on this CPU (which stands for the cluster's, as it does for
-native bf16)."""
+whether this CPU has AVX-512 (it stands for the cluster's, as it does for native bf16)."""
 
 from __future__ import annotations
 
