@@ -18,6 +18,7 @@ __all__ = [
     "checkpoint",
     "keep_best_checkpoint",
     "remaining_points",
+    "stage_best",
 ]
 
 
@@ -38,7 +39,7 @@ def blocked_by(
     trial, or has points still to run (trials Ray stopped), so its best is not known yet."""
     for source in sorted({*stage.fixed_from.values(), *stage.reuse_from.values()}):
         study_name = studies[source].study_name
-        if _best_of(studies[source], spec) is None:
+        if stage_best(studies[source], spec) is None:
             return (
                 f"stage '{source}', which it builds on, has no completed trial; see "
                 f"`ragsweep trials {study_name}` for why, fix it and launch again"
@@ -54,7 +55,7 @@ def blocked_by(
     return None
 
 
-def _best_of(study: optuna.Study, spec: StudySpec) -> TrialRecord | None:
+def stage_best(study: optuna.Study, spec: StudySpec) -> TrialRecord | None:
     """The stage's best trial on the spec's first objective (:func:`search.store.best_trial`)."""
     first = spec.objectives[0]
     return best_trial(read_trials(study), first.metric, maximize=first.direction == "maximize")
@@ -62,7 +63,7 @@ def _best_of(study: optuna.Study, spec: StudySpec) -> TrialRecord | None:
 
 def best_to_build_on(study: optuna.Study, stage_name: str, spec: StudySpec) -> TrialRecord:
     """The stage's best trial, which later stages take rates and models from."""
-    found = _best_of(study, spec)
+    found = stage_best(study, spec)
     if found is None:
         raise ConfigError(
             f"stage '{stage_name}' has no completed trial to build on (all failed or stopped early); see `ragsweep trials` "
@@ -85,7 +86,7 @@ def keep_best_checkpoint(stage: Stage, plan: Plan, spec: StudySpec, study: optun
     """Keep only the best trial's models of a stage that later stages reuse."""
     if not any(stage.name in later.reuse_from.values() for later in plan.stages):
         return
-    kept = _best_of(study, spec)
+    kept = stage_best(study, spec)
     for trial in read_trials(study):
         if trial.checkpoint and (kept is None or trial.number != kept.number):
             shutil.rmtree(trial.checkpoint, ignore_errors=True)

@@ -15,8 +15,8 @@ from typing import Any
 import optuna
 import ray
 
+from search.launch._stage_results import stage_best
 from search.spec import StudySpec
-from search.store import best_trial, read_trials
 
 __all__ = ["TestClaim", "start_stage_leads"]
 
@@ -50,13 +50,10 @@ def start_stage_leads(spec: StudySpec, studies: dict[str, optuna.Study]) -> Any:
     if not spec.data.n_test:
         return None
     first = spec.objectives[0]
-    maximize = first.direction == "maximize"
-    leads = {}
-    for stage, study in studies.items():
-        best = best_trial(read_trials(study), first.metric, maximize=maximize)
-        if best is not None:
-            leads[stage] = best.metrics[first.metric]
+    bests = {stage: stage_best(study, spec) for stage, study in studies.items()}
+    leads = {stage: best.metrics[first.metric] for stage, best in bests.items() if best}
     # No CPU: it answers a question per trial, and must not take a trial's slot.
+    maximize = first.direction == "maximize"
     return ray.remote(num_cpus=0)(_StageLeads).remote(leads, first.metric, maximize)
 
 
