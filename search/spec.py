@@ -178,6 +178,10 @@ class StudySpec(_Strict):
     objectives: list[Objective] = Field(default_factory=lambda: [Objective()])
     resources: ResourcesSpec = ResourcesSpec()
     concurrency: int = Field(1, gt=0, le=10_000)
+    # Minutes of training between a trial's resume points (and one at every rung and phase end),
+    # from which the trial continues when a relaunch runs it again after its launch or machine
+    # died; None: none are saved. Not part of the results (a resumed trial ends as it would have).
+    resume_every_minutes: float | None = Field(10.0, ge=0.0)
 
     @field_validator("objectives")
     @classmethod

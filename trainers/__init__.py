@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from trainers.environment import environment_record, native_bf16
     from trainers.memory import CAP_FILL, MiB, ModelShape, TrialMemory, token_caps, trial_memory
     from trainers.preflight import prepare
+    from trainers.resume import Resume, discard_point
     from trainers.trial import TrialResult, run_trial
 
 __all__ = [
@@ -97,6 +98,7 @@ __all__ = [
     "Phase",
     "QuestionResult",
     "RagsweepError",
+    "Resume",
     "Rung",
     "Rungs",
     "TrainedPhase",
@@ -115,6 +117,7 @@ __all__ = [
     "native_bf16",
     "needs_context_labels",
     "causes",
+    "discard_point",
     "mask_secrets",
     "one_line",
     "or_list",
@@ -150,6 +153,8 @@ _LAZY = {
     "token_caps": "trainers.memory",
     "trial_memory": "trainers.memory",
     "prepare": "trainers.preflight",
+    "Resume": "trainers.resume",
+    "discard_point": "trainers.resume",
     "TrialResult": "trainers.trial",
     "run_trial": "trainers.trial",
 }

@@ -73,20 +73,21 @@ class CostMeter:
     device: torch.device
     phases: list[PhaseCost] = field(default_factory=list)
     # The phase under way, and its (wall, process) clocks at its start.
-    _open: tuple[PhaseCost, float, float] | None = field(default=None, repr=False)
+    _open: tuple[PhaseCost, float, float, PhaseCost] | None = field(default=None, repr=False)
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[PhaseCost]:
-        """Time a phase; the body adds tokens, FLOPs and steps to the yielded record."""
+    def phase(self, name: str, before: PhaseCost | None = None) -> Iterator[PhaseCost]:
+        """Time a phase; the body adds tokens, FLOPs and steps to the yielded record. ``before``:
+        what the phase cost in an earlier process (a resumed trial), counted in."""
         import torch
 
-        cost = PhaseCost(name)
+        cost = replace(before, name=name) if before is not None else PhaseCost(name)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             _reset_peak_rss()
-        self._open = (cost, time.perf_counter(), time.process_time())
+        self._open = (cost, time.perf_counter(), time.process_time(), before or PhaseCost(name))
         try:
             yield cost
         finally:
@@ -94,12 +95,16 @@ class CostMeter:
             self._open = None
             self.phases.append(cost)
 
+    def costs(self) -> list[PhaseCost]:
+        """Every phase's cost so far, a phase under way with what it has cost until now."""
+        if self._open is None:
+            return list(self.phases)
+        return [*self.phases, self._clock(replace(self._open[0]), *self._open[1:])]
+
     def metrics(self, training_phases: set[str]) -> dict[str, float]:
         """Flat metrics: totals, training-only totals, and ``<phase>.<figure>`` for each phase;
         a phase under way counts with what it has cost so far (a trial stopped part-way)."""
-        phases = list(self.phases)
-        if self._open is not None:
-            phases.append(self._clock(replace(self._open[0]), *self._open[1:]))
+        phases = self.costs()
         metrics: dict[str, float] = {}
         for figure in ("wall_s", "device_s", "tokens", "flops", "steps"):
             metrics[figure] = sum(getattr(cost, figure) for cost in phases)
@@ -113,17 +118,20 @@ class CostMeter:
                     metrics[f"{cost.name}.{figure}"] = value
         return metrics
 
-    def _clock(self, cost: PhaseCost, wall_start: float, cpu_start: float) -> PhaseCost:
-        """Set ``cost``'s times and peak memory from its start to now."""
+    def _clock(
+        self, cost: PhaseCost, wall_start: float, cpu_start: float, before: PhaseCost
+    ) -> PhaseCost:
+        """Set ``cost``'s times and peak memory from its start to now, ``before`` added."""
         if self.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize(self.device)
-        cost.wall_s = time.perf_counter() - wall_start
-        cost.device_s = (
-            cost.wall_s if self.device.type == "cuda" else time.process_time() - cpu_start
+        wall_s = time.perf_counter() - wall_start
+        cost.wall_s = before.wall_s + wall_s
+        cost.device_s = before.device_s + (
+            wall_s if self.device.type == "cuda" else time.process_time() - cpu_start
         )
-        cost.peak_mem_mb = _peak_memory_mb(self.device)
+        cost.peak_mem_mb = max(before.peak_mem_mb, _peak_memory_mb(self.device))
         return cost
 
 

@@ -28,6 +28,13 @@ from trainers.memory import questions_per_forward, shape_of
 from trainers.methods import Phase
 from trainers.models import parameter_counts
 from trainers.pipeline import Pipeline
+from trainers.resume import (
+    PhaseProgress,
+    capture_random_state,
+    restore_random_state,
+    restore_weights,
+    trained_weights,
+)
 
 __all__ = ["activation_checkpointing", "linear_lr_factor", "train_phase"]
 
@@ -56,13 +63,16 @@ def train_phase(
     lr_generator: float | None,
     seed: int,
     cost: PhaseCost,
-    after_step: Callable[[int, int], None] | None = None,
+    after_step: Callable[[int, int, Callable[[], PhaseProgress]], None] | None = None,
+    start: PhaseProgress | None = None,
 ) -> list[float]:
     """Train what ``phase`` trains on ``records`` for the configured epochs; returns step losses.
 
     An MNRL phase trains on the records with a gold document and leaves the others out.
-    ``after_step(steps done, total steps)`` is called after every optimizer step (a trial takes
-    its rung signals there); an error it raises stops the phase."""
+    ``after_step(steps done, total steps, progress)`` is called after every optimizer step (a
+    trial takes its rung signals and resume points there; ``progress()`` makes a
+    :class:`PhaseProgress`); an error it raises stops the phase. With ``start``, the phase
+    continues from that progress (a resumed trial) and goes on exactly as it did."""
     training = pipeline.training
     embedder, generator = pipeline.embedder, pipeline.generator.model
     groups: list[dict[str, Any]] = []  # AdamW parameter groups: params and lr
@@ -88,15 +98,36 @@ def train_phase(
     cost.questions_per_forward = per_forward or 0
 
     losses: list[float] = []
+    if start is not None:
+        # After the items: MNRL mines its negatives with E as the phase started, as it did.
+        restore_weights(pipeline, start.weights)
+        optimizer.load_state_dict(start.optimizer)
+        scheduler.load_state_dict(start.scheduler)
+        restore_random_state(start.random_state)
+        losses = list(start.losses)
+
+    def progress() -> PhaseProgress:
+        return PhaseProgress(
+            step=len(losses),
+            losses=list(losses),
+            weights=trained_weights(pipeline),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            random_state=capture_random_state(),
+        )
+
     embedder.train(phase.trains_embedder)
     generator.train(phase.trains_generator)
     checkpointing = phase.trains_generator and training.gradient_checkpointing
     try:
         with activation_checkpointing(generator, checkpointing):
             for epoch in range(training.epochs):
-                for batch in _shuffled_batches(
+                batches = _shuffled_batches(
                     items, _batch_size(phase, pipeline), f"{seed}/{phase.name}/{epoch}"
-                ):
+                )
+                for step, batch in enumerate(batches, start=epoch * steps_per_epoch):
+                    if step < len(losses):
+                        continue  # done before the trial was resumed
                     batch_loss = 0.0
                     for chunk in _forward_chunks(batch, per_forward):
                         loss, embedder_tokens, generator_tokens = _loss(phase, pipeline, chunk)
@@ -120,7 +151,7 @@ def train_phase(
                     losses.append(batch_loss)
                     cost.steps += 1
                     if after_step is not None:
-                        after_step(len(losses), total_steps)
+                        after_step(len(losses), total_steps, progress)
     finally:
         embedder.eval()
         generator.eval()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +44,16 @@ from trainers.models import (
 from trainers.pipeline import Pipeline
 from trainers.prompts import PromptBuilder, prompt_fill
 from trainers.results import QuestionResult, questions_json
+from trainers.resume import (
+    PhaseProgress,
+    Resume,
+    ResumePoint,
+    discard_point,
+    load_point,
+    restore_weights,
+    save_point,
+    trained_weights,
+)
 from trainers.rungs import Rung, Rungs, Signal, rung_taker
 from trainers.train import train_phase
 
@@ -72,6 +84,7 @@ def run_trial(
     rungs: Rungs | None = None,
     train_missing_reuse: bool = False,
     score_test: Callable[[dict[str, float]], bool] | None = None,
+    resume: Resume | None = None,
 ) -> TrialResult:
     """Run ``config.method`` with its learning rates and return validation metrics and cost.
 
@@ -85,6 +98,8 @@ def run_trial(
     the same phase seed, as the lost checkpoint was (on CPU, the same weights). With a test split
     (``data.n_test``), ``score_test`` gets the validation scores and says whether to score it too
     (a search asks whether the trial leads its stage); without it, the test split is always scored.
+    With ``resume``, the trial saves resume points as it trains (:mod:`trainers.resume`) and, run
+    again with the same config, continues from the last one; a finished trial removes it.
     """
     phases = method_phases(config.method, config.training)
     loaded = {
@@ -99,18 +114,44 @@ def run_trial(
     meter = CostMeter(resolve_device(config.training.device))
     data, pipeline = build_pipeline(config, cache_dir=cache_dir, meter=meter)
     index = pipeline.index
-    trained_phases = {phase.name for phase in phases if phase.name not in loaded}
+    trained = [phase for phase in phases if phase.name not in loaded]
+    trained_phases = {phase.name for phase in trained}
     taken: list[Rung] = []
-
     final_losses: dict[str, float | None] = {}
+    point = _usable_point(resume, config, trained, out_dir)
+    if point is not None:
+        meter.phases.extend(point.costs)
+        final_losses.update(point.finished)
+        taken.extend(point.rungs)
+        if rungs is not None:
+            for rung in point.rungs:  # the search hears them again, as this run's: it may stop it
+                rungs.report(rung)
+    writer = (
+        _PointWriter(resume, config, meter, taken, final_losses) if resume is not None else None
+    )
+    restored = False  # whether a point between phases has put its weights back yet
+
     for phase in phases:
         if phase.name in loaded:
             _load_phase(phase, pipeline, Path(config.reuse[phase.name]), config, cache_dir)
             continue
+        if phase.name in final_losses:
+            continue  # finished before the trial was resumed: its weights come with the point
+        if point is not None and point.phase is None and not restored:
+            restore_weights(pipeline, point.weights)  # as the finished phases left them
+            restored = True
+        continued = point if point is not None and point.phase == phase.name else None
         # Each phase draws from its own seed, so a phase trains the same whichever method runs it:
         # independent's phases equal ft_gen's and ft_embed's, two_phase's first equals ft_gen's.
         _seed_everything(_phase_seed(config.seed, phase.name))
-        with meter.phase(phase.name) as cost:
+        with meter.phase(phase.name, before=continued.phase_cost if continued else None) as cost:
+            take_rung = rung_taker(
+                rungs,
+                phase.name,
+                signal=_rung_signal(phase, pipeline, data, rungs, cost),
+                cost_so_far=partial(meter.metrics, trained_phases),
+                taken=taken,
+            )
             losses = train_phase(
                 phase,
                 pipeline,
@@ -119,17 +160,21 @@ def run_trial(
                 lr_generator=config.lr_generator,
                 seed=config.seed,
                 cost=cost,
-                after_step=rung_taker(
-                    rungs,
-                    phase.name,
-                    signal=_rung_signal(phase, pipeline, data, rungs, cost),
-                    cost_so_far=partial(meter.metrics, trained_phases),
-                    taken=taken,
-                ),
+                after_step=partial(_after_step, take_rung, writer, phase.name),
+                start=continued.progress if continued else None,
             )
         final_losses[phase.name] = losses[-1] if losses else None
         if out_dir is not None:
             _save_phase(phase, pipeline, out_dir / phase.name, merge_generator)
+        if writer is not None:
+            writer.phase_done(pipeline)
+    if point is not None:
+        if point.phase is None and not restored:
+            restore_weights(pipeline, point.weights)  # every trained phase had finished
+        for phase in trained:
+            if out_dir is not None and phase.name in point.finished:
+                # Their models are as they finished: no phase trained since changes them.
+                _save_phase(phase, pipeline, out_dir / phase.name, merge_generator)
 
     with meter.phase("eval") as cost:
         evaluation = evaluate_pipeline(pipeline, data.validation, cost)
@@ -179,17 +224,112 @@ def run_trial(
     }
     if rungs is not None:
         record["rungs"] = [rung.summary() for rung in taken]
+    if point is not None:
+        # Where this run took up the trial an earlier process had left.
+        record["resumed"] = {
+            "finished_phases": sorted(point.finished),
+            "phase": point.phase,
+            "step": point.progress.step if point.progress else None,
+        }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "trial.json").write_text(
             json.dumps({"metrics": metrics, "record": record}, indent=2)
         )
+    if resume is not None:
+        discard_point(resume)
     return TrialResult(
         metrics=metrics,
         record=record,
         predictions=evaluation.predictions,
         questions=evaluation.questions,
     )
+
+
+def _after_step(
+    take_rung: Callable[[int, int], None] | None,
+    writer: _PointWriter | None,
+    phase: str,
+    step: int,
+    steps: int,
+    progress: Callable[[], PhaseProgress],
+) -> None:
+    """After each optimizer step: the rung signal where one is due, then a resume point."""
+    if take_rung is not None:
+        take_rung(step, steps)
+    if writer is not None:
+        writer.after_step(phase, progress)
+
+
+class _PointWriter:
+    """Saves a trial's resume points: after every rung, after ``resume.every_s`` of training
+    since the last point, and at the end of every trained phase."""
+
+    def __init__(
+        self,
+        resume: Resume,
+        config: TrialConfig,
+        meter: CostMeter,
+        taken: list[Rung],
+        final_losses: dict[str, float | None],
+    ) -> None:
+        self._resume, self._config_json = resume, config.model_dump_json()
+        self._meter, self._taken, self._final_losses = meter, taken, final_losses
+        self._saved_at, self._rungs_saved = time.monotonic(), len(taken)
+
+    def after_step(self, phase: str, progress: Callable[[], PhaseProgress]) -> None:
+        due = time.monotonic() - self._saved_at >= self._resume.every_s
+        if due or len(self._taken) > self._rungs_saved:
+            self._save(phase, progress=progress())
+
+    def phase_done(self, pipeline: Pipeline) -> None:
+        self._save(None, weights=trained_weights(pipeline))
+
+    def _save(
+        self,
+        phase: str | None,
+        progress: PhaseProgress | None = None,
+        weights: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        costs = self._meter.costs()
+        point = ResumePoint(
+            config=self._config_json,
+            finished=dict(self._final_losses),
+            costs=[cost for cost in costs if cost.name in self._final_losses],
+            rungs=list(self._taken),
+            phase=phase,
+            phase_cost=next((cost for cost in costs if cost.name == phase), None),
+            progress=progress,
+            weights=weights or {},
+        )
+        save_point(self._resume, point)
+        self._saved_at, self._rungs_saved = time.monotonic(), len(self._taken)
+
+
+def _usable_point(
+    resume: Resume | None, config: TrialConfig, trained: list[Phase], out_dir: Path | None
+) -> ResumePoint | None:
+    """The resume point this trial continues from, if there is one it can continue: written by
+    the same config, for phases this run trains (not ones it now loads instead), and, where the
+    run saves its phases' models, with no finished phase whose model a later one trains again
+    (its models as they finished are then gone)."""
+    if resume is None:
+        return None
+    point = load_point(resume, config.model_dump_json())
+    if point is None:
+        return None
+    names = [phase.name for phase in trained]
+    done = set(point.finished) | ({point.phase} if point.phase else set())
+    if not done <= set(names):
+        return None
+    if out_dir is not None:
+        for earlier, later in itertools.combinations(trained, 2):
+            retrained = (earlier.trains_embedder and later.trains_embedder) or (
+                earlier.trains_generator and later.trains_generator
+            )
+            if retrained and earlier.name in point.finished and later.name not in point.finished:
+                return None
+    return point
 
 
 def build_pipeline(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import gc
+import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -28,9 +29,12 @@ from search.spec import StudySpec, trial_config
 from search.store import TrialOutcome, encode_questions, stage_study_name
 from trainers import (
     RagsweepError,
+    Resume,
     Rung,
     Rungs,
+    TrialConfig,
     causes,
+    discard_point,
     method_declarations,
     one_line,
     register_method,
@@ -100,6 +104,7 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         node=ray.get_runtime_context().get_node_id(),
     )
     out_dir: Path | None = None
+    resume: Resume | None = None
     stopped = False
     test_claim = (
         TestClaim(job["stage_leads"], config[STAGE_KEY], tune.get_context().get_trial_id())
@@ -124,6 +129,7 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         out_dir = (
             Path(stage["out_dir"]) / tune.get_context().get_trial_id() if stage["out_dir"] else None
         )
+        resume = _resume(spec, config[STAGE_KEY], trial, Path(job["runs_dir"]))
         result = run_trial(
             trial,
             cache_dir=Path(job["cache_dir"]),
@@ -135,6 +141,7 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
             # A relaunch on a machine without the earlier stages' checkpoints trains them again.
             train_missing_reuse=True,
             score_test=test_claim,
+            resume=resume,
         )
         outcome = replace(
             outcome,
@@ -160,6 +167,9 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
             outcome = replace(outcome, fail_reason=reason)
     if outcome.fail_reason and test_claim is not None:
         test_claim.release()  # a failed trial is never its stage's best
+    if resume is not None and (stopped or (outcome.fail_reason and not outcome.retryable)):
+        # Never run again: a stopped trial is stored pruned, and this failure would recur.
+        discard_point(resume)
     if (outcome.fail_reason or stopped) and out_dir is not None:
         # No stage loads a failed or stopped trial's models, and a half-written checkpoint holds
         # the space the next trials need.
@@ -171,6 +181,18 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     # stores the outcome.
     flat_metrics = {k: v for k, v in (outcome.metrics or {}).items() if "." not in k}
     tune.report({OUTCOME_KEY: outcome.to_json(), **flat_metrics})
+
+
+def _resume(spec: StudySpec, stage: str, trial: TrialConfig, runs_dir: Path) -> Resume | None:
+    """Where the trial keeps its resume points: a folder per stage and config, so that the run of
+    the same point a relaunch starts (the earlier one failed as abandoned) finds them."""
+    if spec.resume_every_minutes is None:
+        return None
+    config_hash = hashlib.sha256(trial.model_dump_json().encode()).hexdigest()[:16]
+    return Resume(
+        runs_dir / stage_study_name(spec, stage) / "resume" / config_hash,
+        every_s=60 * spec.resume_every_minutes,
+    )
 
 
 def _rungs(spec: StudySpec, outcome: TrialOutcome) -> Rungs | None:

@@ -5,6 +5,7 @@ on other hosts that stopped heartbeating."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -33,7 +34,8 @@ from search.launch.dispatch import StageEvent, launch
 from search.spec import load_spec
 from search.store import finished_params, open_storage
 from tests.storage import storage_url_for
-from tests.tiny import TINY_SPEC
+from tests.tiny import TINY_DATA, TINY_SPEC
+from trainers.data import load_data
 from trainers.errors import ConfigError
 
 GiB = 2**30
@@ -428,6 +430,45 @@ def test_a_killed_driver_is_resumed_by_a_relaunch_without_losing_or_repeating_tr
     assert not [t for t in after if t.state in (RUNNING, optuna.trial.TrialState.WAITING)]
     study = optuna.load_study(study_name="driver-kill/ft_embed", storage=open_storage(storage_url))
     assert study.user_attrs[LAUNCH_ATTR] is None  # the claim was released
+
+
+def test_a_trial_killed_with_its_launch_continues_from_its_resume_point(tmp_path, cache_dir):
+    """SIGKILL the launch while its one trial trains (points saved after every step): the
+    relaunch's run of the point continues from the last one and finishes; none is left behind."""
+    training = FAULT_SPEC["training"] | {"epochs": 40}  # a trial of some seconds
+    spec = write_spec(
+        tmp_path,
+        "resume",
+        training=training,
+        search={"lr_embedder": [1e-3]},
+        resume_every_minutes=0,
+    )
+    storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
+    driver = launch_process(spec, storage_url, cache_dir)
+    points = tmp_path / "runs" / "resume" / "ft_embed" / "resume"
+    deadline = time.monotonic() + 300
+    while not list(points.glob("*/resume.pt")):
+        assert driver.poll() is None, driver.communicate()
+        assert time.monotonic() < deadline, "the trial saved no resume point"
+        time.sleep(0.1)
+    ray_processes = psutil.Process(driver.pid).children(recursive=True)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    kill_tree_leftovers(ray_processes)
+    (killed,) = stage_trials(storage_url, "resume")
+    assert killed.state == RUNNING
+
+    relaunch = launch_process(spec, storage_url, cache_dir)
+    _, err = relaunch.communicate(timeout=600)
+    assert relaunch.returncode == 0, err
+    abandoned, rerun = stage_trials(storage_url, "resume")
+    assert abandoned.state == FAIL and rerun.state == OK
+    resumed = rerun.user_attrs["record"]["resumed"]
+    assert resumed["phase"] == "embedder" and resumed["step"] >= 1
+    # Every step of the phase counted once: those before the kill came with the point.
+    mnrl_items = sum(len(record.gold_doc_ids) for record in load_data(TINY_DATA).train)
+    assert rerun.user_attrs["metrics"]["train_steps"] == 40 * math.ceil(mnrl_items / 4)
+    assert not list(points.glob("*/resume.pt"))
 
 
 def test_ctrl_c_stops_the_whole_launch_and_a_relaunch_finishes_it(tmp_path, cache_dir):
