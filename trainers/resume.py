@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from trainers.cost import PhaseCost
+from trainers.methods import Phase
 from trainers.rungs import Rung
 
 if TYPE_CHECKING:
@@ -87,24 +89,32 @@ class ResumePoint:
     weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def trained_weights(pipeline: Pipeline) -> dict[str, dict[str, torch.Tensor]]:
-    """Copies of every weight that training changes (those with ``requires_grad``), per model."""
+def trained_weights(
+    pipeline: Pipeline, phases: Iterable[Phase]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """CPU copies of the weights that training changes (those with ``requires_grad``) in each
+    model one of ``phases`` trains: on a GPU the copy takes no device memory, and a frozen model
+    (the embedder while the generator trains) is not copied at all."""
+    models = _models(pipeline)
+    names = {"embedder" for phase in phases if phase.trains_embedder} | {
+        "generator" for phase in phases if phase.trains_generator
+    }
     return {
         name: {
-            key: weight.detach().clone()
-            for key, weight in model.named_parameters()
+            key: weight.detach().to("cpu", copy=True)
+            for key, weight in models[name].named_parameters()
             if weight.requires_grad
         }
-        for name, model in _models(pipeline).items()
+        for name in sorted(names)
     }
 
 
 def restore_weights(pipeline: Pipeline, weights: dict[str, dict[str, torch.Tensor]]) -> None:
     """Put ``weights`` (from :func:`trained_weights`) back into the pipeline's models."""
-    for name, model in _models(pipeline).items():
-        saved = weights[name]
+    models = _models(pipeline)
+    for name, saved in weights.items():
         with torch.no_grad():
-            for key, weight in model.named_parameters():
+            for key, weight in models[name].named_parameters():
                 if weight.requires_grad:
                     weight.copy_(saved[key])
 

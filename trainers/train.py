@@ -110,7 +110,7 @@ def train_phase(
         return PhaseProgress(
             step=len(losses),
             losses=list(losses),
-            weights=trained_weights(pipeline),
+            weights=trained_weights(pipeline, [phase]),
             optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(),
             random_state=capture_random_state(),

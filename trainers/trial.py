@@ -127,7 +127,9 @@ def run_trial(
             for rung in point.rungs:  # the search hears them again, as this run's: it may stop it
                 rungs.report(rung)
     writer = (
-        _PointWriter(resume, config, meter, taken, final_losses) if resume is not None else None
+        _PointWriter(resume, config, pipeline, trained, meter, taken, final_losses)
+        if resume is not None
+        else None
     )
     restored = False  # whether a point between phases has put its weights back yet
 
@@ -167,7 +169,7 @@ def run_trial(
         if out_dir is not None:
             _save_phase(phase, pipeline, out_dir / phase.name, merge_generator)
         if writer is not None:
-            writer.phase_done(pipeline)
+            writer.phase_done()
     if point is not None:
         if point.phase is None and not restored:
             restore_weights(pipeline, point.weights)  # every trained phase had finished
@@ -269,21 +271,31 @@ class _PointWriter:
         self,
         resume: Resume,
         config: TrialConfig,
+        pipeline: Pipeline,
+        trained: list[Phase],
         meter: CostMeter,
         taken: list[Rung],
         final_losses: dict[str, float | None],
     ) -> None:
         self._resume, self._config_json = resume, config.model_dump_json()
+        self._pipeline, self._trained = pipeline, trained
         self._meter, self._taken, self._final_losses = meter, taken, final_losses
         self._saved_at, self._rungs_saved = time.monotonic(), len(taken)
 
     def after_step(self, phase: str, progress: Callable[[], PhaseProgress]) -> None:
         due = time.monotonic() - self._saved_at >= self._resume.every_s
         if due or len(self._taken) > self._rungs_saved:
-            self._save(phase, progress=progress())
+            under_way = progress()
+            # The phase's own models come with its progress; those finished phases trained, here.
+            earlier = trained_weights(self._pipeline, self._finished())
+            weights = {**earlier, **under_way.weights}
+            self._save(phase, progress=dataclasses.replace(under_way, weights=weights))
 
-    def phase_done(self, pipeline: Pipeline) -> None:
-        self._save(None, weights=trained_weights(pipeline))
+    def phase_done(self) -> None:
+        self._save(None, weights=trained_weights(self._pipeline, self._finished()))
+
+    def _finished(self) -> list[Phase]:
+        return [phase for phase in self._trained if phase.name in self._final_losses]
 
     def _save(
         self,

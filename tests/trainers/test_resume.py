@@ -98,7 +98,8 @@ def test_a_point_every_step_resumes_from_the_last_step(cache_dir, tmp_path):
     assert point is not None and point.phase == "generator" and point.progress is not None
     assert point.progress.step == 1 and point.phase_cost is not None
     assert point.phase_cost.steps == 1 and point.phase_cost.flops > 0
-    assert point.progress.weights["generator"]  # the LoRA weights
+    # The LoRA weights only: the frozen embedder is not copied.
+    assert list(point.progress.weights) == ["generator"] and point.progress.weights["generator"]
     assert all(w.dtype == torch.float32 for w in point.progress.weights["generator"].values())
 
 
