@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ from trainers.pipeline import Pipeline
 from trainers.results import QuestionResult
 
 __all__ = [
+    "Answered",
     "Evaluation",
     "gold_found",
     "evaluate_pipeline",
@@ -98,37 +99,59 @@ def answer_text(generated: str) -> str:
     return " ".join(generated.split("###", 1)[0].split())
 
 
+@dataclass
+class Answered:
+    """The questions an evaluation has answered so far, in order: the answers generated and the
+    passages each read. Enough to continue the evaluation in a new process."""
+
+    predictions: list[str | None] = field(default_factory=list)
+    retrieved: list[list[str]] = field(default_factory=list)  # document ids, best first
+
+
 def evaluate_pipeline(
-    pipeline: Pipeline, records: Sequence[QARecord], cost: PhaseCost
+    pipeline: Pipeline,
+    records: Sequence[QARecord],
+    cost: PhaseCost,
+    *,
+    start: Answered | None = None,
+    after_batch: Callable[[Answered, bool], None] | None = None,
 ) -> Evaluation:
     """Retrieve top-k with E, generate greedily from the concatenated prompt, and score; with
-    ``training.evaluate`` "retrieval", retrieve and score Recall@k only."""
+    ``training.evaluate`` "retrieval", retrieve and score Recall@k only.
+
+    With ``start``, the questions it answered are taken as answered (a resumed trial) and the
+    rest are answered in the same batches as before. ``after_batch(answered so far, whether all
+    are)`` is called after each batch of generation (a trial saves resume points there)."""
     if pipeline.training.evaluate == "retrieval":
         with torch.no_grad():
             retrieved = [
-                documents
+                [document.id for document in documents]
                 for _, batch_documents in _retrieved_batches(pipeline, records, cost)
                 for documents in batch_documents
             ]
         return _scored(records, [None] * len(records), retrieved)
     n_generator, _ = parameter_counts(pipeline.generator.model)
-    predictions: list[str | None] = []
-    retrieved = []
+    answered = Answered(list(start.predictions), list(start.retrieved)) if start else Answered()
+    # Resume points are saved after whole batches: the rest starts at a batch boundary, so its
+    # batches (and their padding) are the ones an uninterrupted evaluation generates.
+    remaining = records[len(answered.predictions) :]
     with torch.no_grad():
-        for _, documents, prompts in _prompted_batches(pipeline, records, cost):
+        for _, documents, prompts in _prompted_batches(pipeline, remaining, cost):
             generations, generator_tokens = pipeline.generate(prompts)
-            predictions += [answer_text(text) for text in generations]
-            retrieved += documents
+            answered.predictions += [answer_text(text) for text in generations]
+            answered.retrieved += [[document.id for document in docs] for docs in documents]
             cost.tokens += generator_tokens
             cost.flops += forward_flops(n_generator, generator_tokens)
             cost.steps += 1
-    return _scored(records, predictions, retrieved)
+            if after_batch is not None:
+                after_batch(answered, len(answered.predictions) == len(records))
+    return _scored(records, answered.predictions, answered.retrieved)
 
 
 def _scored(
     records: Sequence[QARecord],
     predictions: Sequence[str | None],
-    retrieved: Sequence[Sequence[Document]],
+    retrieved: Sequence[Sequence[str]],
 ) -> Evaluation:
     """Each question's result and their means; EM and F1 None where nothing was generated."""
     questions = [
@@ -137,10 +160,10 @@ def _scored(
             prediction=prediction,
             em=None if prediction is None else exact_match(prediction, record.answers),
             f1=None if prediction is None else f1_score(prediction, record.answers),
-            recall=gold_found([document.id for document in documents], record.gold_doc_ids),
-            retrieved=tuple(document.id for document in documents),
+            recall=gold_found(doc_ids, record.gold_doc_ids),
+            retrieved=tuple(doc_ids),
         )
-        for record, prediction, documents in zip(records, predictions, retrieved, strict=True)
+        for record, prediction, doc_ids in zip(records, predictions, retrieved, strict=True)
     ]
     return Evaluation(
         em=_mean([question.em for question in questions]),

@@ -3,8 +3,9 @@ after its process died (a launch stopped, a machine lost) continues from the las
 training from the start.
 
 A point holds what the trial has done: the trained phases it finished, and of the phase under way
-its optimizer steps, the weights of both models that any phase trains, the optimizer and schedule,
-the random number generators, its losses, its rungs and what it has cost so far. It is one file,
+its optimizer steps, the weights of the models its phases train, the optimizer and schedule, the
+random number generators and its losses; or, evaluating, the questions answered so far; with the
+rungs taken and what each phase has cost so far. It is one file,
 replaced atomically, read with ``weights_only=True``, and taken only by a trial whose config is the
 one that wrote it. On CPU the continued trial ends with the weights and metrics of one never
 stopped (tests/trainers/test_resume.py).
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from trainers.cost import PhaseCost
+from trainers.evaluate import Answered
 from trainers.methods import Phase
 from trainers.rungs import Rung
 
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 _FILE = "resume.pt"
-_FORMAT = 1
+_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -75,18 +77,19 @@ class PhaseProgress:
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """A trial's progress: the trained phases it finished (their final losses and costs), and the
-    phase under way with its progress and cost so far (None between phases: then ``weights`` hold
-    the models as the last finished phase left them)."""
+    """A trial's progress: the trained phases it finished (their final losses), the phase under
+    way (a trained phase with its progress, "eval" or "test" with the questions answered so far;
+    None between trained phases), what each phase has cost so far, and the rungs taken. Outside a
+    trained phase, ``weights`` hold the models as the finished phases left them."""
 
     config: str  # the TrialConfig's JSON: a point continues only the trial that wrote it
     finished: dict[str, float | None]  # phase -> its final loss
-    costs: list[PhaseCost]  # of the finished phases
+    costs: dict[str, PhaseCost]  # phase -> its cost so far (the load and index phases left out)
     rungs: list[Rung] = field(default_factory=list)
     phase: str | None = None
-    phase_cost: PhaseCost | None = None
     progress: PhaseProgress | None = None
     weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    answered: dict[str, Answered] = field(default_factory=dict)  # "eval", "test" -> so far
 
 
 def trained_weights(
@@ -154,10 +157,13 @@ def save_point(resume: Resume, point: ResumePoint) -> None:
             {
                 "config": point.config,
                 "finished": point.finished,
-                "costs": [dataclasses.asdict(cost) for cost in point.costs],
+                "costs": {name: dataclasses.asdict(cost) for name, cost in point.costs.items()},
                 "rungs": [dataclasses.asdict(rung) for rung in point.rungs],
                 "phase": point.phase,
-                "phase_cost": dataclasses.asdict(point.phase_cost) if point.phase_cost else None,
+                "answered": {
+                    split: dataclasses.asdict(answered)
+                    for split, answered in point.answered.items()
+                },
                 "step": progress.step if progress else None,
                 "losses": progress.losses if progress else None,
                 "random_python": progress.random_state["python"] if progress else None,
@@ -187,7 +193,7 @@ def load_point(resume: Resume, config_json: str) -> ResumePoint | None:
     if plain["config"] != config_json:
         return None
     progress = None
-    if plain["phase"] is not None:
+    if plain["step"] is not None:
         progress = PhaseProgress(
             step=plain["step"],
             losses=plain["losses"],
@@ -204,12 +210,12 @@ def load_point(resume: Resume, config_json: str) -> ResumePoint | None:
     return ResumePoint(
         config=plain["config"],
         finished=plain["finished"],
-        costs=[PhaseCost(**cost) for cost in plain["costs"]],
+        costs={name: PhaseCost(**cost) for name, cost in plain["costs"].items()},
         rungs=[Rung(**rung) for rung in plain["rungs"]],
         phase=plain["phase"],
-        phase_cost=PhaseCost(**plain["phase_cost"]) if plain["phase_cost"] else None,
         progress=progress,
         weights=saved["weights"],
+        answered={split: Answered(**answered) for split, answered in plain["answered"].items()},
     )
 
 

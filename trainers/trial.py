@@ -24,6 +24,7 @@ from trainers.data import RagData, load_data
 from trainers.environment import environment_record, native_bf16
 from trainers.errors import ConfigError
 from trainers.evaluate import (
+    Answered,
     Evaluation,
     answer_logprobs,
     evaluate_pipeline,
@@ -120,7 +121,7 @@ def run_trial(
     final_losses: dict[str, float | None] = {}
     point = _usable_point(resume, config, trained, out_dir)
     if point is not None:
-        meter.phases.extend(point.costs)
+        meter.phases.extend(point.costs[name] for name in point.finished)
         final_losses.update(point.finished)
         taken.extend(point.rungs)
         if rungs is not None:
@@ -131,7 +132,8 @@ def run_trial(
         if resume is not None
         else None
     )
-    restored = False  # whether a point between phases has put its weights back yet
+    # A point outside a trained phase puts its weights back before the next phase or evaluation.
+    restored = point is None or point.progress is not None
 
     for phase in phases:
         if phase.name in loaded:
@@ -139,14 +141,14 @@ def run_trial(
             continue
         if phase.name in final_losses:
             continue  # finished before the trial was resumed: its weights come with the point
-        if point is not None and point.phase is None and not restored:
+        if point is not None and not restored:
             restore_weights(pipeline, point.weights)  # as the finished phases left them
             restored = True
         continued = point if point is not None and point.phase == phase.name else None
         # Each phase draws from its own seed, so a phase trains the same whichever method runs it:
         # independent's phases equal ft_gen's and ft_embed's, two_phase's first equals ft_gen's.
         _seed_everything(_phase_seed(config.seed, phase.name))
-        with meter.phase(phase.name, before=continued.phase_cost if continued else None) as cost:
+        with meter.phase(phase.name, before=_cost_before(continued, phase.name)) as cost:
             take_rung = rung_taker(
                 rungs,
                 phase.name,
@@ -171,22 +173,35 @@ def run_trial(
         if writer is not None:
             writer.phase_done()
     if point is not None:
-        if point.phase is None and not restored:
+        if not restored:
             restore_weights(pipeline, point.weights)  # every trained phase had finished
         for phase in trained:
             if out_dir is not None and phase.name in point.finished:
                 # Their models are as they finished: no phase trained since changes them.
                 _save_phase(phase, pipeline, out_dir / phase.name, merge_generator)
 
-    with meter.phase("eval") as cost:
-        evaluation = evaluate_pipeline(pipeline, data.validation, cost)
+    with meter.phase("eval", before=_cost_before(point, "eval")) as cost:
+        evaluation = evaluate_pipeline(
+            pipeline,
+            data.validation,
+            cost,
+            start=point.answered.get("eval") if point else None,
+            after_batch=writer.answering("eval") if writer else None,
+        )
     quality = _quality(evaluation)
     test_scored = bool(data.test) and (score_test is None or score_test(quality))
     if test_scored:
         # Scored as validation is, but no search reads it: the chosen run's figure that its
         # selection did not pick.
-        with meter.phase("test") as cost:
-            quality |= _quality(evaluate_pipeline(pipeline, data.test, cost), prefix="test_")
+        with meter.phase("test", before=_cost_before(point, "test")) as cost:
+            test = evaluate_pipeline(
+                pipeline,
+                data.test,
+                cost,
+                start=point.answered.get("test") if point else None,
+                after_batch=writer.answering("test") if writer else None,
+            )
+        quality |= _quality(test, prefix="test_")
 
     metrics: dict[str, float] = {
         **quality,
@@ -232,6 +247,9 @@ def run_trial(
             "finished_phases": sorted(point.finished),
             "phase": point.phase,
             "step": point.progress.step if point.progress else None,
+            "questions_answered": len(point.answered[point.phase].predictions)
+            if point.phase in point.answered
+            else None,
         }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -281,6 +299,7 @@ class _PointWriter:
         self._pipeline, self._trained = pipeline, trained
         self._meter, self._taken, self._final_losses = meter, taken, final_losses
         self._saved_at, self._rungs_saved = time.monotonic(), len(taken)
+        self._answered: dict[str, Answered] = {}  # evaluation splits answered whole
 
     def after_step(self, phase: str, progress: Callable[[], PhaseProgress]) -> None:
         due = time.monotonic() - self._saved_at >= self._resume.every_s
@@ -294,6 +313,22 @@ class _PointWriter:
     def phase_done(self) -> None:
         self._save(None, weights=trained_weights(self._pipeline, self._finished()))
 
+    def answering(self, split: str) -> Callable[[Answered, bool], None]:
+        """The ``after_batch`` hook of an evaluation of ``split`` ("eval" or "test"): a point
+        when one is due, and when the split is answered whole (the test split may follow)."""
+
+        def after_batch(answered: Answered, whole: bool) -> None:
+            if whole:
+                self._answered[split] = answered
+            if whole or time.monotonic() - self._saved_at >= self._resume.every_s:
+                self._save(
+                    split,
+                    weights=trained_weights(self._pipeline, self._finished()),
+                    answered={**self._answered, split: answered},
+                )
+
+        return after_batch
+
     def _finished(self) -> list[Phase]:
         return [phase for phase in self._trained if phase.name in self._final_losses]
 
@@ -302,20 +337,29 @@ class _PointWriter:
         phase: str | None,
         progress: PhaseProgress | None = None,
         weights: dict[str, dict[str, torch.Tensor]] | None = None,
+        answered: dict[str, Answered] | None = None,
     ) -> None:
-        costs = self._meter.costs()
         point = ResumePoint(
             config=self._config_json,
             finished=dict(self._final_losses),
-            costs=[cost for cost in costs if cost.name in self._final_losses],
+            costs={
+                cost.name: cost
+                for cost in self._meter.costs()
+                if cost.name not in ("load", "index")
+            },
             rungs=list(self._taken),
             phase=phase,
-            phase_cost=next((cost for cost in costs if cost.name == phase), None),
             progress=progress,
             weights=weights or {},
+            answered=answered or {},
         )
         save_point(self._resume, point)
         self._saved_at, self._rungs_saved = time.monotonic(), len(self._taken)
+
+
+def _cost_before(point: ResumePoint | None, phase: str) -> PhaseCost | None:
+    """What ``phase`` had cost when ``point`` was saved (it goes on from there), if anything."""
+    return point.costs.get(phase) if point is not None else None
 
 
 def _usable_point(
@@ -331,7 +375,7 @@ def _usable_point(
     if point is None:
         return None
     names = [phase.name for phase in trained]
-    done = set(point.finished) | ({point.phase} if point.phase else set())
+    done = set(point.finished) | ({point.phase} if point.phase and point.progress else set())
     if not done <= set(names):
         return None
     if out_dir is not None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny import tiny_config
+from tests.tiny import TINY_DATA, TINY_TRAINING, tiny_config
+from trainers.pipeline import Pipeline
 from trainers.resume import Resume, load_point
 from trainers.rungs import Rung, Rungs
 from trainers.trial import TrialResult, run_trial
@@ -38,10 +39,10 @@ def _same_trial(resumed: TrialResult, whole: TrialResult) -> None:
     # The rungs' values and places, as the search heard them (their wall times differ).
     assert [
         {key: value for key, value in rung.items() if key != "wall_s"}
-        for rung in resumed.record["rungs"]
+        for rung in resumed.record.get("rungs", [])
     ] == [
         {key: value for key, value in rung.items() if key != "wall_s"}
-        for rung in whole.record["rungs"]
+        for rung in whole.record.get("rungs", [])
     ]
 
 
@@ -79,7 +80,12 @@ def test_a_killed_trial_run_again_ends_as_one_never_stopped(
     _same_trial(resumed, whole)
     # From the point saved at the last rung before the kill, or at the end of the phase before.
     step = heard_first[killed_at - 2].step if phase else None
-    assert resumed.record["resumed"] == {"finished_phases": finished, "phase": phase, "step": step}
+    assert resumed.record["resumed"] == {
+        "finished_phases": finished,
+        "phase": phase,
+        "step": step,
+        "questions_answered": None,
+    }
     assert "resumed" not in whole.record
     # The rungs taken before the kill are heard again, then the rest, each once and in turn.
     assert [rung.number for rung in heard] == [r["rung"] for r in whole.record["rungs"]]
@@ -96,8 +102,8 @@ def test_a_point_every_step_resumes_from_the_last_step(cache_dir, tmp_path):
         run_trial(config, cache_dir=cache_dir, rungs=_kill_at(2, []), resume=resume)
     point = load_point(resume, config.model_dump_json())
     assert point is not None and point.phase == "generator" and point.progress is not None
-    assert point.progress.step == 1 and point.phase_cost is not None
-    assert point.phase_cost.steps == 1 and point.phase_cost.flops > 0
+    assert point.progress.step == 1
+    assert point.costs["generator"].steps == 1 and point.costs["generator"].flops > 0
     # The LoRA weights only: the frozen embedder is not copied.
     assert list(point.progress.weights) == ["generator"] and point.progress.weights["generator"]
     assert all(w.dtype == torch.float32 for w in point.progress.weights["generator"].values())
@@ -113,3 +119,70 @@ def test_a_point_from_another_config_is_not_taken(cache_dir, tmp_path):
     assert "resumed" not in result.record
     assert result.metrics["train_steps"] == 4
     assert not Path(resume.folder).exists()
+
+
+class _GenerationCounter:
+    """Counts the pipeline's generation calls (one per evaluation batch); raises _Killed at
+    call ``kill_at`` to stand for the process dying there."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, kill_at: int | None = None) -> None:
+        self.calls, self._kill_at = 0, kill_at
+        generate = Pipeline.generate
+
+        def counted(pipeline: Pipeline, prompts: list[str]):
+            self.calls += 1
+            if self.calls == self._kill_at:
+                raise _Killed
+            return generate(pipeline, prompts)
+
+        monkeypatch.setattr(Pipeline, "generate", counted)
+
+
+def test_a_trial_killed_while_it_evaluates_answers_only_the_rest(cache_dir, tmp_path, monkeypatch):
+    """Killed in its third batch of validation questions (of four, two questions each), the
+    trial run again answers the last two batches only and ends as the trial never stopped."""
+    training = TINY_TRAINING.model_copy(update={"eval_batch_size": 2})
+    config = tiny_config("ft_gen", training=training)
+    whole = run_trial(config, cache_dir=cache_dir)
+    resume = Resume(tmp_path / "resume", every_s=0.0)
+    with monkeypatch.context() as patched:
+        _GenerationCounter(patched, kill_at=3)
+        with pytest.raises(_Killed):
+            run_trial(config, cache_dir=cache_dir, resume=resume)
+    with monkeypatch.context() as patched:
+        generations = _GenerationCounter(patched)
+        resumed = run_trial(config, cache_dir=cache_dir, resume=resume)
+    assert generations.calls == 2
+    assert resumed.record["resumed"] == {
+        "finished_phases": ["generator"],
+        "phase": "eval",
+        "step": None,
+        "questions_answered": 4,
+    }
+    _same_trial(resumed, whole)
+    # The evaluation's work counted once: the batches before the kill came with the point.
+    for figure in ("eval.steps", "eval.tokens", "eval.flops"):
+        assert resumed.metrics[figure] == whole.metrics[figure], figure
+
+
+def test_a_trial_killed_before_its_test_split_keeps_its_validation(
+    cache_dir, tmp_path, monkeypatch
+):
+    data = TINY_DATA.model_copy(update={"n_test": 4})
+    config = tiny_config("ft_gen", data=data)
+    whole = run_trial(config, cache_dir=cache_dir)
+    resume = Resume(tmp_path / "resume", every_s=float("inf"))
+
+    def killed(quality: dict[str, float]) -> bool:
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        run_trial(config, cache_dir=cache_dir, resume=resume, score_test=killed)
+    with monkeypatch.context() as patched:
+        generations = _GenerationCounter(patched)
+        resumed = run_trial(config, cache_dir=cache_dir, resume=resume)
+    assert generations.calls == 1  # the test split's one batch; validation came with the point
+    assert resumed.record["resumed"]["phase"] == "eval"
+    assert resumed.record["resumed"]["questions_answered"] == len(resumed.questions)
+    _same_trial(resumed, whole)
+    assert resumed.metrics["test_f1"] == whole.metrics["test_f1"]
