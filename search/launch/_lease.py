@@ -129,7 +129,8 @@ def fail_abandoned_trials(study: optuna.Study, previous: dict[str, Any] | None) 
     return fail_running_trials(
         study,
         f"the launch running this trial{who} stopped before it finished (driver killed, "
-        "or its machine lost); launching the spec again re-runs it",
+        "or its machine lost); launching the spec again re-runs it, from its last resume point "
+        "if it saved one",
     )
 
 

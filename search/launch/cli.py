@@ -261,7 +261,8 @@ def launch(
     abandoned = sum(summary.abandoned.values())
     if abandoned:
         console.print(
-            f"{abandoned} left running by a stopped launch were marked failed (retryable) and run again"
+            f"{abandoned} left running by a stopped launch were marked failed (retryable) and run "
+            "again, each from its last resume point if it saved one"
         )
     for stage, reason in summary.blocked.items():
         error_console.print(f"stage {stage} did not run: {reason}", highlight=False, soft_wrap=True)

@@ -309,7 +309,7 @@ def _run_tuner(
             # the trials it was running stopped as if their workers had died.
             reason = (
                 f"Ray stopped the launch's run before the trial finished ({one_line(e)}); "
-                "launching the spec again re-runs it"
+                "launching the spec again re-runs it, from its last resume point if it saved one"
             )
             if not search.stop_in_flight(reason):
                 _fail_running(studies, reason)  # re-runs still waiting for a slot
