@@ -177,8 +177,12 @@ def save_point(resume: Resume, point: ResumePoint) -> None:
         "random_cuda": progress.random_state["cuda"] if progress else None,
     }
     partial = resume.folder / f".{_FILE}.{os.getpid()}"
-    torch.save(saved, partial)
-    os.replace(partial, resume.folder / _FILE)
+    try:
+        torch.save(saved, partial)
+        os.replace(partial, resume.folder / _FILE)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a full disk: free what the half-written point held
+        raise
 
 
 def load_point(resume: Resume, config_json: str) -> ResumePoint | None:

@@ -190,7 +190,7 @@ def _resume(spec: StudySpec, stage: str, trial: TrialConfig, runs_dir: Path) -> 
         return None
     config_hash = hashlib.sha256(trial.model_dump_json().encode()).hexdigest()[:16]
     return Resume(
-        runs_dir / stage_study_name(spec, stage) / "resume" / config_hash,
+        runs_dir / stage_study_name(spec, stage) / f"resume-{config_hash}",
         every_s=60 * spec.resume_every_minutes,
     )
 

@@ -445,9 +445,9 @@ def test_a_trial_killed_with_its_launch_continues_from_its_resume_point(tmp_path
     )
     storage_url = f"sqlite:///{tmp_path / 'studies.db'}"
     driver = launch_process(spec, storage_url, cache_dir)
-    points = tmp_path / "runs" / "resume" / "ft_embed" / "resume"
+    stage_dir = tmp_path / "runs" / "resume" / "ft_embed"
     deadline = time.monotonic() + 300
-    while not list(points.glob("*/resume.pt")):
+    while not list(stage_dir.glob("resume-*/resume.pt")):
         assert driver.poll() is None, driver.communicate()
         assert time.monotonic() < deadline, "the trial saved no resume point"
         time.sleep(0.1)
@@ -468,7 +468,7 @@ def test_a_trial_killed_with_its_launch_continues_from_its_resume_point(tmp_path
     # Every step of the phase counted once: those before the kill came with the point.
     mnrl_items = sum(len(record.gold_doc_ids) for record in load_data(TINY_DATA).train)
     assert rerun.user_attrs["metrics"]["train_steps"] == 40 * math.ceil(mnrl_items / 4)
-    assert not list(points.glob("*/resume.pt"))
+    assert not list(stage_dir.glob("resume-*"))  # the finished trial removed its point
 
 
 def test_ctrl_c_stops_the_whole_launch_and_a_relaunch_finishes_it(tmp_path, cache_dir):
