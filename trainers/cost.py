@@ -72,7 +72,8 @@ class CostMeter:
 
     device: torch.device
     phases: list[PhaseCost] = field(default_factory=list)
-    # The phase under way, and its (wall, process) clocks at its start.
+    # The phase under way, its (wall, process) clocks at its start, and what it cost before
+    # (in an earlier process, for a resumed trial).
     _open: tuple[PhaseCost, float, float, PhaseCost] | None = field(default=None, repr=False)
 
     @contextmanager

@@ -14,10 +14,12 @@ stopped (tests/trainers/test_resume.py).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import random
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -25,7 +27,8 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
-from trainers.cost import PhaseCost
+from trainers.config import TrialConfig
+from trainers.cost import CostMeter, PhaseCost
 from trainers.evaluate import Answered
 from trainers.methods import Phase
 from trainers.rungs import Rung
@@ -35,15 +38,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PhaseProgress",
+    "PointWriter",
     "Resume",
     "ResumePoint",
     "capture_random_state",
+    "cost_before",
     "discard_point",
     "load_point",
     "restore_random_state",
     "restore_weights",
     "save_point",
     "trained_weights",
+    "usable_point",
 ]
 
 _FILE = "resume.pt"
@@ -230,6 +236,113 @@ def discard_point(resume: Resume) -> None:
         resume.folder.rmdir()
     except OSError:
         pass  # not empty (a write under way elsewhere) or already gone
+
+
+class PointWriter:
+    """Saves a trial's resume points: after every rung, after ``resume.every_s`` of training
+    since the last point, and at the end of every trained phase."""
+
+    def __init__(
+        self,
+        resume: Resume,
+        config: TrialConfig,
+        pipeline: Pipeline,
+        trained: list[Phase],
+        meter: CostMeter,
+        taken: list[Rung],
+        final_losses: dict[str, float | None],
+    ) -> None:
+        self._resume, self._config_json = resume, config.model_dump_json()
+        self._pipeline, self._trained = pipeline, trained
+        self._meter, self._taken, self._final_losses = meter, taken, final_losses
+        self._saved_at, self._rungs_saved = time.monotonic(), len(taken)
+        self._answered: dict[str, Answered] = {}  # evaluation splits answered whole
+
+    def after_step(self, phase: str, progress: Callable[[], PhaseProgress]) -> None:
+        due = time.monotonic() - self._saved_at >= self._resume.every_s
+        if due or len(self._taken) > self._rungs_saved:
+            under_way = progress()
+            # The phase's own models come with its progress; those finished phases trained, here.
+            earlier = trained_weights(self._pipeline, self._finished())
+            weights = {**earlier, **under_way.weights}
+            self._save(phase, progress=dataclasses.replace(under_way, weights=weights))
+
+    def phase_done(self) -> None:
+        self._save(None, weights=trained_weights(self._pipeline, self._finished()))
+
+    def answering(self, split: str) -> Callable[[Answered, bool], None]:
+        """The ``after_batch`` hook of an evaluation of ``split`` ("eval" or "test"): a point
+        when one is due, and when the split is answered whole (the test split may follow)."""
+
+        def after_batch(answered: Answered, whole: bool) -> None:
+            if whole:
+                self._answered[split] = answered
+            if whole or time.monotonic() - self._saved_at >= self._resume.every_s:
+                self._save(
+                    split,
+                    weights=trained_weights(self._pipeline, self._finished()),
+                    answered={**self._answered, split: answered},
+                )
+
+        return after_batch
+
+    def _finished(self) -> list[Phase]:
+        return [phase for phase in self._trained if phase.name in self._final_losses]
+
+    def _save(
+        self,
+        phase: str | None,
+        progress: PhaseProgress | None = None,
+        weights: dict[str, dict[str, torch.Tensor]] | None = None,
+        answered: dict[str, Answered] | None = None,
+    ) -> None:
+        point = ResumePoint(
+            config=self._config_json,
+            finished=dict(self._final_losses),
+            costs={
+                cost.name: cost
+                for cost in self._meter.costs()
+                if cost.name not in ("load", "index")
+            },
+            rungs=list(self._taken),
+            phase=phase,
+            progress=progress,
+            weights=weights or {},
+            answered=answered or {},
+        )
+        save_point(self._resume, point)
+        self._saved_at, self._rungs_saved = time.monotonic(), len(self._taken)
+
+
+def cost_before(point: ResumePoint | None, phase: str) -> PhaseCost | None:
+    """What ``phase`` had cost when ``point`` was saved (it goes on from there), if anything."""
+    return point.costs.get(phase) if point is not None else None
+
+
+def usable_point(
+    resume: Resume | None, config: TrialConfig, trained: list[Phase], out_dir: Path | None
+) -> ResumePoint | None:
+    """The resume point this trial continues from, if there is one it can continue: written by
+    the same config, for phases this run trains (not ones it now loads instead), and, where the
+    run saves its phases' models, with no finished phase whose model a later one trains again
+    (its models as they finished are then gone)."""
+    if resume is None:
+        return None
+    point = load_point(resume, config.model_dump_json())
+    if point is None:
+        return None
+    names = [phase.name for phase in trained]
+    done = set(point.finished) | ({point.phase} if point.phase and point.progress else set())
+    if not done <= set(names):
+        return None
+    if out_dir is not None:
+        for earlier, later in itertools.combinations(trained, 2):
+            retrained = (earlier.trains_embedder and later.trains_embedder) or (
+                earlier.trains_generator and later.trains_generator
+            )
+            if retrained and earlier.name in point.finished and later.name not in point.finished:
+                return None
+    return point
 
 
 def _models(pipeline: Pipeline) -> dict[str, torch.nn.Module]:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +22,6 @@ from trainers.data import RagData, load_data
 from trainers.environment import environment_record, native_bf16
 from trainers.errors import ConfigError
 from trainers.evaluate import (
-    Answered,
     Evaluation,
     answer_logprobs,
     evaluate_pipeline,
@@ -47,13 +44,12 @@ from trainers.prompts import PromptBuilder, prompt_fill
 from trainers.results import QuestionResult, questions_json
 from trainers.resume import (
     PhaseProgress,
+    PointWriter,
     Resume,
-    ResumePoint,
+    cost_before,
     discard_point,
-    load_point,
     restore_weights,
-    save_point,
-    trained_weights,
+    usable_point,
 )
 from trainers.rungs import Rung, Rungs, Signal, rung_taker
 from trainers.train import train_phase
@@ -119,7 +115,7 @@ def run_trial(
     trained_phases = {phase.name for phase in trained}
     taken: list[Rung] = []
     final_losses: dict[str, float | None] = {}
-    point = _usable_point(resume, config, trained, out_dir)
+    point = usable_point(resume, config, trained, out_dir)
     if point is not None:
         meter.phases.extend(point.costs[name] for name in point.finished)
         final_losses.update(point.finished)
@@ -128,7 +124,7 @@ def run_trial(
             for rung in point.rungs:  # the search hears them again, as this run's: it may stop it
                 rungs.report(rung)
     writer = (
-        _PointWriter(resume, config, pipeline, trained, meter, taken, final_losses)
+        PointWriter(resume, config, pipeline, trained, meter, taken, final_losses)
         if resume is not None
         else None
     )
@@ -148,7 +144,7 @@ def run_trial(
         # Each phase draws from its own seed, so a phase trains the same whichever method runs it:
         # independent's phases equal ft_gen's and ft_embed's, two_phase's first equals ft_gen's.
         _seed_everything(_phase_seed(config.seed, phase.name))
-        with meter.phase(phase.name, before=_cost_before(continued, phase.name)) as cost:
+        with meter.phase(phase.name, before=cost_before(continued, phase.name)) as cost:
             take_rung = rung_taker(
                 rungs,
                 phase.name,
@@ -180,7 +176,7 @@ def run_trial(
                 # Their models are as they finished: no phase trained since changes them.
                 _save_phase(phase, pipeline, out_dir / phase.name, merge_generator)
 
-    with meter.phase("eval", before=_cost_before(point, "eval")) as cost:
+    with meter.phase("eval", before=cost_before(point, "eval")) as cost:
         evaluation = evaluate_pipeline(
             pipeline,
             data.validation,
@@ -193,7 +189,7 @@ def run_trial(
     if test_scored:
         # Scored as validation is, but no search reads it: the chosen run's figure that its
         # selection did not pick.
-        with meter.phase("test", before=_cost_before(point, "test")) as cost:
+        with meter.phase("test", before=cost_before(point, "test")) as cost:
             test = evaluate_pipeline(
                 pipeline,
                 data.test,
@@ -268,7 +264,7 @@ def run_trial(
 
 def _after_step(
     take_rung: Callable[[int, int], None] | None,
-    writer: _PointWriter | None,
+    writer: PointWriter | None,
     phase: str,
     step: int,
     steps: int,
@@ -279,113 +275,6 @@ def _after_step(
         take_rung(step, steps)
     if writer is not None:
         writer.after_step(phase, progress)
-
-
-class _PointWriter:
-    """Saves a trial's resume points: after every rung, after ``resume.every_s`` of training
-    since the last point, and at the end of every trained phase."""
-
-    def __init__(
-        self,
-        resume: Resume,
-        config: TrialConfig,
-        pipeline: Pipeline,
-        trained: list[Phase],
-        meter: CostMeter,
-        taken: list[Rung],
-        final_losses: dict[str, float | None],
-    ) -> None:
-        self._resume, self._config_json = resume, config.model_dump_json()
-        self._pipeline, self._trained = pipeline, trained
-        self._meter, self._taken, self._final_losses = meter, taken, final_losses
-        self._saved_at, self._rungs_saved = time.monotonic(), len(taken)
-        self._answered: dict[str, Answered] = {}  # evaluation splits answered whole
-
-    def after_step(self, phase: str, progress: Callable[[], PhaseProgress]) -> None:
-        due = time.monotonic() - self._saved_at >= self._resume.every_s
-        if due or len(self._taken) > self._rungs_saved:
-            under_way = progress()
-            # The phase's own models come with its progress; those finished phases trained, here.
-            earlier = trained_weights(self._pipeline, self._finished())
-            weights = {**earlier, **under_way.weights}
-            self._save(phase, progress=dataclasses.replace(under_way, weights=weights))
-
-    def phase_done(self) -> None:
-        self._save(None, weights=trained_weights(self._pipeline, self._finished()))
-
-    def answering(self, split: str) -> Callable[[Answered, bool], None]:
-        """The ``after_batch`` hook of an evaluation of ``split`` ("eval" or "test"): a point
-        when one is due, and when the split is answered whole (the test split may follow)."""
-
-        def after_batch(answered: Answered, whole: bool) -> None:
-            if whole:
-                self._answered[split] = answered
-            if whole or time.monotonic() - self._saved_at >= self._resume.every_s:
-                self._save(
-                    split,
-                    weights=trained_weights(self._pipeline, self._finished()),
-                    answered={**self._answered, split: answered},
-                )
-
-        return after_batch
-
-    def _finished(self) -> list[Phase]:
-        return [phase for phase in self._trained if phase.name in self._final_losses]
-
-    def _save(
-        self,
-        phase: str | None,
-        progress: PhaseProgress | None = None,
-        weights: dict[str, dict[str, torch.Tensor]] | None = None,
-        answered: dict[str, Answered] | None = None,
-    ) -> None:
-        point = ResumePoint(
-            config=self._config_json,
-            finished=dict(self._final_losses),
-            costs={
-                cost.name: cost
-                for cost in self._meter.costs()
-                if cost.name not in ("load", "index")
-            },
-            rungs=list(self._taken),
-            phase=phase,
-            progress=progress,
-            weights=weights or {},
-            answered=answered or {},
-        )
-        save_point(self._resume, point)
-        self._saved_at, self._rungs_saved = time.monotonic(), len(self._taken)
-
-
-def _cost_before(point: ResumePoint | None, phase: str) -> PhaseCost | None:
-    """What ``phase`` had cost when ``point`` was saved (it goes on from there), if anything."""
-    return point.costs.get(phase) if point is not None else None
-
-
-def _usable_point(
-    resume: Resume | None, config: TrialConfig, trained: list[Phase], out_dir: Path | None
-) -> ResumePoint | None:
-    """The resume point this trial continues from, if there is one it can continue: written by
-    the same config, for phases this run trains (not ones it now loads instead), and, where the
-    run saves its phases' models, with no finished phase whose model a later one trains again
-    (its models as they finished are then gone)."""
-    if resume is None:
-        return None
-    point = load_point(resume, config.model_dump_json())
-    if point is None:
-        return None
-    names = [phase.name for phase in trained]
-    done = set(point.finished) | ({point.phase} if point.phase and point.progress else set())
-    if not done <= set(names):
-        return None
-    if out_dir is not None:
-        for earlier, later in itertools.combinations(trained, 2):
-            retrained = (earlier.trains_embedder and later.trains_embedder) or (
-                earlier.trains_generator and later.trains_generator
-            )
-            if retrained and earlier.name in point.finished and later.name not in point.finished:
-                return None
-    return point
 
 
 def build_pipeline(
