@@ -16,11 +16,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Before any library that draws progress bars is imported: figures, not model-loading bars.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from search.spec import StudySpec, load_spec  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 DEMO_SPEC = Path("studies/demo.yaml")
 # The service benchmarks' workload: the demo's independent searches (none, then ft_embed and
@@ -45,6 +49,14 @@ def setup_environment() -> Path:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     return Path(os.environ.get("RAGSWEEP_CACHE", Path.home() / ".cache" / "ragsweep"))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer read after it counts that work."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def load_average() -> str:

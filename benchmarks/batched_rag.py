@@ -6,6 +6,7 @@ of B prompts. Prints both losses (they must agree) and the speed-up of forward +
 spec's training batch and for one question (where a forward of k rows against k of one row shows
 the per-call overhead that batching saves).
 Run: .venv/bin/python benchmarks/batched_rag.py [--spec studies/demo.yaml] [--repeats 3]
+[--device cpu|cuda] (fp32 on both, so that the two losses can be compared exactly).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import synchronize
 
 from search.spec import load_spec, trial_config
 from trainers.cost import CostMeter
@@ -63,32 +65,36 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", type=Path, default=Path("studies/demo.yaml"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = load_spec(args.spec, {"training.precision": "fp32"})  # exact comparison of the losses
     config = trial_config(spec, "rag_token", lr_embedder=1e-5, lr_generator=1e-4)
     cache_dir = Path(os.environ.get("RAGSWEEP_CACHE", Path.home() / ".cache" / "ragsweep"))
-    data, pipeline = build_pipeline(
-        config, cache_dir=cache_dir, meter=CostMeter(torch.device("cpu"))
-    )
+    data, pipeline = build_pipeline(config, cache_dir=cache_dir, meter=CostMeter(device))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {name}, fp32, {torch.get_num_threads()} torch threads")
     for batch in (spec.training.batch_size_generator, 1):
-        _compare(pipeline, data.train[:batch], spec.training.k, args.repeats)
+        _compare(pipeline, data.train[:batch], spec.training.k, args.repeats, device)
 
 
-def _compare(pipeline, records, k: int, repeats: int) -> None:
+def _compare(pipeline, records, k: int, repeats: int, device: torch.device) -> None:
     """Print batched against looped forward + backward time and loss, for both objectives."""
     for objective in ("rag_token", "rag_sequence"):
         seconds, losses = {}, {}
         for batched in (True, False):
             times = []
-            for _ in range(repeats):
+            for _ in range(repeats + 1):  # the first, untimed: CUDA kernels load and tune on it
+                synchronize(device)
                 start = time.perf_counter()
                 loss = _loss(pipeline, records, objective, batched)
                 loss.backward()
+                synchronize(device)
                 times.append(time.perf_counter() - start)
                 pipeline.embedder.zero_grad(set_to_none=True)
                 pipeline.generator.model.zero_grad(set_to_none=True)
-            seconds[batched], losses[batched] = min(times), loss.item()
+            seconds[batched], losses[batched] = min(times[1:]), loss.item()
         print(
             f"{objective}, batch {len(records)}: batched {seconds[True]:.2f} s, loop over k={k} "
             f"{seconds[False]:.2f} s, "

@@ -9,12 +9,14 @@ the dense matrix-multiply rate torch reaches on the device in the same dtype is 
 matrices. Printed: median step time and FLOP/s for full fine-tuning and LoRA (rank 16), the matmul
 rate, and each fraction (target at least 0.3 for full fine-tuning).
 Run: .venv/bin/python benchmarks/trainer_efficiency.py [--device cpu|cuda] [--precision fp32|bf16]
+[--batch 8] [--sequence 128] (a GPU needs larger steps than the reference one to fill it)
 (defaults: fp32 on CPU, bf16 on CUDA; CPU uses torch's default threads, one per core).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from _common import load_average, reduced_spec, setup_environment
+from _common import load_average, reduced_spec, setup_environment, synchronize
 from transformers import PreTrainedTokenizerBase
 
 from trainers.cost import training_flops
@@ -38,17 +40,12 @@ def _timed(run: Callable[[], None], device: torch.device, repeats: int) -> float
     run()
     times = []
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         run()
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
@@ -59,16 +56,23 @@ def _matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int, rep
     return 2 * size**3 / seconds
 
 
-def _token_batch(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+def _token_batch(tokenizer: PreTrainedTokenizerBase, batch: int, sequence: int) -> torch.Tensor:
     """(batch, sequence) token ids cut from the demo corpus, so no row holds padding."""
     corpus = load_data(reduced_spec().data).corpus
     text = "\n".join(passage_text(document) for document in corpus.documents(range(200)))
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    return ids[: _BATCH * _SEQUENCE].view(_BATCH, _SEQUENCE)
+    # A batch larger than the 200 passages' tokens repeats them: the cost, not the text, counts.
+    ids = ids.repeat(math.ceil(batch * sequence / len(ids)))
+    return ids[: batch * sequence].view(batch, sequence)
 
 
 def _step_seconds(
-    finetune: str, device: torch.device, autocast: torch.dtype | None, cache_dir: Path, repeats: int
+    finetune: str,
+    device: torch.device,
+    autocast: torch.dtype | None,
+    cache_dir: Path,
+    repeats: int,
+    shape: tuple[int, int],
 ) -> tuple[float, int]:
     """Median seconds of one training step, and the step's analytic FLOPs."""
     generator = load_generator(
@@ -76,7 +80,7 @@ def _step_seconds(
     )
     model = generator.model
     model.train()
-    input_ids = _token_batch(generator.tokenizer).to(device)
+    input_ids = _token_batch(generator.tokenizer, *shape).to(device)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-6)  # tiny: the step's cost, not its effect
 
@@ -101,6 +105,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode")
+    parser.add_argument("--batch", type=int, default=_BATCH, help="sequences per step")
+    parser.add_argument("--sequence", type=int, default=_SEQUENCE, help="tokens per sequence")
     args = parser.parse_args()
     cache_dir = setup_environment()
     device = torch.device(args.device)
@@ -113,7 +119,9 @@ def main() -> None:
     load_before = load_average()
     matmul = _matmul_flops_per_s(device, dtype, size, repeats=10)
     steps = {
-        finetune: _step_seconds(finetune, device, autocast, cache_dir, args.repeats)
+        finetune: _step_seconds(
+            finetune, device, autocast, cache_dir, args.repeats, (args.batch, args.sequence)
+        )
         for finetune in ("full", "lora")
     }
     # Measured again after the steps: the lower of the two is taken, so load that fell on one
@@ -125,7 +133,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(
         f"device {name} ({threads} torch threads), {precision}; SmolLM2-135M, batch "
-        f"{_BATCH} x {_SEQUENCE} tokens, median of {args.repeats} steps"
+        f"{args.batch} x {args.sequence} tokens, median of {args.repeats} steps"
     )
     print(f"load average: before {load_before}; after {load_after}")
     print(f"dense matmul {size}x{size} {precision}: {matmul / 1e9:.1f} GFLOP/s")

@@ -106,7 +106,9 @@ def _load_sentence_transformer(
 ) -> SentenceTransformer:
     """Load ``source`` (a folder) or else ``name`` (a local folder or hub id)."""
     target = source or name
-    model_kwargs = {"use_safetensors": True} if safetensors_only else None
+    model_kwargs: dict[str, object] = {"use_kernels": _HUB_KERNELS}
+    if safetensors_only:
+        model_kwargs["use_safetensors"] = True
     try:
         embedder = SentenceTransformer(
             target, device=str(device), model_kwargs=model_kwargs, local_files_only=safetensors_only
@@ -317,13 +319,20 @@ def _load_generator(
     return Generator(model=model, tokenizer=tokenizer, finetune=finetune)
 
 
+# transformers (5.24+, with its `kernels` dependency) swaps layers for kernels it downloads from
+# the Hugging Face Hub on CUDA unless told not to: offline (HF_HUB_OFFLINE) every GPU trial then
+# failed on its first .train() (seen on an H200, 2026-12-04), and online a trial's numbers would
+# rest on code fetched at run time that no record pins. Trials use the models' torch layers.
+_HUB_KERNELS = False
+
+
 def _load_causal_lm(
     name: str, source: str | None, *, device: torch.device, quantize: bool, safetensors_only: bool
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = source or name
-    kwargs: dict[str, object] = {"dtype": torch.float32}
+    kwargs: dict[str, object] = {"dtype": torch.float32, "use_kernels": _HUB_KERNELS}
     if safetensors_only:
         kwargs.update(use_safetensors=True, local_files_only=True)
     if quantize:

@@ -10,6 +10,7 @@ from typing import Any
 import huggingface_hub.constants
 import pytest
 import torch
+from transformers import PreTrainedModel
 
 from trainers.errors import ModelError
 from trainers.models import (
@@ -218,6 +219,33 @@ def test_full_checkpoint_round_trip_gives_identical_logits(
     assert torch.equal(_logits(loaded), _logits(generator))
     assert weights_fingerprint(loaded.model) == weights_fingerprint(generator.model)
     assert parameter_counts(loaded.model)[1] == parameter_counts(loaded.model)[0]
+
+
+def test_no_model_is_loaded_with_hub_kernels(tiny_cache: Path, tmp_path: Path) -> None:
+    # transformers turns on layers downloaded from the Hub at load time unless told not to; on
+    # CUDA they are fetched at the first .train(), so an offline GPU trial failed there. Checked
+    # through the flag, which transformers sets on CPU too.
+    generator = load_generator("tiny", cache_dir=tiny_cache, device=CPU, lora_rank=4)
+    save_generator(generator, tmp_path / "generator")
+    embedder = load_embedder("tiny", cache_dir=tiny_cache, device=CPU)
+    save_embedder(embedder, tmp_path / "embedder")
+    loaded = [
+        generator.model,
+        load_generator("tiny", cache_dir=tiny_cache, device=CPU, finetune="full").model,
+        load_generator_checkpoint(
+            tmp_path / "generator",
+            base_name="tiny",
+            cache_dir=tiny_cache,
+            device=CPU,
+            finetune="lora",
+        ).model,
+        embedder,
+        load_embedder_checkpoint(tmp_path / "embedder", device=CPU),
+    ]
+    for model in loaded:
+        pretrained = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+        assert pretrained
+        assert not any(m.use_kernels for m in pretrained)
 
 
 def test_checkpoint_without_safetensors_is_refused(tiny_cache: Path, tmp_path: Path) -> None:
