@@ -35,6 +35,7 @@ from trainers import (
     TrialMemory,
     forward_flops,
     method_phases,
+    resume_point_bytes,
     token_caps,
     training_flops,
     trial_memory,
@@ -43,6 +44,7 @@ from trainers import (
 if TYPE_CHECKING:
     from search.plan import Plan, Stage
     from search.spec import StudySpec
+    from trainers import Phase
 
 __all__ = [
     "early_stopping_seconds",
@@ -53,6 +55,7 @@ __all__ = [
     "gib_text",
     "launch_seconds",
     "method_memory",
+    "resume_point_size",
     "stage_memory",
     "trains_in_bf16",
     "trial_memory_ask",
@@ -214,11 +217,8 @@ def method_memory(
     generator = _GENERATORS.get(spec.models.generator)
     if embedder is None or generator is None:
         return None
-    trained = tuple(
-        phase for phase in method_phases(method, spec.training) if phase.name not in reused_phases
-    )
     return trial_memory(
-        trained,
+        _trained_phases(method, spec.training, reused_phases),
         embedder=embedder,
         generator=generator,
         generator_trainable=_generator_trainable(generator, spec),
@@ -226,6 +226,19 @@ def method_memory(
         bf16=trains_in_bf16(spec),
         on_gpu=spec.resources.gpus > 0,
         quantized=spec.models.generator_finetune == "qlora",
+    )
+
+
+def resume_point_size(stage: Stage, spec: StudySpec) -> float | None:
+    """Bytes of one resume point of a trial of ``stage`` (trainers.memory.resume_point_bytes for
+    the phases it trains); None if a model is not in the size table."""
+    embedder = _EMBEDDERS.get(spec.models.embedder)
+    generator = _GENERATORS.get(spec.models.generator)
+    if embedder is None or generator is None:
+        return None
+    phases = _trained_phases(stage.method, _stage_training(stage, spec), tuple(stage.reuse_from))
+    return resume_point_bytes(
+        phases, embedder=embedder, generator_trainable=_generator_trainable(generator, spec)
     )
 
 
@@ -343,6 +356,15 @@ def _trial_flops(stage: Stage, spec: StudySpec) -> _TrialFlops | None:
         phases=tuple(n_train * training.epochs * flops for flops in per_example),
         evaluation=evaluation,
         signals=tuple(signals),
+    )
+
+
+def _trained_phases(
+    method: str, training: TrainingConfig, reused_phases: tuple[str, ...]
+) -> tuple[Phase, ...]:
+    """The phases a trial of ``method`` trains: those it does not load from checkpoints."""
+    return tuple(
+        phase for phase in method_phases(method, training) if phase.name not in reused_phases
     )
 
 

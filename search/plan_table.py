@@ -14,6 +14,7 @@ from search.forecast import (
     forecast_gaps,
     forecast_note,
     gib_text,
+    resume_point_size,
     trains_in_bf16,
     trial_memory_ask,
 )
@@ -83,6 +84,7 @@ def render_plan(plan: Plan, spec: StudySpec) -> RenderableType:
     )
     notes += [Text(f"forecast unknown: {gap}") for gap in forecast_gaps(spec)]
     notes.append(Text(_memory_note(spec), style="dim"))
+    notes.append(Text(_resume_note(plan, spec), style="dim"))
     notes.append(Text(forecast_note(spec), style="dim"))
     if spec.search.early_stopping is not None:
         notes.append(Text(_early_stopping_note(spec.search.early_stopping), style="dim"))
@@ -216,6 +218,27 @@ def _memory_note(spec: StudySpec) -> str:
         + ("on" if spec.training.gradient_checkpointing else "off")
         + ", evaluation), asked of Ray so it queues trials that would not fit; "
         "resources.memory overrides it; " + _fill_text(spec)
+    )
+
+
+def _resume_note(plan: Plan, spec: StudySpec) -> str:
+    """The disk a launch's resume points take: the largest, and as many as trials run at once."""
+    if spec.resume_every_minutes is None:
+        return (
+            "resume points: off (resume_every_minutes: null); a trial stopped part-way is trained "
+            "again from its start by a relaunch"
+        )
+    sizes = [resume_point_size(stage, spec) for stage in plan.stages]
+    known = [size for size in sizes if size is not None]
+    if len(known) < len(sizes):
+        return "resume points: size unknown (a model not in the size table)"
+    largest = max(known, default=0.0)
+    return (
+        f"resume points (disk under --runs-dir, each deleted when its trial ends): up to "
+        f"{_bytes_text(int(largest))} per trial, {_bytes_text(int(largest * spec.concurrency))} "
+        f"for {spec.concurrency} trial(s) at once, rewritten every "
+        f"{spec.resume_every_minutes:g} min of training and at each rung and phase end "
+        "(resume_every_minutes; null turns them off)"
     )
 
 

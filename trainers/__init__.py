@@ -63,7 +63,15 @@ if TYPE_CHECKING:
     from trainers.data import load_data
     from trainers.encode import SHARD_PASSAGES, ShardEncoder, assemble_shards, shard_job
     from trainers.environment import environment_record, native_bf16
-    from trainers.memory import CAP_FILL, MiB, ModelShape, TrialMemory, token_caps, trial_memory
+    from trainers.memory import (
+        CAP_FILL,
+        MiB,
+        ModelShape,
+        TrialMemory,
+        resume_point_bytes,
+        token_caps,
+        trial_memory,
+    )
     from trainers.preflight import prepare
     from trainers.resume import Resume, discard_point
     from trainers.trial import TrialResult, run_trial
@@ -125,6 +133,7 @@ __all__ = [
     "prepare",
     "questions_json",
     "register_method",
+    "resume_point_bytes",
     "run_trial",
     "token_caps",
     "training_flops",
@@ -150,6 +159,7 @@ _LAZY = {
     "MiB": "trainers.memory",
     "ModelShape": "trainers.memory",
     "TrialMemory": "trainers.memory",
+    "resume_point_bytes": "trainers.memory",
     "token_caps": "trainers.memory",
     "trial_memory": "trainers.memory",
     "prepare": "trainers.preflight",

@@ -30,6 +30,7 @@ __all__ = [
     "TokenCaps",
     "forward_activation_bytes",
     "questions_per_forward",
+    "resume_point_bytes",
     "shape_of",
     "TrialMemory",
     "token_caps",
@@ -71,7 +72,8 @@ _RUNTIME_BYTES = 650 * MiB
 # What CUDA and its kernels take on a GPU before any tensor.
 _CUDA_CONTEXT_BYTES = 500 * MiB
 # AdamW keeps two moments per trained weight, plus the gradient itself.
-_OPTIMIZER_COPIES = 3
+_ADAM_MOMENTS = 2
+_OPTIMIZER_COPIES = _ADAM_MOMENTS + 1
 
 
 # glibc's mallopt parameter for the size above which an allocation gets its own memory mapping,
@@ -245,6 +247,29 @@ def trial_memory(
     if on_gpu:
         return TrialMemory(_RUNTIME_BYTES + weights, _CUDA_CONTEXT_BYTES + weights + max(peaks))
     return TrialMemory(_RUNTIME_BYTES + weights + max(peaks), 0.0)
+
+
+def resume_point_bytes(
+    phases: tuple[Phase, ...], *, embedder: ModelShape, generator_trainable: int
+) -> float:
+    """The size of a trial's resume point (trainers.resume) while it trains ``phases``: an fp32
+    copy of each trained model's trained weights (all the embedder's; the generator's
+    ``generator_trainable``), and the largest phase's AdamW moments (two per trained weight). A
+    point also briefly holds that much host memory while it is written."""
+    embedder_trained = any(phase.trains_embedder for phase in phases)
+    generator_trained = any(phase.trains_generator for phase in phases)
+    weights = (embedder.params if embedder_trained else 0) + (
+        generator_trainable if generator_trained else 0
+    )
+    moments = max(
+        (
+            (embedder.params if phase.trains_embedder else 0)
+            + (generator_trainable if phase.trains_generator else 0)
+            for phase in phases
+        ),
+        default=0,
+    )
+    return (weights + _ADAM_MOMENTS * moments) * _BYTES_FP32
 
 
 def _step_activation_bytes(

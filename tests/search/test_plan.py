@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from search import forecast, throughput
-from search.forecast import gib_text, method_memory, trial_memory_ask
+from search.forecast import gib_text, method_memory, resume_point_size, trial_memory_ask
 from search.plan import Plan, grid_points, make_plan
 from search.plan_table import render_plan
 from search.spec import PAPER_GRID, StudySpec, load_spec
@@ -275,6 +275,20 @@ def test_plan_shows_each_stages_forecast_memory_and_resources_memory_overrides_i
     fixed = load_spec(DEMO, {"resources.memory": "3GiB"})
     assert {trial_memory_ask(stage, fixed) for stage in make_plan(fixed).stages} == {3 * 2**30}
     assert "resources.memory = 3.0 GiB" in _text(make_plan(fixed), fixed)
+
+
+def test_plan_shows_the_disk_of_resume_points_and_when_they_are_off():
+    spec = load_spec(DEMO, {"concurrency": 3})
+    plan = make_plan(spec, forecast=False)
+    sizes = {stage.name: resume_point_size(stage, spec) for stage in plan.stages}
+    # A joint stage holds both models' weights and moments; ft_gen the LoRA adapter's alone.
+    assert sizes["none"] == 0 and 0 < sizes["ft_gen"] < sizes["ft_embed"] < sizes["rag_token"]
+    assert sizes["independent"] == 0  # it loads both phases from checkpoints, trains none
+    text = " ".join(_text(plan, spec).split())
+    largest = sizes["rag_token"] or 0
+    assert f"up to {largest / 2**20:.1f} MiB per trial, {3 * largest / 2**20:.1f} MiB" in text
+    off = load_spec(DEMO, {"resume_every_minutes": None})
+    assert "resume points: off" in " ".join(_text(make_plan(off, forecast=False), off).split())
 
 
 def test_fuller_prompts_forecast_more_memory_and_time_and_the_plan_says_which_fill():

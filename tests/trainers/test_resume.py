@@ -9,12 +9,16 @@ import pytest
 import torch
 
 from tests.tiny import TINY_DATA, TINY_TRAINING, tiny_config
+from trainers.memory import ModelShape, resume_point_bytes
+from trainers.methods import method_phases
+from trainers.models import load_embedder, load_generator, parameter_counts
 from trainers.pipeline import Pipeline
 from trainers.resume import Resume, load_point
 from trainers.rungs import Rung, Rungs
 from trainers.trial import TrialResult, run_trial
 
 pytestmark = pytest.mark.xdist_group("test_resume")
+CPU = torch.device("cpu")
 
 
 class _Killed(Exception):
@@ -186,3 +190,29 @@ def test_a_trial_killed_before_its_test_split_keeps_its_validation(
     assert resumed.record["resumed"]["questions_answered"] == len(resumed.questions)
     _same_trial(resumed, whole)
     assert resumed.metrics["test_f1"] == whole.metrics["test_f1"]
+
+
+@pytest.mark.parametrize("method", ["ft_embed", "ft_gen", "rag_token"])
+def test_a_point_is_the_size_the_plan_forecasts(method, cache_dir, tmp_path):
+    # The plan's disk forecast (search.forecast.resume_point_size) rests on this formula; the
+    # file adds keys, random states and the config: a few KiB on the tiny models' ~0.5 MB.
+    config = tiny_config(method)
+    resume = Resume(tmp_path / "resume", every_s=float("inf"))
+    with pytest.raises(_Killed):
+        run_trial(config, cache_dir=cache_dir, rungs=_kill_at(2, []), resume=resume)
+    point_file = tmp_path / "resume" / "resume.pt"
+    point = load_point(resume, config.model_dump_json())
+    assert point is not None and point.progress is not None  # killed while training
+
+    models = config.models
+    embedder = load_embedder(models.embedder, cache_dir=cache_dir, device=CPU)
+    generator = load_generator(
+        models.generator, cache_dir=cache_dir, device=CPU, lora_rank=models.lora_rank
+    )
+    forecast = resume_point_bytes(
+        method_phases(method, config.training),
+        embedder=ModelShape(params=parameter_counts(embedder)[0]),
+        generator_trainable=parameter_counts(generator.model)[1],
+    )
+    assert forecast > 0
+    assert forecast <= point_file.stat().st_size <= forecast * 1.05 + 64 * 1024
