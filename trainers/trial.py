@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,7 +18,7 @@ import torch
 from trainers.checks import require_context_labels, resolve_device
 from trainers.config import TrialConfig
 from trainers.cost import CostMeter, PhaseCost, forward_flops
-from trainers.data import RagData, load_data
+from trainers.data import QARecord, RagData, load_data
 from trainers.environment import environment_record, native_bf16
 from trainers.errors import ConfigError
 from trainers.evaluate import (
@@ -46,6 +46,7 @@ from trainers.resume import (
     PhaseProgress,
     PointWriter,
     Resume,
+    ResumePoint,
     cost_before,
     discard_point,
     restore_weights,
@@ -176,27 +177,13 @@ def run_trial(
                 # Their models are as they finished: no phase trained since changes them.
                 _save_phase(phase, pipeline, out_dir / phase.name, merge_generator)
 
-    with meter.phase("eval", before=cost_before(point, "eval")) as cost:
-        evaluation = evaluate_pipeline(
-            pipeline,
-            data.validation,
-            cost,
-            start=point.answered.get("eval") if point else None,
-            after_batch=writer.answering("eval") if writer else None,
-        )
+    evaluation = _evaluate_split("eval", data.validation, pipeline, meter, point, writer)
     quality = _quality(evaluation)
     test_scored = bool(data.test) and (score_test is None or score_test(quality))
     if test_scored:
         # Scored as validation is, but no search reads it: the chosen run's figure that its
         # selection did not pick.
-        with meter.phase("test", before=cost_before(point, "test")) as cost:
-            test = evaluate_pipeline(
-                pipeline,
-                data.test,
-                cost,
-                start=point.answered.get("test") if point else None,
-                after_batch=writer.answering("test") if writer else None,
-            )
+        test = _evaluate_split("test", data.test, pipeline, meter, point, writer)
         quality |= _quality(test, prefix="test_")
 
     metrics: dict[str, float] = {
@@ -360,6 +347,26 @@ def _check_data(config: TrialConfig, phases: tuple[Phase, ...], data: RagData) -
     if config.training.k > len(data.corpus):
         raise ConfigError(
             f"training.k is {config.training.k} but the corpus has only {len(data.corpus)} documents; lower k"
+        )
+
+
+def _evaluate_split(
+    split: str,
+    records: Sequence[QARecord],
+    pipeline: Pipeline,
+    meter: CostMeter,
+    point: ResumePoint | None,
+    writer: PointWriter | None,
+) -> Evaluation:
+    """Answer ``records`` as the metered phase ``split`` ("eval" or "test"): from the questions a
+    resume point answered, if any, saving points as batches are answered, if a writer is given."""
+    with meter.phase(split, before=cost_before(point, split)) as cost:
+        return evaluate_pipeline(
+            pipeline,
+            records,
+            cost,
+            start=point.answered.get(split) if point else None,
+            after_batch=writer.answering(split) if writer else None,
         )
 
 
