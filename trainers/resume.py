@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -183,6 +184,11 @@ def save_point(resume: Resume, point: ResumePoint) -> None:
         "random_cuda": progress.random_state["cuda"] if progress else None,
     }
     partial = resume.folder / f".{_FILE}.{os.getpid()}"
+    for stale in resume.folder.glob(f".{_FILE}.*"):
+        if stale != partial:
+            # Left by a process killed while it wrote (this trial's earlier run): as large as
+            # a point, and never read.
+            stale.unlink(missing_ok=True)
     try:
         torch.save(saved, partial)
         os.replace(partial, resume.folder / _FILE)
@@ -230,12 +236,9 @@ def load_point(resume: Resume, config_json: str) -> ResumePoint | None:
 
 
 def discard_point(resume: Resume) -> None:
-    """Remove the resume folder (the trial finished, or was stopped for good)."""
-    (resume.folder / _FILE).unlink(missing_ok=True)
-    try:
-        resume.folder.rmdir()
-    except OSError:
-        pass  # not empty (a write under way elsewhere) or already gone
+    """Remove the resume folder (the trial finished, or was stopped for good), with any partial
+    point an earlier run of the trial left when it was killed while writing."""
+    shutil.rmtree(resume.folder, ignore_errors=True)
 
 
 class PointWriter:

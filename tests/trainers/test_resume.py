@@ -13,7 +13,7 @@ from trainers.memory import ModelShape, resume_point_bytes
 from trainers.methods import method_phases
 from trainers.models import load_embedder, load_generator, parameter_counts
 from trainers.pipeline import Pipeline
-from trainers.resume import Resume, load_point
+from trainers.resume import Resume, discard_point, load_point
 from trainers.rungs import Rung, Rungs
 from trainers.trial import TrialResult, run_trial
 
@@ -216,3 +216,27 @@ def test_a_point_is_the_size_the_plan_forecasts(method, cache_dir, tmp_path):
     )
     assert forecast > 0
     assert forecast <= point_file.stat().st_size <= forecast * 1.05 + 64 * 1024
+
+
+def test_a_partial_point_left_by_a_killed_writer_is_removed(cache_dir, tmp_path):
+    # A process killed while it wrote a point leaves its partial file, as large as a point and
+    # never read: the trial's next run removes it with its first point, the end with the folder.
+    resume = Resume(tmp_path / "resume", every_s=0.0)
+    resume.folder.mkdir()
+    stale = resume.folder / ".resume.pt.99999"
+    stale.write_bytes(b"half a point")
+    stale_at_rungs: list[bool] = []
+    run_trial(
+        tiny_config("ft_gen"),
+        cache_dir=cache_dir,
+        rungs=Rungs((0.25, 0.5), 4, lambda rung: stale_at_rungs.append(stale.exists())),
+        resume=resume,
+    )
+    assert stale_at_rungs and stale_at_rungs[-1] is False
+    assert not resume.folder.exists()
+
+    resume.folder.mkdir()
+    (resume.folder / "resume.pt").write_bytes(b"a point")
+    stale.write_bytes(b"half a point")
+    discard_point(resume)
+    assert not resume.folder.exists()
