@@ -239,9 +239,7 @@ def trial_memory(
     # Retrieval-only evaluation encodes the questions and generates nothing.
     peaks = [evaluation if training.evaluate == "answers" else 0.0]
     for phase in phases:
-        trained = (embedder.params if phase.trains_embedder else 0) + (
-            generator_trainable if phase.trains_generator else 0
-        )
+        trained = _trained_params(phase, embedder, generator_trainable)
         optimizer = trained * _BYTES_FP32 * _OPTIMIZER_COPIES
         peaks.append(optimizer + _step_activation_bytes(phase, generator, training, caps, bf16))
     if on_gpu:
@@ -262,14 +260,16 @@ def resume_point_bytes(
         generator_trainable if generator_trained else 0
     )
     moments = max(
-        (
-            (embedder.params if phase.trains_embedder else 0)
-            + (generator_trainable if phase.trains_generator else 0)
-            for phase in phases
-        ),
-        default=0,
+        (_trained_params(phase, embedder, generator_trainable) for phase in phases), default=0
     )
     return (weights + _ADAM_MOMENTS * moments) * _BYTES_FP32
+
+
+def _trained_params(phase: Phase, embedder: ModelShape, generator_trainable: int) -> int:
+    """The weights ``phase``'s optimizer updates: all the embedder's, the generator's trainable."""
+    return (embedder.params if phase.trains_embedder else 0) + (
+        generator_trainable if phase.trains_generator else 0
+    )
 
 
 def _step_activation_bytes(
