@@ -3,9 +3,9 @@
 `ragsweep plan` divides a trial's analytic FLOPs by a rate per CPU (search/throughput.py: by
 precision, and in fp32 by whether the CPU has AVX-512) and adds a fixed overhead. This runs one
 trial of each of the reduced demo's methods (none, ft_embed, ft_gen; 16 training and 16
-validation questions) plus rag_token, back to back in one fresh process with the spec's
-threads per trial (`resources.cpus`), `concurrency` processes at once as a launch runs them
-(`--alone`: one), no Ray, each after an untimed warm-up trial; then, per trial:
+validation questions) plus rag_token, back to back in fresh processes, `concurrency` of them at
+once as a launch runs them (`--alone`: one), each with the spec's threads per trial
+(`resources.cpus`) and an untimed warm-up trial first, no Ray; then, per trial:
 the forecast wall seconds against the measured, and the trial's own FLOPs per CPU-second of its
 training and evaluation phases against the rate the forecast assumes.
 Run: .venv/bin/python benchmarks/cpu_rate.py [--precision auto|fp32|bf16] [--alone]
