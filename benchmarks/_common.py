@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -155,6 +156,41 @@ def run_plain_trials(
     )
     result = json.loads(child.stdout.strip().splitlines()[-1])
     return result["wall_s"], result["metrics"]
+
+
+def run_plain_trials_side_by_side(
+    spec: StudySpec,
+    trials: list[tuple[str, dict[str, float]]],
+    *,
+    cache_dir: Path,
+    threads: int,
+    lanes: int,
+    warm_up: bool = False,
+) -> list[dict[str, float]]:
+    """The trials' metrics, in ``trials``' order, run by :func:`run_plain_trials` in ``lanes``
+    child processes at once (as a launch's concurrency shares the machine), lane i taking every
+    ``lanes``-th trial from the i-th."""
+    with ThreadPoolExecutor(max_workers=lanes) as pool:  # each call waits on its own child
+        runs = [
+            pool.submit(
+                run_plain_trials,
+                spec,
+                trials[lane::lanes],
+                cache_dir=cache_dir,
+                threads=threads,
+                warm_up=warm_up,
+            )
+            for lane in range(lanes)
+        ]
+        lane_metrics = [run.result()[1] for run in runs]
+    return [lane_metrics[i % lanes][i // lanes] for i in range(len(trials))]
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or "CPU"."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
 def _plain_trials_child() -> None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import synchronize
+from _common import device_name, synchronize
 
 from search.spec import load_spec, trial_config
 from trainers.cost import CostMeter
@@ -73,8 +73,7 @@ def main() -> None:
     config = trial_config(spec, "rag_token", lr_embedder=1e-5, lr_generator=1e-4)
     cache_dir = Path(os.environ.get("RAGSWEEP_CACHE", Path.home() / ".cache" / "ragsweep"))
     data, pipeline = build_pipeline(config, cache_dir=cache_dir, meter=CostMeter(device))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {name}, fp32, {torch.get_num_threads()} torch threads")
+    print(f"device {device_name(device)}, fp32, {torch.get_num_threads()} torch threads")
     for batch in (spec.training.batch_size_generator, 1):
         _compare(pipeline, data.train[:batch], spec.training.k, args.repeats, device)
 

@@ -14,14 +14,11 @@ Run: .venv/bin/python benchmarks/cpu_rate.py [--precision auto|fp32|bf16] [--alo
 from __future__ import annotations
 
 import argparse
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from _common import load_average, reduced_spec, run_plain_trials, setup_environment
+from _common import load_average, reduced_spec, run_plain_trials_side_by_side, setup_environment
 
 from search.forecast import trial_seconds
 from search.plan import grid_points, make_plan
-from search.spec import StudySpec
 from search.throughput import cpu_flops_per_cpu, throughput_text, trains_in_bf16
 
 _METHODS = ["none", "ft_embed", "ft_gen", "rag_token"]
@@ -54,7 +51,14 @@ def main() -> None:
     }
     trials = [(method, rates[method]) for method in _METHODS]
     load_before = load_average()
-    metrics = _run_side_by_side(spec, trials, cache_dir, args.alone)
+    metrics = run_plain_trials_side_by_side(
+        spec,
+        trials,
+        cache_dir=cache_dir,
+        threads=int(spec.resources.cpus),
+        lanes=1 if args.alone else spec.concurrency,
+        warm_up=True,
+    )
     load_after = load_average()
 
     assumed = cpu_flops_per_cpu(trains_in_bf16(spec))
@@ -80,28 +84,6 @@ def main() -> None:
         f"all {len(trials)} trials: measured / forecast wall {measured_total / forecast_total:.2f}; "
         f"reached rate / assumed rate {rate / assumed:.2f} ({rate:.2e} against {assumed:.2e})"
     )
-
-
-def _run_side_by_side(
-    spec: StudySpec, trials: list[tuple[str, dict[str, float]]], cache_dir: Path, alone: bool
-) -> list[dict[str, float]]:
-    """The trials' metrics, run in ``spec.concurrency`` processes at once (as a launch runs them,
-    sharing the machine), each given every n-th trial; or in one, ``alone``."""
-    lanes = 1 if alone else spec.concurrency
-    with ThreadPoolExecutor(lanes) as pool:
-        runs = [
-            pool.submit(
-                run_plain_trials,
-                spec,
-                trials[lane::lanes],
-                cache_dir=cache_dir,
-                threads=int(spec.resources.cpus),
-                warm_up=True,
-            )
-            for lane in range(lanes)
-        ]
-        lane_metrics = [run.result()[1] for run in runs]
-    return [lane_metrics[i % lanes][i // lanes] for i in range(len(trials))]
 
 
 def _work(metrics: dict[str, float], figure: str) -> float:

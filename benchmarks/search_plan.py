@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import (
     load_average,
     reduced_spec,
-    run_plain_trials,
+    run_plain_trials_side_by_side,
     run_study,
     setup_environment,
     workdir,
@@ -67,16 +66,10 @@ def main() -> None:
         for lr_e, lr_g in itertools.product(search.lr_embedder, search.lr_generator)
     ]
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2) as pool:  # each call waits on its own child process
-        halves = pool.map(
-            lambda half: run_plain_trials(
-                spec, [("two_phase", p) for p in half], cache_dir=cache_dir, threads=1
-            )[1],
-            (points[0::2], points[1::2]),
-        )
-        first, second = list(halves)
+    cartesian = run_plain_trials_side_by_side(  # in grid order
+        spec, [("two_phase", p) for p in points], cache_dir=cache_dir, threads=1, lanes=2
+    )
     cartesian_s = time.perf_counter() - start
-    cartesian = [m for pair in zip(first, second, strict=True) for m in pair]  # grid order
     after = load_average()
 
     separable_trials = [m for stage in separable.trials.values() for m in stage]

@@ -24,7 +24,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from _common import load_average, reduced_spec, setup_environment, synchronize
+from _common import (
+    device_name,
+    load_average,
+    reduced_spec,
+    setup_environment,
+    synchronize,
+)
 from transformers import PreTrainedTokenizerBase
 
 from trainers.cost import training_flops
@@ -129,10 +135,9 @@ def main() -> None:
     matmul = min(matmul, _matmul_flops_per_s(device, dtype, size, repeats=10))
     load_after = load_average()
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     threads = torch.get_num_threads()
     print(
-        f"device {name} ({threads} torch threads), {precision}; SmolLM2-135M, batch "
+        f"device {device_name(device)} ({threads} torch threads), {precision}; SmolLM2-135M, batch "
         f"{args.batch} x {args.sequence} tokens, median of {args.repeats} steps"
     )
     print(f"load average: before {load_before}; after {load_after}")
