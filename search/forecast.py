@@ -213,10 +213,10 @@ def method_memory(
 ) -> TrialMemory | None:
     """Forecast peak memory of one trial of ``method`` that loads ``reused_phases`` from
     checkpoints and trains the rest (trainers.memory); None if a model is not in the size table."""
-    shapes = _model_shapes(spec)
-    if shapes is None:
+    embedder = _EMBEDDERS.get(spec.models.embedder)
+    generator = _GENERATORS.get(spec.models.generator)
+    if embedder is None or generator is None:
         return None
-    embedder, generator = shapes
     return trial_memory(
         _trained_phases(method, spec.training, reused_phases),
         embedder=embedder,
@@ -232,10 +232,10 @@ def method_memory(
 def resume_point_size(stage: Stage, spec: StudySpec) -> float | None:
     """Bytes of one resume point of a trial of ``stage`` (trainers.memory.resume_point_bytes for
     the phases it trains); None if a model is not in the size table."""
-    shapes = _model_shapes(spec)
-    if shapes is None:
+    embedder = _EMBEDDERS.get(spec.models.embedder)
+    generator = _GENERATORS.get(spec.models.generator)
+    if embedder is None or generator is None:
         return None
-    embedder, generator = shapes
     phases = _trained_phases(stage.method, _stage_training(stage, spec), tuple(stage.reuse_from))
     return resume_point_bytes(
         phases, embedder=embedder, generator_trainable=_generator_trainable(generator, spec)
@@ -305,10 +305,10 @@ class _TrialFlops(NamedTuple):
 def _trial_flops(stage: Stage, spec: StudySpec) -> _TrialFlops | None:
     """FLOPs of the phases the stage's trials train, of evaluation and of one rung signal of each;
     None if unknown."""
-    shapes = _model_shapes(spec)
-    if shapes is None:
+    embedder = _EMBEDDERS.get(spec.models.embedder)
+    generator = _GENERATORS.get(spec.models.generator)
+    if embedder is None or generator is None:
         return None
-    embedder, generator = shapes
     training = _stage_training(stage, spec)
     k = training.k
     question = training.max_question_tokens
@@ -366,15 +366,6 @@ def _trained_phases(
     return tuple(
         phase for phase in method_phases(method, training) if phase.name not in reused_phases
     )
-
-
-def _model_shapes(spec: StudySpec) -> tuple[ModelShape, ModelShape] | None:
-    """The embedder's and generator's shapes from the size tables; None if either is unknown."""
-    embedder = _EMBEDDERS.get(spec.models.embedder)
-    generator = _GENERATORS.get(spec.models.generator)
-    if embedder is None or generator is None:
-        return None
-    return embedder, generator
 
 
 def _stage_training(stage: Stage, spec: StudySpec) -> TrainingConfig:
