@@ -215,6 +215,7 @@ class MemoryFiller(threading.Thread):
         self.training: list[int] = []  # the two workers' pids
         self.killed: list[int] = []  # those the memory monitor killed
         self.filled = 0
+        self.outlived = False  # both trials ended before the monitor killed either
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -226,26 +227,37 @@ class MemoryFiller(threading.Thread):
         time.sleep(1.0)  # both well into their trials
         self.training = [worker.pid for worker in workers]
         ballast = []
-        while not self._done.is_set() and all(alive(worker) for worker in workers):
+        while not self._done.is_set() and self._both_train(workers):
             left = self.threshold - psutil.virtual_memory().used
             if left < -GiB:
                 break  # far past the threshold and nobody killed: the test says so
             # Big steps while far below; near it, small ones, slower than the monitor looks
-            # (every 300 ms), so the excess stays far below what one worker frees.
-            step = 256 * 2**20 if left > GiB else 32 * 2**20
+            # (every 300 ms), so the excess stays below what one worker frees (0.4 GiB). Few
+            # small ones: the fill must end well inside the two trials, on a fast host too.
+            step = 256 * 2**20 if left > 512 * 2**20 else 64 * 2**20
             chunk = bytearray(step)
             chunk[::4096] = b"\x01" * (step // 4096)  # touched: resident, as a trial's tensors
             ballast.append(chunk)
             self.filled += step
             if step < 256 * 2**20:
                 _until_one_dies(workers, 0.4)
-        ballast.clear()
-        time.sleep(1.5)  # a second kill would have come within the monitor's next looks
+        ballast.clear()  # at once: see _until_one_dies
+        # Also stops when a worker left its trial: a kill after that would hit a later trial,
+        # not one of two training at once, which is what the test is about.
+        time.sleep(0.3)  # a worker the monitor just killed has exited
+        self.outlived = all(alive(w) for w in workers) and not self._both_train(workers)
+        time.sleep(1.2)  # a second kill would have come within the monitor's next looks
         self.killed = [worker.pid for worker in workers if not alive(worker)]
 
     def stop(self) -> None:
         self._done.set()
         self.join()
+
+    @staticmethod
+    def _both_train(workers: list[psutil.Process]) -> bool:
+        """Both workers alive and still inside the trials they were training."""
+        training = {process.pid for process in training_workers()}
+        return all(alive(worker) and worker.pid in training for worker in workers)
 
 
 @pytest.mark.slow
@@ -330,6 +342,10 @@ def test_a_trial_killed_by_rays_memory_monitor_reruns_and_the_one_beside_it_fini
         filler.stop()
         ray.shutdown()  # also when launch stopped before it shut Ray down
     assert len(filler.training) == 2, "two trials never trained at once"
+    assert not filler.outlived, (
+        f"both trials finished before memory reached Ray's threshold "
+        f"({filler.filled / GiB:.2f} GiB filled): the trials are too short for this host"
+    )
     assert len(filler.killed) == 1, (
         f"Ray's memory monitor killed {len(filler.killed)} of the 2 trial workers "
         f"({filler.filled / GiB:.2f} GiB filled)"
