@@ -148,8 +148,12 @@ def restore_random_state(state: dict[str, Any]) -> None:
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():
+        # A trial run again may see fewer GPUs than the run that saved (another node, other
+        # resources): a state for a device it lacks fails CUDA's start ("invalid device
+        # ordinal"), so each GPU it has takes its own, and a point from a GPU run resumes on CPU.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def save_point(resume: Resume, point: ResumePoint) -> None:

@@ -13,7 +13,13 @@ from trainers.memory import ModelShape, resume_point_bytes
 from trainers.methods import method_phases
 from trainers.models import load_embedder, load_generator, parameter_counts
 from trainers.pipeline import Pipeline
-from trainers.resume import Resume, discard_point, load_point
+from trainers.resume import (
+    Resume,
+    capture_random_state,
+    discard_point,
+    load_point,
+    restore_random_state,
+)
 from trainers.rungs import Rung, Rungs
 from trainers.trial import TrialResult, run_trial
 
@@ -240,3 +246,16 @@ def test_a_partial_point_left_by_a_killed_writer_is_removed(cache_dir, tmp_path)
     stale.write_bytes(b"half a point")
     discard_point(resume)
     assert not resume.folder.exists()
+
+
+@pytest.mark.parametrize("gpus_now", [0, 1, 2])
+def test_random_state_from_two_gpus_restores_on_the_gpus_there_are(monkeypatch, gpus_now):
+    # No GPU here: torch.cuda stands in for a node with ``gpus_now`` of them, to see which
+    # devices get a saved state. Saved on two; a state for a GPU the node lacks would fail.
+    saved = capture_random_state() | {"cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    restored: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus_now > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus_now)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(device))
+    restore_random_state(saved)
+    assert restored == list(range(gpus_now))
