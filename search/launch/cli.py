@@ -35,9 +35,12 @@ from trainers.config import METHODS
 from trainers.errors import ConfigError, mask_secrets
 
 app = typer.Typer()
-# train and launch read the same data the same way.
+# train, plan, index and launch read the same data the same way; plan forecasts what launch runs.
 _DataPathOption = Annotated[
     str | None, typer.Option("--data-path", help="Override data.path (a local file).")
+]
+_ConcurrencyOption = Annotated[
+    int | None, typer.Option("--concurrency", min=1, help="Trials at once (default: the spec's).")
 ]
 _AddressOption = Annotated[
     str | None, typer.Option("--address", help="An existing Ray cluster (default: local Ray).")
@@ -96,6 +99,8 @@ def train(
 @one_line_errors
 def plan(
     spec: Annotated[Path, typer.Argument(help="Study spec YAML.")],
+    concurrency: _ConcurrencyOption = None,
+    data_path: _DataPathOption = None,
     settings: SetOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -104,7 +109,8 @@ def plan(
     from search.plan_table import render_plan
     from search.spec import load_spec
 
-    study = load_spec(spec, _spec_overrides(settings, {}))
+    overrides = {"data.path": data_path, "concurrency": concurrency}
+    study = load_spec(spec, _spec_overrides(settings, overrides))
     console.print(render_plan(make_plan(study, cache_dir=cache_dir()), study))
 
 
@@ -178,10 +184,7 @@ def launch(
     name: Annotated[
         str | None, typer.Option("--name", help="Study name (default: the spec's).")
     ] = None,
-    concurrency: Annotated[
-        int | None,
-        typer.Option("--concurrency", min=1, help="Trials at once (default: the spec's)."),
-    ] = None,
+    concurrency: _ConcurrencyOption = None,
     data_path: _DataPathOption = None,
     settings: SetOption = None,
     runs_dir: Annotated[

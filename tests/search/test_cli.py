@@ -126,6 +126,18 @@ def test_set_changes_any_spec_field(cache_dir):
     assert "total: 15 trials" in result.stdout  # the joint method's own 3 x 5 grid
 
 
+def test_plan_takes_launchs_concurrency_and_data_path(tmp_path, cache_dir):
+    # Copied from a launch's command line, they forecast what that launch runs.
+    data = tmp_path / "popqa.jsonl"
+    data.write_text("")
+    spec = REPO / "studies" / "popqa-cpu.yaml"
+    result = ragsweep(
+        "plan", str(spec), "--concurrency", "3", "--data-path", str(data), cache_dir=cache_dir
+    )
+    assert result.returncode == 0, result.stderr
+    assert "with 3 concurrent trial(s)" in " ".join(result.stdout.split())  # lines wrap
+
+
 @pytest.mark.parametrize(
     ("setting", "fragments"),
     [
