@@ -15,7 +15,10 @@ start)
     su postgres -c "$bin/psql -h 127.0.0.1 -p $port -U postgres -qc \"CREATE ROLE ragsweep LOGIN PASSWORD 'ci-secret'\" -c 'CREATE DATABASE ragsweep_test OWNER ragsweep'"
     ;;
 stop)
-    su postgres -c "$bin/pg_ctl -D '$dir/data' -m fast -w stop >/dev/null" || true
+    # Also run by .ci/run's exit trap, after the tests' stop: then there is nothing to stop.
+    if [ -d "$dir/data" ]; then
+        su postgres -c "$bin/pg_ctl -D '$dir/data' -m fast -w stop >/dev/null" || true
+    fi
     rm -rf "$dir"
     ;;
 esac

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 
@@ -14,7 +16,20 @@ from search.plan import Plan
 from search.spec import StudySpec
 from trainers.errors import ConfigError, one_line
 
-__all__ = ["check_resources", "start_ray"]
+__all__ = ["check_resources", "ray_session", "start_ray"]
+
+
+@contextmanager
+def ray_session() -> Iterator[None]:
+    """Stops, at its end, a Ray started within it; a Ray already running (a notebook's, a test
+    session's) is the caller's to stop. Stopping a local Ray ends it; a cluster given by address
+    is only disconnected from."""
+    ray_was_running = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not ray_was_running:
+            ray.shutdown()
 
 
 def start_ray(address: str | None, log_to_driver: bool) -> None:

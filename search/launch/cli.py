@@ -140,9 +140,7 @@ def index(
 ) -> None:
     """Encode the study's corpus on every worker of a Ray cluster and build its FAISS index into
     the cache (RAGSWEEP_CACHE, shared by the nodes); a killed run resumes from its last shard."""
-    import ray
-
-    from search.launch._cluster import start_ray
+    from search.launch._cluster import ray_session, start_ray
     from search.launch.dispatch import prepare_study
     from search.launch.progress import encode_reporter
     from search.plan import make_plan
@@ -151,8 +149,7 @@ def index(
     study = load_spec(spec, _spec_overrides(settings, {"data.path": data_path}))
     quiet_libraries(debug)
     _ray_environment()
-    ray_was_running = ray.is_initialized()
-    try:
+    with ray_session():
         prepare_study(
             study,
             make_plan(study),
@@ -163,9 +160,6 @@ def index(
             on_encode=encode_reporter(console),
             convert_generator=False,
         )
-    finally:
-        if not ray_was_running:
-            ray.shutdown()
     console.print(f"index of study {study.name} ready in {cache_dir() / 'index'}")
 
 

@@ -22,7 +22,7 @@ import optuna
 import ray
 from ray import tune
 
-from search.launch._cluster import check_resources, start_ray
+from search.launch._cluster import check_resources, ray_session, start_ray
 from search.launch._lease import (
     LAUNCH_ATTR,
     LaunchOwner,
@@ -123,9 +123,7 @@ def launch(
         summary.skipped = {stage.name: stage.n_trials for stage in plan.stages}
         summary.wall_s = time.perf_counter() - started
         return summary
-    # A Ray the caller started (a notebook, a test session) is the caller's to stop.
-    ray_was_running = ray.is_initialized()
-    try:
+    with ray_session():
         # Data, models and the Ray cluster are checked before anything is written, so bad input
         # leaves the database as it was.
         fill = prepare_study(
@@ -158,9 +156,6 @@ def launch(
             heartbeat_s,
             summary,
         )
-    finally:
-        if not ray_was_running:
-            ray.shutdown()  # stops a local Ray; only disconnects from a cluster given by address
     summary.wall_s = time.perf_counter() - started
     return summary
 
