@@ -6,8 +6,8 @@ achieved throughput, plus a fixed overhead. Tokens per example are taken at the 
 objectives on k single-passage prompts; MNRL encodes questions only (document vectors are frozen).
 Training covers ``n_train x epochs`` examples per trained phase (loaded phases cost nothing);
 evaluation generates ``max_new_tokens`` for ``n_validation`` questions. Parameter counts come from
-:data:`_EMBEDDERS` / :data:`_GENERATORS`; for a model or data size not listed the forecast is
-``None`` ("unknown"), never a guess. A stage alone runs ``n_trials / min(concurrency, n_trials)``
+:mod:`search.sizes`; for a model or data size not listed there the forecast is ``None``
+("unknown"), never a guess. A stage alone runs ``n_trials / min(concurrency, n_trials)``
 waves; a launch's total replays how it schedules trials (:func:`launch_seconds`). With early
 stopping, :func:`early_stopping_seconds` forecasts a stage's mean trial from its rungs.
 
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
+from search.sizes import embedder_shape, hub_questions, model_shapes, unknown_models
 from search.throughput import (
     GPU_FLOPS_PER_GPU,
     cpu_flops_per_cpu,
@@ -64,61 +64,6 @@ __all__ = [
 
 # Per trial, whatever it trains: loading both models and opening (or building) the cached index.
 _TRIAL_OVERHEAD_S = 30.0
-
-
-# LoRA per rank = layers x sum(in + out) over q, k, v, o, gate, up, down (peft's "all-linear").
-_LLAMA_8B_LORA = 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
-_SMOLLM2 = ModelShape(
-    134_515_008,
-    lora_params_per_rank=30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * 2112),
-    layers=30,
-    hidden=576,
-    intermediate=1536,
-    kv_hidden=192,
-    vocab=49_152,
-)
-_LLAMA_3_8B = ModelShape(
-    8_030_261_248,
-    lora_params_per_rank=_LLAMA_8B_LORA,
-    layers=32,
-    hidden=4096,
-    intermediate=14336,
-    kv_hidden=1024,
-    vocab=128_256,
-)
-_MINILM = ModelShape(22_713_216)
-_EMBEDDERS: dict[str, ModelShape] = {
-    "minilm": _MINILM,
-    "sentence-transformers/all-MiniLM-L6-v2": _MINILM,
-    "sentence-transformers/all-mpnet-base-v2": ModelShape(109_486_464),
-    "tiny": ModelShape(153_536),  # trainers._tiny_models: 2-layer BERT, hidden 64
-}
-_GENERATORS: dict[str, ModelShape] = {
-    "smollm2-135m": _SMOLLM2,
-    "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2,
-    "tiny": ModelShape(  # trainers._tiny_models: 2-layer Llama, hidden 64
-        106_816,
-        lora_params_per_rank=2 * (2 * 128 + 2 * 96 + 3 * 192),
-        layers=2,
-        hidden=64,
-        intermediate=128,
-        kv_hidden=32,
-        vocab=512,
-    ),
-    "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA_3_8B,
-    # The same decoder layers as Llama-3-8B; a smaller vocabulary.
-    "mistralai/Mistral-7B-Instruct-v0.2": replace(_LLAMA_3_8B, params=7_241_732_096, vocab=32_000),
-}
-# Questions in the hub splits trainers.data reads by default (PopQA has only "test"), for
-# data.n_train: null ("all that remain after validation").
-_HUB_QUESTIONS: dict[tuple[str, str], int] = {
-    ("hotpotqa/hotpot_qa", "train"): 90_447,
-    ("hotpotqa/hotpot_qa", "validation"): 7_405,
-    ("hotpot_qa", "train"): 90_447,
-    ("hotpot_qa", "validation"): 7_405,
-    ("akariasai/PopQA", "test"): 14_267,
-}
-_DEFAULT_HUB_SPLITS = {"popqa": "test", "hotpotqa": "validation"}  # as trainers.data
 
 
 def trial_seconds(stage: Stage, spec: StudySpec) -> float | None:
@@ -186,7 +131,7 @@ def launch_seconds(plan: Plan, concurrency: int, *, early_stopping: bool = False
 def encode_seconds(spec: StudySpec, passages: int) -> tuple[float, float] | None:
     """Seconds to encode ``passages`` passages at ``training.embedder_max_length`` tokens (an upper
     bound), (on one GPU, on one CPU in fp32); None when the embedder is not in the size table."""
-    embedder = _EMBEDDERS.get(spec.models.embedder)
+    embedder = embedder_shape(spec)
     if embedder is None:
         return None
     flops = forward_flops(embedder.params, passages * spec.training.embedder_max_length)
@@ -213,15 +158,14 @@ def method_memory(
 ) -> TrialMemory | None:
     """Forecast peak memory of one trial of ``method`` that loads ``reused_phases`` from
     checkpoints and trains the rest (trainers.memory); None if a model is not in the size table."""
-    embedder = _EMBEDDERS.get(spec.models.embedder)
-    generator = _GENERATORS.get(spec.models.generator)
-    if embedder is None or generator is None:
+    shapes = model_shapes(spec)
+    if shapes is None:
         return None
     return trial_memory(
         _trained_phases(method, spec.training, reused_phases),
-        embedder=embedder,
-        generator=generator,
-        generator_trainable=_generator_trainable(generator, spec),
+        embedder=shapes.embedder,
+        generator=shapes.generator,
+        generator_trainable=_generator_trainable(shapes.generator, spec),
         training=spec.training,
         bf16=trains_in_bf16(spec),
         on_gpu=spec.resources.gpus > 0,
@@ -232,13 +176,14 @@ def method_memory(
 def resume_point_size(stage: Stage, spec: StudySpec) -> float | None:
     """Bytes of one resume point of a trial of ``stage`` (trainers.memory.resume_point_bytes for
     the phases it trains); None if a model is not in the size table."""
-    embedder = _EMBEDDERS.get(spec.models.embedder)
-    generator = _GENERATORS.get(spec.models.generator)
-    if embedder is None or generator is None:
+    shapes = model_shapes(spec)
+    if shapes is None:
         return None
     phases = _trained_phases(stage.method, _stage_training(stage, spec), tuple(stage.reuse_from))
     return resume_point_bytes(
-        phases, embedder=embedder, generator_trainable=_generator_trainable(generator, spec)
+        phases,
+        embedder=shapes.embedder,
+        generator_trainable=_generator_trainable(shapes.generator, spec),
     )
 
 
@@ -271,17 +216,7 @@ def forecast_note(spec: StudySpec) -> str:
 
 def forecast_gaps(spec: StudySpec) -> list[str]:
     """Why a forecast is unknown: each model or size the tables lack."""
-    gaps = []
-    if spec.models.embedder not in _EMBEDDERS:
-        gaps.append(
-            f"embedder '{spec.models.embedder}' is unknown to the size table "
-            f"(known: {', '.join(_EMBEDDERS)})"
-        )
-    if spec.models.generator not in _GENERATORS:
-        gaps.append(
-            f"generator '{spec.models.generator}' is unknown to the size table "
-            f"(known: {', '.join(_GENERATORS)})"
-        )
+    gaps = unknown_models(spec)
     if _n_train(spec) is None:
         gaps.append(
             "the training set size is unknown (data.n_train is null and the data set is not "
@@ -305,10 +240,10 @@ class _TrialFlops(NamedTuple):
 def _trial_flops(stage: Stage, spec: StudySpec) -> _TrialFlops | None:
     """FLOPs of the phases the stage's trials train, of evaluation and of one rung signal of each;
     None if unknown."""
-    embedder = _EMBEDDERS.get(spec.models.embedder)
-    generator = _GENERATORS.get(spec.models.generator)
-    if embedder is None or generator is None:
+    shapes = model_shapes(spec)
+    if shapes is None:
         return None
+    embedder, generator = shapes
     training = _stage_training(stage, spec)
     k = training.k
     question = training.max_question_tokens
@@ -382,10 +317,7 @@ def _n_train(spec: StudySpec) -> int | None:
     data = spec.data
     if data.n_train is not None:
         return data.n_train
-    if data.path is not None or data.hub_name is None:
-        return None
-    split = data.hub_split or _DEFAULT_HUB_SPLITS.get(data.source, "")
-    total = _HUB_QUESTIONS.get((data.hub_name, split))
+    total = hub_questions(data)
     return None if total is None else max(total - data.n_validation - data.n_test, 0)
 
 

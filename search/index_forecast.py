@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from search.forecast import encode_seconds
+from search.sizes import embedding_dimension, hub_passages
 from trainers import DataConfig, IndexConfig, generate_encyclopedia, one_line
 
 if TYPE_CHECKING:
@@ -35,16 +36,6 @@ if TYPE_CHECKING:
 
 __all__ = ["IndexForecast", "forecast_index"]
 
-# Output dimension of each embedder the forecast knows (keyed like search.forecast's size table).
-_DIMENSIONS: dict[str, int] = {
-    "minilm": 384,
-    "sentence-transformers/all-MiniLM-L6-v2": 384,
-    "sentence-transformers/all-mpnet-base-v2": 768,
-    "tiny": 64,  # trainers._tiny_models: hidden 64, mean pooling
-}
-# Hub corpora too large to count in a plan, by (hub name, split), for when they are not yet in
-# the datasets cache. MedRAG/wikipedia: its dataset card (29,913,202 snippets, ~162 tokens each).
-_HUB_PASSAGES: dict[tuple[str, str], int] = {("MedRAG/wikipedia", "train"): 29_913_202}
 _NPY_HEADER = 128  # numpy's .npy header for a 2-D float32 array (format 1.0, padded to 64)
 _FAISS_ID = 8  # an IVF list stores each vector's int64 id beside it
 _PQ_CENTROIDS = 256  # 8-bit codes: 256 centroids per sub-quantizer, D floats over all of them
@@ -89,7 +80,7 @@ def forecast_index(spec: StudySpec, *, cache_dir: Path | None = None) -> IndexFo
     are cached, to say whether vectors of this shape are there already (None: not checked)."""
     data, training = spec.data, spec.training
     passages, counted_from = _corpus_size(data)
-    dimension = _DIMENSIONS.get(spec.models.embedder)
+    dimension = embedding_dimension(spec)
     questions = data.n_validation + data.n_test
     encode = None if passages is None else encode_seconds(spec, passages)
     index = None
@@ -226,7 +217,7 @@ def _hub_rows(data: DataConfig) -> tuple[int | None, str]:
     rows = _datasets_cache_rows(name, data.corpus_hub_subset, split)
     if rows is not None:
         return rows, "the datasets cache"
-    known = _HUB_PASSAGES.get((name, split)) if data.corpus_hub_subset is None else None
+    known = hub_passages(name, split) if data.corpus_hub_subset is None else None
     if known is not None:
         return known, "its published size (not in the datasets cache here)"
     return None, "unknown until the corpus is read (not in the datasets cache here)"

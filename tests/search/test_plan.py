@@ -607,3 +607,21 @@ def test_an_fp32_forecast_runs_at_the_rate_measured_for_this_cpus_vector_instruc
     )
     assert throughput.cpu_flops_per_cpu(False) < throughput._AVX512_FP32_CPU_FLOPS_PER_CPU / 2
     assert "an AVX2 CPU (this CPU has no AVX-512)" in forecast.forecast_note(spec)
+
+
+def test_a_model_or_size_the_tables_lack_is_unknown_and_said_why():
+    spec = _paper(models__generator="Qwen/Qwen2.5-7B-Instruct", data__n_train=None)
+    plan = make_plan(spec)
+    assert all(stage.trial_forecast_s is None for stage in plan.stages)
+    assert method_memory(spec, "rag_token") is None
+    text = " ".join(_text(plan, spec).split())  # lines wrap
+    assert (
+        "forecast unknown: generator 'Qwen/Qwen2.5-7B-Instruct' is not in search/sizes.py" in text
+    )
+    assert "known: smollm2-135m," in text
+    # The embedder is listed, and so is the paper's HotPotQA split: n_train unset is known.
+    assert text.count("forecast unknown:") == 1
+    local = _paper(data__path="hotpotqa.jsonl", data__n_train=None)
+    local_text = " ".join(_text(make_plan(local), local).split())
+    assert local_text.count("forecast unknown:") == 1
+    assert "forecast unknown: the training set size is unknown" in local_text
