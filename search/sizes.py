@@ -26,6 +26,8 @@ __all__ = [
 
 
 class ModelShapes(NamedTuple):
+    """The shapes of a spec's two models."""
+
     embedder: ModelShape
     generator: ModelShape
 

@@ -180,7 +180,8 @@ class StudySpec(_Strict):
     concurrency: int = Field(1, gt=0, le=10_000)
     # Minutes of training between a trial's resume points (and one at every rung and phase end),
     # from which the trial continues when a relaunch runs it again after its launch or machine
-    # died; None: none are saved. Not part of the results (a resumed trial ends as it would have).
+    # died; 0: one after every optimizer step (each writes the trained weights); None: none are
+    # saved. Not part of the results (a resumed trial ends as it would have).
     resume_every_minutes: float | None = Field(10.0, ge=0.0)
 
     @field_validator("objectives")

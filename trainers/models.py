@@ -392,7 +392,9 @@ def _convert_smollm2(folder: Path) -> None:
         )
     gguf = gguf_files[0]
     try:
-        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, use_kernels=_HUB_KERNELS
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:
         raise ModelError(

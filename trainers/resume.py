@@ -137,7 +137,9 @@ def capture_random_state() -> dict[str, Any]:
         "python": [python_version, list(python_state), python_gauss],
         "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Only where this process uses CUDA: asking starts CUDA on every visible GPU, and a CPU
+        # trial on a GPU node would hold device memory for nothing.
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
     }
 
 
@@ -266,6 +268,7 @@ class PointWriter:
         self._answered: dict[str, Answered] = {}  # evaluation splits answered whole
 
     def after_step(self, phase: str, progress: Callable[[], PhaseProgress]) -> None:
+        """After an optimizer step of ``phase``: a point if one is due or a rung was taken."""
         due = time.monotonic() - self._saved_at >= self._resume.every_s
         if due or len(self._taken) > self._rungs_saved:
             under_way = progress()
@@ -275,13 +278,18 @@ class PointWriter:
             self._save(phase, progress=dataclasses.replace(under_way, weights=weights))
 
     def phase_done(self) -> None:
+        """A point between phases: the finished ones' models, no progress."""
         self._save(None, weights=trained_weights(self._pipeline, self._finished()))
 
-    def answering(self, split: str) -> Callable[[Answered, bool], None]:
+    def answering(self, split: str, *, last: bool) -> Callable[[Answered, bool], None]:
         """The ``after_batch`` hook of an evaluation of ``split`` ("eval" or "test"): a point
-        when one is due, and when the split is answered whole (the test split may follow)."""
+        when one is due, and when the split is answered whole unless it is the trial's ``last``
+        (the trial then ends and deletes its point: a whole copy of the trained weights for
+        nothing)."""
 
         def after_batch(answered: Answered, whole: bool) -> None:
+            if whole and last:
+                return
             if whole:
                 self._answered[split] = answered
             if whole or time.monotonic() - self._saved_at >= self._resume.every_s:
@@ -332,7 +340,8 @@ def usable_point(
     """The resume point this trial continues from, if there is one it can continue: written by
     the same config, for phases this run trains (not ones it now loads instead), and, where the
     run saves its phases' models, with no finished phase whose model a later one trains again
-    (its models as they finished are then gone)."""
+    (finished too or not: its models as they finished are gone, and would be saved as the later
+    phase left them)."""
     if resume is None:
         return None
     point = load_point(resume, config.model_dump_json())
@@ -347,7 +356,7 @@ def usable_point(
             retrained = (earlier.trains_embedder and later.trains_embedder) or (
                 earlier.trains_generator and later.trains_generator
             )
-            if retrained and earlier.name in point.finished and later.name not in point.finished:
+            if retrained and earlier.name in point.finished:
                 return None
     return point
 

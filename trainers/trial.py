@@ -177,13 +177,15 @@ def run_trial(
                 # Their models are as they finished: no phase trained since changes them.
                 _save_phase(phase, pipeline, out_dir / phase.name, merge_generator)
 
-    evaluation = _evaluate_split("eval", data.validation, pipeline, meter, point, writer)
+    evaluation = _evaluate_split(
+        "eval", data.validation, pipeline, meter, point, writer, last=not data.test
+    )
     quality = _quality(evaluation)
     test_scored = bool(data.test) and (score_test is None or score_test(quality))
     if test_scored:
         # Scored as validation is, but no search reads it: the chosen run's figure that its
         # selection did not pick.
-        test = _evaluate_split("test", data.test, pipeline, meter, point, writer)
+        test = _evaluate_split("test", data.test, pipeline, meter, point, writer, last=True)
         quality |= _quality(test, prefix="test_")
 
     metrics: dict[str, float] = {
@@ -357,16 +359,19 @@ def _evaluate_split(
     meter: CostMeter,
     point: ResumePoint | None,
     writer: PointWriter | None,
+    *,
+    last: bool,
 ) -> Evaluation:
     """Answer ``records`` as the metered phase ``split`` ("eval" or "test"): from the questions a
-    resume point answered, if any, saving points as batches are answered, if a writer is given."""
+    resume point answered, if any, saving points as batches are answered, if a writer is given
+    (``last``: nothing is evaluated after it)."""
     with meter.phase(split, before=cost_before(point, split)) as cost:
         return evaluate_pipeline(
             pipeline,
             records,
             cost,
             start=point.answered.get(split) if point else None,
-            after_batch=writer.answering(split) if writer else None,
+            after_batch=writer.answering(split, last=last) if writer else None,
         )
 
 

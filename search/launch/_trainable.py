@@ -186,13 +186,14 @@ def _run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
 def _resume(spec: StudySpec, stage: str, trial: TrialConfig, runs_dir: Path) -> Resume | None:
     """Where the trial keeps its resume points: a folder per stage and config, so that the run of
     the same point a relaunch starts (the earlier one failed as abandoned) finds them."""
-    if spec.resume_every_minutes is None:
-        return None
     config_hash = hashlib.sha256(trial.model_dump_json().encode()).hexdigest()[:16]
-    return Resume(
-        runs_dir / stage_study_name(spec, stage) / f"resume-{config_hash}",
-        every_s=60 * spec.resume_every_minutes,
-    )
+    folder = runs_dir / stage_study_name(spec, stage) / f"resume-{config_hash}"
+    if spec.resume_every_minutes is None:
+        # Points turned off after a run kept one (its trial failed as retryable): this run
+        # starts over, and nothing would ever delete that point.
+        discard_point(Resume(folder))
+        return None
+    return Resume(folder, every_s=60 * spec.resume_every_minutes)
 
 
 def _rungs(spec: StudySpec, outcome: TrialOutcome) -> Rungs | None:

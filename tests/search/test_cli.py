@@ -127,15 +127,20 @@ def test_set_changes_any_spec_field(cache_dir):
 
 
 def test_plan_takes_launchs_concurrency_and_data_path(tmp_path, cache_dir):
-    # Copied from a launch's command line, they forecast what that launch runs.
-    data = tmp_path / "popqa.jsonl"
-    data.write_text("")
-    spec = REPO / "studies" / "popqa-cpu.yaml"
-    result = ragsweep(
-        "plan", str(spec), "--concurrency", "3", "--data-path", str(data), cache_dir=cache_dir
-    )
-    assert result.returncode == 0, result.stderr
-    assert "with 3 concurrent trial(s)" in " ".join(result.stdout.split())  # lines wrap
+    # Copied from a launch's command line, they forecast what that launch runs: with all the
+    # questions left for training (n_train null), PopQA's hub split has a known size, a local
+    # file not (the plan reads no data).
+    spec = str(REPO / "studies" / "popqa-cpu.yaml")
+    all_left = ("--set", "data.n_train=null")
+    hub = ragsweep("plan", spec, *all_left, "--concurrency", "3", cache_dir=cache_dir)
+    assert hub.returncode == 0, hub.stderr
+    hub_text = " ".join(hub.stdout.split())  # lines wrap
+    assert "with 3 concurrent trial(s)" in hub_text and "forecast unknown" not in hub_text
+    local = tmp_path / "popqa.jsonl"
+    local.write_text("")
+    planned = ragsweep("plan", spec, *all_left, "--data-path", str(local), cache_dir=cache_dir)
+    assert planned.returncode == 0, planned.stderr
+    assert "training set size is unknown" in " ".join(planned.stdout.split())
 
 
 @pytest.mark.parametrize(

@@ -30,11 +30,12 @@ from search.launch._lease import (
     claim_studies,
     fail_abandoned_trials,
 )
+from search.launch._trainable import _resume
 from search.launch.dispatch import StageEvent, launch
 from search.spec import load_spec
 from search.store import finished_params, open_storage
 from tests.storage import storage_url_for
-from tests.tiny import TINY_DATA, TINY_SPEC
+from tests.tiny import TINY_DATA, TINY_SPEC, tiny_config
 from trainers.data import load_data
 from trainers.errors import ConfigError
 
@@ -485,6 +486,20 @@ def test_a_trial_killed_with_its_launch_continues_from_its_resume_point(tmp_path
     mnrl_items = sum(len(record.gold_doc_ids) for record in load_data(TINY_DATA).train)
     assert rerun.user_attrs["metrics"]["train_steps"] == 40 * math.ceil(mnrl_items / 4)
     assert not list(stage_dir.glob("resume-*"))  # the finished trial removed its point
+
+
+def test_points_turned_off_remove_the_point_an_earlier_run_kept(tmp_path):
+    # A trial that failed as retryable keeps its point for the relaunch's run of it; that run,
+    # with points turned off, starts over, and nothing else would delete the point.
+    trial = tiny_config("ft_embed")
+    on = load_spec(write_spec(tmp_path, "points", resume_every_minutes=10))
+    kept = _resume(on, "ft_embed", trial, tmp_path / "runs")
+    assert kept is not None and kept.every_s == 600
+    kept.folder.mkdir(parents=True)
+    (kept.folder / "resume.pt").write_bytes(b"a point")
+    off = on.model_copy(update={"resume_every_minutes": None})
+    assert _resume(off, "ft_embed", trial, tmp_path / "runs") is None
+    assert not kept.folder.exists()
 
 
 def test_ctrl_c_stops_the_whole_launch_and_a_relaunch_finishes_it(tmp_path, cache_dir):

@@ -9,16 +9,20 @@ import pytest
 import torch
 
 from tests.tiny import TINY_DATA, TINY_TRAINING, tiny_config
+from trainers import resume as resume_module
 from trainers.memory import ModelShape, resume_point_bytes
-from trainers.methods import method_phases
+from trainers.methods import Phase, method_phases
 from trainers.models import load_embedder, load_generator, parameter_counts
 from trainers.pipeline import Pipeline
 from trainers.resume import (
     Resume,
+    ResumePoint,
     capture_random_state,
     discard_point,
     load_point,
     restore_random_state,
+    save_point,
+    usable_point,
 )
 from trainers.rungs import Rung, Rungs
 from trainers.trial import TrialResult, run_trial
@@ -259,3 +263,41 @@ def test_random_state_from_two_gpus_restores_on_the_gpus_there_are(monkeypatch, 
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(device))
     restore_random_state(saved)
     assert restored == list(range(gpus_now))
+
+
+def test_the_last_split_answered_whole_writes_no_point(cache_dir, tmp_path, monkeypatch):
+    # The trial ends there and deletes its point: writing one would copy the trained weights for
+    # nothing. Validation with a test split after it is saved whole (the test may be killed).
+    saved: list[str | None] = []
+    real_save = resume_module.save_point
+
+    def counted_save(resume: Resume, point: ResumePoint) -> None:
+        saved.append(point.phase)
+        real_save(resume, point)
+
+    monkeypatch.setattr(resume_module, "save_point", counted_save)
+    never_due = float("inf")
+    run_trial(
+        tiny_config("none"), cache_dir=cache_dir, resume=Resume(tmp_path / "a", every_s=never_due)
+    )
+    assert saved == []
+    with_test = tiny_config("none", data=TINY_DATA.model_copy(update={"n_test": 4}))
+    run_trial(with_test, cache_dir=cache_dir, resume=Resume(tmp_path / "b", every_s=never_due))
+    assert saved == ["eval"]
+
+
+def test_a_point_after_a_phase_whose_model_a_later_one_trains_again_is_not_taken(tmp_path):
+    # A declared method may train one model in two phases. Once the first has finished, its
+    # model as it finished is gone: a run that saves each phase's model cannot resume (it would
+    # save the later phase's weights as the first's); one that saves none can.
+    config = tiny_config("ft_gen")
+    phases = [
+        Phase("generator", False, True, "nll_concat"),
+        Phase("polish", False, True, "nll_concat"),
+    ]
+    resume = Resume(tmp_path / "resume")
+    for finished in ({"generator": 1.0}, {"generator": 1.0, "polish": 0.5}):
+        point = ResumePoint(config=config.model_dump_json(), finished=finished, costs={})
+        save_point(resume, point)
+        assert usable_point(resume, config, phases, tmp_path / "out") is None, finished
+        assert usable_point(resume, config, phases, None) is not None, finished
