@@ -6,8 +6,8 @@ A point holds what the trial has done: the trained phases it finished, and of th
 its optimizer steps, the weights of the models its phases train, the optimizer and schedule, the
 random number generators and its losses; or, evaluating, the questions answered so far; with the
 rungs taken and what each phase has cost so far. It is one file,
-replaced atomically, read with ``weights_only=True``, and taken only by a trial whose config is the
-one that wrote it. On CPU the continued trial ends with the weights and metrics of one never
+replaced atomically, read with ``weights_only=True``, and taken only by a trial whose config and
+data (its fingerprint) are those of the one that wrote it. On CPU the continued trial ends with the weights and metrics of one never
 stopped (tests/trainers/test_resume.py).
 """
 
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 _FILE = "resume.pt"
-_FORMAT = 2
+_FORMAT = 3  # 3: with the data's fingerprint
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ class ResumePoint:
     None between trained phases), what each phase has cost so far, and the rungs taken. Outside a
     trained phase, ``weights`` hold the models as the finished phases left them."""
 
-    config: str  # the TrialConfig's JSON: a point continues only the trial that wrote it
+    config: str  # the TrialConfig's JSON: a point continues only the trial that wrote it,
+    data_fingerprint: str  # on the data it trained on (a data.path file may change in between)
     finished: dict[str, float | None]  # phase -> its final loss
     costs: dict[str, PhaseCost]  # phase -> its cost so far (the load and index phases left out)
     rungs: list[Rung] = field(default_factory=list)
@@ -169,6 +170,7 @@ def save_point(resume: Resume, point: ResumePoint) -> None:
         "point": json.dumps(
             {
                 "config": point.config,
+                "data_fingerprint": point.data_fingerprint,
                 "finished": point.finished,
                 "costs": {name: dataclasses.asdict(cost) for name, cost in point.costs.items()},
                 "rungs": [dataclasses.asdict(rung) for rung in point.rungs],
@@ -231,6 +233,7 @@ def load_point(resume: Resume, config_json: str) -> ResumePoint | None:
         )
     return ResumePoint(
         config=plain["config"],
+        data_fingerprint=plain["data_fingerprint"],
         finished=plain["finished"],
         costs={name: PhaseCost(**cost) for name, cost in plain["costs"].items()},
         rungs=[Rung(**rung) for rung in plain["rungs"]],
@@ -255,6 +258,7 @@ class PointWriter:
         self,
         resume: Resume,
         config: TrialConfig,
+        data_fingerprint: str,
         pipeline: Pipeline,
         trained: list[Phase],
         meter: CostMeter,
@@ -262,6 +266,7 @@ class PointWriter:
         final_losses: dict[str, float | None],
     ) -> None:
         self._resume, self._config_json = resume, config.model_dump_json()
+        self._data_fingerprint = data_fingerprint
         self._pipeline, self._trained = pipeline, trained
         self._meter, self._taken, self._final_losses = meter, taken, final_losses
         self._saved_at, self._rungs_saved = time.monotonic(), len(taken)
@@ -313,6 +318,7 @@ class PointWriter:
     ) -> None:
         point = ResumePoint(
             config=self._config_json,
+            data_fingerprint=self._data_fingerprint,
             finished=dict(self._final_losses),
             costs={
                 cost.name: cost
@@ -335,17 +341,21 @@ def cost_before(point: ResumePoint | None, phase: str) -> PhaseCost | None:
 
 
 def usable_point(
-    resume: Resume | None, config: TrialConfig, trained: list[Phase], out_dir: Path | None
+    resume: Resume | None,
+    config: TrialConfig,
+    data_fingerprint: str,
+    trained: list[Phase],
+    out_dir: Path | None,
 ) -> ResumePoint | None:
     """The resume point this trial continues from, if there is one it can continue: written by
-    the same config, for phases this run trains (not ones it now loads instead), and, where the
+    the same config on the same data, for phases this run trains (not ones it now loads instead), and, where the
     run saves its phases' models, with no finished phase whose model a later one trains again
     (finished too or not: its models as they finished are gone, and would be saved as the later
     phase left them)."""
     if resume is None:
         return None
     point = load_point(resume, config.model_dump_json())
-    if point is None:
+    if point is None or point.data_fingerprint != data_fingerprint:
         return None
     names = [phase.name for phase in trained]
     done = set(point.finished) | ({point.phase} if point.phase and point.progress else set())

@@ -116,7 +116,7 @@ def run_trial(
     trained_phases = {phase.name for phase in trained}
     taken: list[Rung] = []
     final_losses: dict[str, float | None] = {}
-    point = usable_point(resume, config, trained, out_dir)
+    point = usable_point(resume, config, data.fingerprint, trained, out_dir)
     if point is not None:
         meter.phases.extend(point.costs[name] for name in point.finished)
         final_losses.update(point.finished)
@@ -125,7 +125,7 @@ def run_trial(
             for rung in point.rungs:  # the search hears them again, as this run's: it may stop it
                 rungs.report(rung)
     writer = (
-        PointWriter(resume, config, pipeline, trained, meter, taken, final_losses)
+        PointWriter(resume, config, data.fingerprint, pipeline, trained, meter, taken, final_losses)
         if resume is not None
         else None
     )

@@ -10,6 +10,7 @@ import torch
 
 from tests.tiny import TINY_DATA, TINY_TRAINING, tiny_config
 from trainers import resume as resume_module
+from trainers.config import TrialConfig
 from trainers.memory import ModelShape, resume_point_bytes
 from trainers.methods import Phase, method_phases
 from trainers.models import load_embedder, load_generator, parameter_counts
@@ -297,7 +298,20 @@ def test_a_point_after_a_phase_whose_model_a_later_one_trains_again_is_not_taken
     ]
     resume = Resume(tmp_path / "resume")
     for finished in ({"generator": 1.0}, {"generator": 1.0, "polish": 0.5}):
-        point = ResumePoint(config=config.model_dump_json(), finished=finished, costs={})
-        save_point(resume, point)
-        assert usable_point(resume, config, phases, tmp_path / "out") is None, finished
-        assert usable_point(resume, config, phases, None) is not None, finished
+        save_point(resume, _point(config, "data", finished))
+        assert usable_point(resume, config, "data", phases, tmp_path / "out") is None, finished
+        assert usable_point(resume, config, "data", phases, None) is not None, finished
+
+
+def test_a_point_from_other_data_is_not_taken(tmp_path):
+    # The same config reads other data when its data.path file changed between the two runs.
+    config = tiny_config("ft_gen")
+    phases = method_phases("ft_gen", config.training)
+    resume = Resume(tmp_path / "resume")
+    save_point(resume, _point(config, "old data", {}))
+    assert usable_point(resume, config, "new data", phases, None) is None
+    assert usable_point(resume, config, "old data", phases, None) is not None
+
+
+def _point(config: TrialConfig, data_fingerprint: str, finished: dict) -> ResumePoint:
+    return ResumePoint(config.model_dump_json(), data_fingerprint, finished=finished, costs={})
