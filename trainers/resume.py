@@ -5,10 +5,10 @@ training from the start.
 A point holds what the trial has done: the trained phases it finished, and of the phase under way
 its optimizer steps, the weights of the models its phases train, the optimizer and schedule, the
 random number generators and its losses; or, evaluating, the questions answered so far; with the
-rungs taken and what each phase has cost so far. It is one file,
-replaced atomically, read with ``weights_only=True``, and taken only by a trial whose config and
-data (its fingerprint) are those of the one that wrote it. On CPU the continued trial ends with the weights and metrics of one never
-stopped (tests/trainers/test_resume.py).
+rungs taken and what each phase has cost so far. It is one file, replaced atomically, read with
+``weights_only=True``, and taken only by a trial whose config and data (its fingerprint) are those
+of the one that wrote it. On CPU the continued trial ends with the weights and metrics of one
+never stopped (tests/trainers/test_resume.py).
 """
 
 from __future__ import annotations
@@ -348,10 +348,10 @@ def usable_point(
     out_dir: Path | None,
 ) -> ResumePoint | None:
     """The resume point this trial continues from, if there is one it can continue: written by
-    the same config on the same data, for phases this run trains (not ones it now loads instead), and, where the
-    run saves its phases' models, with no finished phase whose model a later one trains again
-    (finished too or not: its models as they finished are gone, and would be saved as the later
-    phase left them)."""
+    the same config on the same data, for phases this run trains (not ones it now loads instead),
+    and, where the run saves its phases' models, with no finished phase whose model a later one
+    trains again (finished too or not: its models as they finished are gone, and would be saved
+    as the later phase left them)."""
     if resume is None:
         return None
     point = load_point(resume, config.model_dump_json())
