@@ -205,8 +205,9 @@ def save_point(resume: Resume, point: ResumePoint) -> None:
         raise
 
 
-def load_point(resume: Resume, config_json: str) -> ResumePoint | None:
-    """The point in the resume folder if the trial with ``config_json`` wrote it, else None."""
+def load_point(resume: Resume, config_json: str, data_fingerprint: str) -> ResumePoint | None:
+    """The point in the resume folder if the trial with ``config_json`` wrote it on the data with
+    ``data_fingerprint``, else None."""
     path = resume.folder / _FILE
     if not path.is_file():
         return None
@@ -214,7 +215,7 @@ def load_point(resume: Resume, config_json: str) -> ResumePoint | None:
     if saved.get("format") != _FORMAT:
         return None
     plain = json.loads(saved["point"])
-    if plain["config"] != config_json:
+    if plain["config"] != config_json or plain["data_fingerprint"] != data_fingerprint:
         return None
     progress = None
     if plain["step"] is not None:
@@ -354,8 +355,8 @@ def usable_point(
     as the later phase left them)."""
     if resume is None:
         return None
-    point = load_point(resume, config.model_dump_json())
-    if point is None or point.data_fingerprint != data_fingerprint:
+    point = load_point(resume, config.model_dump_json(), data_fingerprint)
+    if point is None:
         return None
     names = [phase.name for phase in trained]
     done = set(point.finished) | ({point.phase} if point.phase and point.progress else set())

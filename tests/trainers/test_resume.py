@@ -11,6 +11,7 @@ import torch
 from tests.tiny import TINY_DATA, TINY_TRAINING, tiny_config
 from trainers import resume as resume_module
 from trainers.config import TrialConfig
+from trainers.data import load_data
 from trainers.memory import ModelShape, resume_point_bytes
 from trainers.methods import Phase, method_phases
 from trainers.models import load_embedder, load_generator, parameter_counts
@@ -115,7 +116,7 @@ def test_a_point_every_step_resumes_from_the_last_step(cache_dir, tmp_path):
     resume = Resume(tmp_path / "resume", every_s=0.0)
     with pytest.raises(_Killed):
         run_trial(config, cache_dir=cache_dir, rungs=_kill_at(2, []), resume=resume)
-    point = load_point(resume, config.model_dump_json())
+    point = load_point(resume, config.model_dump_json(), _fingerprint(config))
     assert point is not None and point.phase == "generator" and point.progress is not None
     assert point.progress.step == 1
     assert point.costs["generator"].steps == 1 and point.costs["generator"].flops > 0
@@ -129,7 +130,7 @@ def test_a_point_from_another_config_is_not_taken(cache_dir, tmp_path):
     with pytest.raises(_Killed):
         run_trial(tiny_config("ft_gen"), cache_dir=cache_dir, rungs=_kill_at(2, []), resume=resume)
     other = tiny_config("ft_gen", lr_generator=3e-4)
-    assert load_point(resume, other.model_dump_json()) is None
+    assert load_point(resume, other.model_dump_json(), _fingerprint(other)) is None
     result = run_trial(other, cache_dir=cache_dir, resume=resume)
     assert "resumed" not in result.record
     assert result.metrics["train_steps"] == 4
@@ -212,7 +213,7 @@ def test_a_point_is_the_size_the_plan_forecasts(method, cache_dir, tmp_path):
     with pytest.raises(_Killed):
         run_trial(config, cache_dir=cache_dir, rungs=_kill_at(2, []), resume=resume)
     point_file = tmp_path / "resume" / "resume.pt"
-    point = load_point(resume, config.model_dump_json())
+    point = load_point(resume, config.model_dump_json(), _fingerprint(config))
     assert point is not None and point.progress is not None  # killed while training
 
     models = config.models
@@ -315,3 +316,7 @@ def test_a_point_from_other_data_is_not_taken(tmp_path):
 
 def _point(config: TrialConfig, data_fingerprint: str, finished: dict) -> ResumePoint:
     return ResumePoint(config.model_dump_json(), data_fingerprint, finished=finished, costs={})
+
+
+def _fingerprint(config: TrialConfig) -> str:
+    return load_data(config.data).fingerprint
